@@ -1,1 +1,16 @@
-//! placeholder
+//! clustermesh-apiserver: exports one cluster's state into its etcd, for peer clusters to read.
+//!
+//! It sits at the start of the flow: kube API → **export** → etcd → remote identity-sync. It watches Services,
+//! EndpointSlices, Namespaces, Nodes and Pods; allocates a security identity per distinct pod label set; and
+//! writes identities, ipcache entries, nodes and global services under the ClusterMesh schema (`causeway-store`).
+//!
+//! - [`export`]: the sans-IO core. Objects in, desired store entries and identity requests out.
+//! - [`kube`]: the adapter. Watches the kube API, feeds the core, carries out its requests, marks kinds synced.
+//! - [`sink`]: the traits the adapter writes through (store writer, identity resolver), with in-memory versions.
+//! - [`metrics`]: Prometheus counters and gauges.
+
+pub mod export;
+pub mod identity;
+pub mod kube;
+pub mod metrics;
+pub mod sink;

@@ -1,0 +1,1 @@
+//! The kube adapter (in progress).

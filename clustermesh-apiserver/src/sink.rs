@@ -1,0 +1,136 @@
+//! Where the export goes: the store writer and the identity allocator, as small traits so the adapter can be
+//! driven in tests without etcd or a kube API.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Mutex;
+
+use causeway_store::{IdentityRange, Kind, LabelSet, StoreKey};
+use thiserror::Error;
+
+/// The store writer. Implementations may coalesce and retry; `flush` returns once everything handed over before
+/// it is durable, which is what makes a "synced" canary truthful.
+pub trait ExportSink: Send + Sync {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    fn upsert(&self, key: &StoreKey, value: String) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn delete(&self, key: &StoreKey) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn flush(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// Writes the kind's canary: its initial export is complete.
+    fn mark_synced(&self, kind: Kind) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// The identity allocator: one numeric identity per distinct label set, within this cluster's range.
+pub trait IdentityResolver: Send + Sync {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    fn acquire(&self, labels: &LabelSet) -> impl Future<Output = Result<u32, Self::Error>> + Send;
+    fn release(&self, labels: &LabelSet) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// An in-memory sink: the store contents as a map, plus the kinds marked synced. For tests.
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    state: Mutex<MemoryState>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct MemoryState {
+    pub entries: BTreeMap<String, String>,
+    pub synced: BTreeSet<Kind>,
+    pub writes: usize,
+}
+
+impl MemorySink {
+    pub fn snapshot(&self) -> MemoryState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut MemoryState) -> R) -> R {
+        f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl ExportSink for MemorySink {
+    type Error = Infallible;
+
+    async fn upsert(&self, key: &StoreKey, value: String) -> Result<(), Infallible> {
+        self.with(|s| {
+            s.writes += 1;
+            s.entries.insert(key.to_string(), value);
+        });
+        Ok(())
+    }
+
+    async fn delete(&self, key: &StoreKey) -> Result<(), Infallible> {
+        self.with(|s| {
+            s.writes += 1;
+            s.entries.remove(&key.to_string());
+        });
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), Infallible> {
+        Ok(())
+    }
+
+    async fn mark_synced(&self, kind: Kind) -> Result<(), Infallible> {
+        self.with(|s| s.synced.insert(kind));
+        Ok(())
+    }
+}
+
+#[derive(Debug, Error)]
+#[error("identity range {first}..={last} is exhausted: release unused identities or raise the range")]
+pub struct RangeExhausted {
+    pub first: u32,
+    pub last: u32,
+}
+
+/// An in-process allocator handing out IDs in order from a range, reference-counted per label set. It persists
+/// nothing, so IDs change across restarts: fine for tests, not for a real cluster (use the CRD-backed store).
+#[derive(Debug)]
+pub struct LocalAllocator {
+    range: IdentityRange,
+    state: Mutex<LocalState>,
+}
+
+#[derive(Debug, Default)]
+struct LocalState {
+    next: u32,
+    ids: HashMap<LabelSet, (u32, usize)>,
+}
+
+impl LocalAllocator {
+    pub fn new(range: IdentityRange) -> Self {
+        LocalAllocator { range, state: Mutex::new(LocalState { next: range.first_allocatable(), ids: HashMap::new() }) }
+    }
+}
+
+impl IdentityResolver for LocalAllocator {
+    type Error = RangeExhausted;
+
+    async fn acquire(&self, labels: &LabelSet) -> Result<u32, RangeExhausted> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((id, refs)) = s.ids.get_mut(labels) {
+            *refs += 1;
+            return Ok(*id);
+        }
+        if s.next > self.range.last {
+            return Err(RangeExhausted { first: self.range.first_allocatable(), last: self.range.last });
+        }
+        let id = s.next;
+        s.next += 1;
+        s.ids.insert(labels.clone(), (id, 1));
+        Ok(id)
+    }
+
+    async fn release(&self, labels: &LabelSet) -> Result<(), RangeExhausted> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, refs)) = s.ids.get_mut(labels) {
+            *refs = refs.saturating_sub(1);
+        }
+        Ok(())
+    }
+}
