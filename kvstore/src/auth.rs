@@ -1,0 +1,159 @@
+//! etcd users and roles for the mesh, and enabling auth.
+//!
+//! With `--client-cert-auth`, etcd takes the user from the client certificate's CN, so
+//! users are created without passwords and certificates (from `causeway-pki`) are the
+//! credentials.
+
+use etcd_client::{Client, Permission, PermissionType, UserAddOptions};
+
+use crate::list::prefix_end;
+use crate::{cluster_config_key, KvError, HAS_CLUSTER_CONFIG_KEY, HEARTBEAT_KEY};
+
+/// Role granted to every `remote-<peer>` user: read-only access to what peers import.
+pub const REMOTE_ROLE: &str = "remote";
+/// Role granted to `admin-<cluster>`: read-write on every key.
+pub const ADMIN_ROLE: &str = "admin";
+/// etcd's built-in superuser role.
+pub const ROOT_ROLE: &str = "root";
+
+/// One permission, as etcd stores it (key and range end are raw bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Grant {
+    /// Read, write or both.
+    pub kind: GrantKind,
+    /// First key.
+    pub key: Vec<u8>,
+    /// Exclusive end; empty for a single key.
+    pub range_end: Vec<u8>,
+}
+
+/// Access a [`Grant`] gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GrantKind {
+    /// Read only.
+    Read,
+    /// Read and write.
+    ReadWrite,
+}
+
+impl Grant {
+    /// Read access to one key.
+    pub fn read_key(key: &str) -> Self {
+        Self { kind: GrantKind::Read, key: key.as_bytes().to_vec(), range_end: Vec::new() }
+    }
+
+    /// Read access to every key under `prefix`.
+    pub fn read_prefix(prefix: &str) -> Self {
+        Self { kind: GrantKind::Read, key: prefix.as_bytes().to_vec(), range_end: prefix_end(prefix.as_bytes()) }
+    }
+
+    /// Read-write access to every key.
+    pub fn read_write_all() -> Self {
+        Self { kind: GrantKind::ReadWrite, key: vec![0], range_end: vec![0] }
+    }
+
+    fn perm_type(&self) -> PermissionType {
+        match self.kind {
+            GrantKind::Read => PermissionType::Read,
+            GrantKind::ReadWrite => PermissionType::Readwrite,
+        }
+    }
+
+    fn to_permission(&self) -> Permission {
+        let p = Permission::new(self.perm_type(), self.key.clone());
+        if self.range_end.is_empty() {
+            p
+        } else {
+            p.with_range_end(self.range_end.clone())
+        }
+    }
+
+    fn matches(&self, p: &Permission) -> bool {
+        p.get_type() == self.perm_type() as i32
+            && p.key() == self.key.as_slice()
+            && p.range_end() == self.range_end.as_slice()
+    }
+}
+
+/// What a `remote-<peer>` user may read in the etcd of cluster `local_cluster`.
+pub fn remote_grants(local_cluster: &str) -> Vec<Grant> {
+    vec![
+        Grant::read_prefix("cilium/state/"),
+        Grant::read_key(&cluster_config_key(local_cluster)),
+        Grant::read_prefix(&format!("cilium/synced/{local_cluster}/")),
+        Grant::read_key(HEARTBEAT_KEY),
+        Grant::read_key(HAS_CLUSTER_CONFIG_KEY),
+    ]
+}
+
+/// Creates (or converges) the users and roles of the etcd of cluster `local_cluster`,
+/// then enables auth:
+///
+/// * `root` with the `root` role;
+/// * `admin-<local_cluster>` with role [`ADMIN_ROLE`] (read-write on every key);
+/// * `remote-<peer>` for every peer, with role [`REMOTE_ROLE`] ([`remote_grants`]).
+///
+/// Idempotent: existing users and roles are kept, missing permissions granted and
+/// permissions no longer wanted revoked. Works before and after auth is enabled, as
+/// long as `client` is `root` (its certificate's CN is `root`).
+#[tracing::instrument(skip_all, fields(cluster = local_cluster))]
+pub async fn ensure_auth<S: AsRef<str>>(client: &mut Client, local_cluster: &str, peers: &[S]) -> Result<(), KvError> {
+    ensure_role(client, REMOTE_ROLE, &remote_grants(local_cluster)).await?;
+    ensure_role(client, ADMIN_ROLE, &[Grant::read_write_all()]).await?;
+    ensure_user(client, "root", ROOT_ROLE).await?;
+    ensure_user(client, &format!("admin-{local_cluster}"), ADMIN_ROLE).await?;
+    for peer in peers {
+        ensure_user(client, &format!("remote-{}", peer.as_ref()), REMOTE_ROLE).await?;
+    }
+    client.auth_enable().await.map_err(|e| KvError::request("auth enable", local_cluster, e))?;
+    tracing::info!(peers = peers.len(), "etcd users and roles ensured; auth enabled");
+    Ok(())
+}
+
+async fn ensure_role(client: &mut Client, role: &str, grants: &[Grant]) -> Result<(), KvError> {
+    let roles = client.role_list().await.map_err(|e| KvError::request("role list", role, e))?;
+    if !roles.roles().iter().any(|r| r == role) {
+        client.role_add(role).await.map_err(|e| KvError::request("role add", role, e))?;
+    }
+    let existing = client.role_get(role).await.map_err(|e| KvError::request("role get", role, e))?.permissions();
+    for grant in grants {
+        if !existing.iter().any(|p| grant.matches(p)) {
+            client
+                .role_grant_permission(role, grant.to_permission())
+                .await
+                .map_err(|e| KvError::request("role grant permission", role, e))?;
+        }
+    }
+    for p in &existing {
+        if !grants.iter().any(|g| g.matches(p)) {
+            let opts = (!p.range_end().is_empty())
+                .then(|| etcd_client::RoleRevokePermissionOptions::new().with_range_end(p.range_end()));
+            client
+                .role_revoke_permission(role, p.key(), opts)
+                .await
+                .map_err(|e| KvError::request("role revoke permission", role, e))?;
+        }
+    }
+    Ok(())
+}
+
+async fn ensure_user(client: &mut Client, user: &str, role: &str) -> Result<(), KvError> {
+    let users = client.user_list().await.map_err(|e| KvError::request("user list", user, e))?;
+    if !users.users().iter().any(|u| u == user) {
+        client
+            .user_add(user, "", Some(UserAddOptions::new().with_no_pwd()))
+            .await
+            .map_err(|e| KvError::request("user add", user, e))?;
+    }
+    let has_role = client
+        .user_get(user)
+        .await
+        .map_err(|e| KvError::request("user get", user, e))?
+        .roles()
+        .iter()
+        .any(|r| r == role);
+    if !has_role {
+        client.user_grant_role(user, role).await.map_err(|e| KvError::request("user grant role", user, e))?;
+    }
+    Ok(())
+}

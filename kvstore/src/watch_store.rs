@@ -1,0 +1,336 @@
+//! The reader: list + watch of one prefix that survives disconnects and compaction.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, KvClient, WatchClient, WatchOptions};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::backoff::Backoff;
+use crate::error::is_compacted;
+use crate::list::list_prefix;
+
+/// What a [`WatchStore`] emits.
+///
+/// # Consumer contract
+///
+/// The stream alone keeps a consumer's copy exact: apply `Upsert` and `Delete` as they
+/// come. `ListDone` follows every complete listing (the first one, and any re-list after
+/// the watch's revision was compacted or etcd came back with older history). At each
+/// `ListDone` the consumer's copy equals etcd's content at the listing's revision: keys
+/// that disappeared while the store was not watching are sent as `Delete` *before* that
+/// `ListDone`. So the consumer needs no stale sweep of its own. (Equivalently: after a
+/// `ListDone`, any key not upserted since the previous list began is gone, and the store
+/// has already said so.)
+///
+/// A re-list sends `Upsert` for every key again, unchanged ones included; compare
+/// `mod_revision` to skip work. A disconnect that is followed by a successful resume
+/// sends nothing special: events continue from the last revision seen, without a list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// `key` was created or changed.
+    Upsert {
+        /// Full key.
+        key: String,
+        /// Raw value; validate before use.
+        value: Vec<u8>,
+        /// etcd revision of this version of the key.
+        mod_revision: i64,
+    },
+    /// `key` was deleted (or expired with its lease).
+    Delete {
+        /// Full key.
+        key: String,
+    },
+    /// A complete listing has been sent; see the contract above.
+    ListDone,
+}
+
+/// Configuration of a [`WatchStore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchStoreConfig {
+    /// Prefix to mirror, e.g. `cilium/state/identities/v1/`.
+    pub prefix: String,
+    /// Keys per page when listing.
+    pub list_page_size: i64,
+    /// First retry delay after an error; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    /// Longest retry delay.
+    pub max_backoff: Duration,
+    /// Events buffered before the store waits for the consumer.
+    pub channel_capacity: usize,
+}
+
+impl WatchStoreConfig {
+    /// Defaults: pages of 1000, backoff 100 ms → 10 s, 1024 buffered events.
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+            list_page_size: crate::list::DEFAULT_PAGE_SIZE,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            channel_capacity: 1024,
+        }
+    }
+}
+
+/// Counters of a [`WatchStore`].
+#[derive(Debug, Default)]
+pub struct WatchStats {
+    /// Complete listings.
+    pub lists: AtomicU64,
+    /// Watches (re)established after a disconnect or error.
+    pub reconnects: AtomicU64,
+    /// Re-lists forced by compaction or a store that went back in time.
+    pub relists: AtomicU64,
+    /// Failed etcd requests or broken streams.
+    pub errors: AtomicU64,
+    /// Keys skipped because they are not UTF-8.
+    pub invalid_keys: AtomicU64,
+}
+
+/// Lists then watches a prefix in a background task and emits [`WatchEvent`]s.
+///
+/// Dropping the store stops the task (no task outlives it).
+pub struct WatchStore {
+    rx: mpsc::Receiver<WatchEvent>,
+    task: JoinHandle<()>,
+    stats: Arc<WatchStats>,
+}
+
+impl std::fmt::Debug for WatchStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchStore").finish_non_exhaustive()
+    }
+}
+
+impl WatchStore {
+    /// Starts listing and watching `config.prefix`.
+    pub fn start(client: Client, config: WatchStoreConfig) -> WatchStore {
+        let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
+        let stats = Arc::new(WatchStats::default());
+        let span = tracing::info_span!("watch_store", prefix = %config.prefix);
+        let watcher = Watcher {
+            kv: client.kv_client(),
+            watch: client.watch_client(),
+            backoff: Backoff::new(config.min_backoff, config.max_backoff),
+            config,
+            tx,
+            stats: stats.clone(),
+            known: HashMap::new(),
+            last_rev: 0,
+        };
+        let task = tokio::spawn(tracing::Instrument::instrument(watcher.run(), span));
+        WatchStore { rx, task, stats }
+    }
+
+    /// The next event; `None` only after the task stopped.
+    pub async fn next(&mut self) -> Option<WatchEvent> {
+        self.rx.recv().await
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &WatchStats {
+        &self.stats
+    }
+}
+
+impl futures::Stream for WatchStore {
+    type Item = WatchEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WatchEvent>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for WatchStore {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Why a watch ended.
+enum Ended {
+    /// The consumer is gone.
+    Closed,
+    /// Must list again (compaction, or etcd's history is older than ours).
+    Relist,
+    /// Connection problem: resume from the last revision.
+    Retry,
+}
+
+struct Watcher {
+    kv: KvClient,
+    watch: WatchClient,
+    config: WatchStoreConfig,
+    backoff: Backoff,
+    tx: mpsc::Sender<WatchEvent>,
+    stats: Arc<WatchStats>,
+    /// Keys the consumer currently has, with their mod revision.
+    known: HashMap<String, i64>,
+    /// Last revision the consumer has seen everything up to; 0 = must list.
+    last_rev: i64,
+}
+
+impl Watcher {
+    async fn run(mut self) {
+        loop {
+            if self.last_rev == 0 {
+                match self.list().await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(()) => {
+                        tokio::time::sleep(self.backoff.next_delay()).await;
+                        continue;
+                    }
+                }
+            }
+            match self.watch().await {
+                Ended::Closed => return,
+                Ended::Relist => {
+                    self.stats.relists.fetch_add(1, Ordering::Relaxed);
+                    self.last_rev = 0;
+                }
+                Ended::Retry => {
+                    self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(self.backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+
+    async fn send(&self, ev: WatchEvent) -> bool {
+        self.tx.send(ev).await.is_ok()
+    }
+
+    /// Lists the prefix and emits Upserts, Deletes for vanished keys, then ListDone.
+    /// Ok(false): the consumer is gone.
+    async fn list(&mut self) -> Result<bool, ()> {
+        let listing = match list_prefix(&mut self.kv, &self.config.prefix, self.config.list_page_size).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "listing failed; retrying");
+                return Err(());
+            }
+        };
+        let mut seen = HashSet::with_capacity(listing.kvs.len());
+        for kv in listing.kvs {
+            let mod_revision = kv.mod_revision();
+            let (key, value) = kv.into_key_value();
+            let Some(key) = self.utf8_key(key) else {
+                continue;
+            };
+            seen.insert(key.clone());
+            self.known.insert(key.clone(), mod_revision);
+            let ev = WatchEvent::Upsert { key, value, mod_revision };
+            if !self.send(ev).await {
+                return Ok(false);
+            }
+        }
+        let gone: Vec<String> = self.known.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+        for key in gone {
+            self.known.remove(&key);
+            if !self.send(WatchEvent::Delete { key }).await {
+                return Ok(false);
+            }
+        }
+        if !self.send(WatchEvent::ListDone).await {
+            return Ok(false);
+        }
+        self.stats.lists.fetch_add(1, Ordering::Relaxed);
+        self.last_rev = listing.revision.max(1);
+        tracing::info!(keys = self.known.len(), revision = self.last_rev, "listed prefix");
+        Ok(true)
+    }
+
+    fn utf8_key(&self, key: Vec<u8>) -> Option<String> {
+        match String::from_utf8(key) {
+            Ok(k) => Some(k),
+            Err(_) => {
+                self.stats.invalid_keys.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("skipping a non-UTF-8 key");
+                None
+            }
+        }
+    }
+
+    async fn watch(&mut self) -> Ended {
+        let opts = WatchOptions::new().with_prefix().with_start_revision(self.last_rev + 1).with_progress_notify();
+        let mut stream = match self.watch.watch(self.config.prefix.as_str(), Some(opts)).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "cannot open watch; retrying");
+                return if is_compacted(&e) { Ended::Relist } else { Ended::Retry };
+            }
+        };
+        loop {
+            let resp = match stream.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    tracing::info!(revision = self.last_rev, "watch stream ended; resuming");
+                    return Ended::Retry;
+                }
+                Err(e) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(revision = self.last_rev, error = %e, "watch broken; resuming");
+                    return if is_compacted(&e) { Ended::Relist } else { Ended::Retry };
+                }
+            };
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    tracing::info!(
+                        revision = self.last_rev,
+                        compact_revision = resp.compact_revision(),
+                        "watch revision compacted; listing again"
+                    );
+                    return Ended::Relist;
+                }
+                tracing::warn!(reason = resp.cancel_reason(), "watch cancelled by etcd; retrying");
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                return Ended::Retry;
+            }
+            if resp.created() {
+                self.backoff.reset();
+                let current = resp.header().map(|h| h.revision()).unwrap_or_default();
+                if current > 0 && current < self.last_rev {
+                    // etcd lost history (restored or restarted empty): resuming would
+                    // silently skip everything up to our old revision.
+                    tracing::warn!(
+                        revision = self.last_rev,
+                        etcd_revision = current,
+                        "etcd revision went backwards; listing again"
+                    );
+                    return Ended::Relist;
+                }
+            }
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                let mod_revision = kv.mod_revision();
+                let Some(key) = self.utf8_key(kv.key().to_vec()) else {
+                    self.last_rev = self.last_rev.max(mod_revision);
+                    continue;
+                };
+                let ev = match event.event_type() {
+                    EventType::Put => {
+                        self.known.insert(key.clone(), mod_revision);
+                        Some(WatchEvent::Upsert { key, value: kv.value().to_vec(), mod_revision })
+                    }
+                    EventType::Delete => self.known.remove(&key).map(|_| WatchEvent::Delete { key }),
+                };
+                if let Some(ev) = ev {
+                    if !self.send(ev).await {
+                        return Ended::Closed;
+                    }
+                }
+                self.last_rev = self.last_rev.max(mod_revision);
+            }
+        }
+    }
+}
