@@ -1,0 +1,273 @@
+//! The sans-IO identity allocator: no kube, no etcd, no clock.
+//!
+//! Rules it enforces:
+//! - the same label set always maps to the same ID while the ID is alive;
+//! - an ID is reference counted by its users; at zero users it becomes *idle*;
+//! - an idle ID is garbage after the grace period; [`IdentityAllocator::collect_garbage`] hands it out for
+//!   deletion, and only [`IdentityAllocator::confirm_deleted`] makes the number free again;
+//! - a live ID, or one still awaiting deletion, is never handed to another label set;
+//! - IDs come from `range.first_allocatable()..=range.last`; fresh IDs are picked with a cursor that moves
+//!   forward, so a freed number is reused only after the cursor wraps around.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use causeway_store::{IdentityRange, LabelSet};
+use chrono::{DateTime, Utc};
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum AllocError {
+    #[error(
+        "identity range {first}..={last} is exhausted: {live} identities are live and {pending} await deletion; \
+         remove unused label sets (pods with unique labels) or shorten the identity GC grace period"
+    )]
+    Exhausted { first: u32, last: u32, live: usize, pending: usize },
+    #[error("label set {labels:?} holds no identity, so it cannot be released")]
+    NotAllocated { labels: String },
+}
+
+/// Result of [`IdentityAllocator::acquire`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocated {
+    pub id: u32,
+    /// The ID was picked just now: the caller must persist it before using it, and call
+    /// [`IdentityAllocator::abort`] if persisting fails.
+    pub newly_created: bool,
+}
+
+/// Result of [`IdentityAllocator::release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    pub id: u32,
+    /// Users left; 0 means the identity is now idle and its grace period has started.
+    pub remaining: u64,
+}
+
+/// What [`IdentityAllocator::restore`] did with each persisted identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    pub restored: Vec<u32>,
+    /// IDs outside this cluster's allocatable range: ignored (never deleted, never reused from here).
+    pub out_of_range: Vec<u32>,
+    /// A second ID for a label set that already had one: queued for deletion; the lower ID wins.
+    pub duplicates: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    labels: LabelSet,
+    refs: u64,
+    /// When the last user went away; `None` while in use.
+    idle_since: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityAllocator {
+    range: IdentityRange,
+    grace: Duration,
+    by_labels: HashMap<LabelSet, u32>,
+    by_id: BTreeMap<u32, Entry>,
+    /// Handed out by `collect_garbage`, not yet confirmed deleted: not reusable.
+    pending_delete: BTreeSet<u32>,
+    cursor: u32,
+}
+
+impl IdentityAllocator {
+    pub fn new(range: IdentityRange, grace: Duration) -> Self {
+        IdentityAllocator {
+            range,
+            grace,
+            by_labels: HashMap::new(),
+            by_id: BTreeMap::new(),
+            pending_delete: BTreeSet::new(),
+            cursor: range.first_allocatable(),
+        }
+    }
+
+    pub fn range(&self) -> IdentityRange {
+        self.range
+    }
+
+    fn first(&self) -> u32 {
+        self.range.first_allocatable()
+    }
+
+    fn allocatable(&self, id: u32) -> bool {
+        (self.first()..=self.range.last).contains(&id)
+    }
+
+    /// Loads persisted identities after a restart. Every restored identity starts idle at `now`, so it gets a full
+    /// grace period for its users to come back before it can be collected.
+    pub fn restore(
+        &mut self,
+        persisted: impl IntoIterator<Item = (u32, LabelSet)>,
+        now: DateTime<Utc>,
+    ) -> RestoreReport {
+        let mut items: Vec<(u32, LabelSet)> = persisted.into_iter().collect();
+        items.sort_by_key(|(id, _)| *id);
+        let mut report = RestoreReport::default();
+        for (id, labels) in items {
+            if !self.allocatable(id) {
+                report.out_of_range.push(id);
+                continue;
+            }
+            if self.by_id.contains_key(&id) || self.pending_delete.contains(&id) {
+                continue;
+            }
+            if self.by_labels.contains_key(&labels) {
+                self.pending_delete.insert(id);
+                report.duplicates.push(id);
+                continue;
+            }
+            self.by_labels.insert(labels.clone(), id);
+            self.by_id.insert(id, Entry { labels, refs: 0, idle_since: Some(now) });
+            report.restored.push(id);
+        }
+        // Continue after the highest restored ID so that recently freed numbers are not reused first.
+        if let Some(max) = report.restored.iter().max() {
+            self.cursor = self.after(*max);
+        }
+        report
+    }
+
+    fn after(&self, id: u32) -> u32 {
+        if id >= self.range.last {
+            self.first()
+        } else {
+            id + 1
+        }
+    }
+
+    /// Takes one reference on the identity of `labels`, allocating a fresh ID when it has none.
+    pub fn acquire(&mut self, labels: &LabelSet, _now: DateTime<Utc>) -> Result<Allocated, AllocError> {
+        if let Some(&id) = self.by_labels.get(labels) {
+            if let Some(e) = self.by_id.get_mut(&id) {
+                e.refs += 1;
+                e.idle_since = None;
+                return Ok(Allocated { id, newly_created: false });
+            }
+        }
+        let id = self.next_free()?;
+        self.by_labels.insert(labels.clone(), id);
+        self.by_id.insert(id, Entry { labels: labels.clone(), refs: 1, idle_since: None });
+        self.cursor = self.after(id);
+        Ok(Allocated { id, newly_created: true })
+    }
+
+    fn next_free(&self) -> Result<u32, AllocError> {
+        let size = u64::from(self.range.last - self.first()) + 1;
+        if (self.by_id.len() + self.pending_delete.len()) as u64 >= size {
+            return Err(self.exhausted());
+        }
+        let mut id = self.cursor;
+        for _ in 0..size {
+            if !self.by_id.contains_key(&id) && !self.pending_delete.contains(&id) {
+                return Ok(id);
+            }
+            id = self.after(id);
+        }
+        Err(self.exhausted())
+    }
+
+    fn exhausted(&self) -> AllocError {
+        AllocError::Exhausted {
+            first: self.first(),
+            last: self.range.last,
+            live: self.by_id.len(),
+            pending: self.pending_delete.len(),
+        }
+    }
+
+    /// Undoes an [`acquire`](Self::acquire) that returned `newly_created` and could not be persisted: the ID is
+    /// forgotten as if never picked. Does nothing unless `id` is the one `labels` holds.
+    pub fn abort(&mut self, labels: &LabelSet, id: u32) {
+        if self.by_labels.get(labels) == Some(&id) {
+            self.by_labels.remove(labels);
+            self.by_id.remove(&id);
+        }
+    }
+
+    /// Records that `id` is already taken by `labels` elsewhere (for example, a persisted object this allocator
+    /// did not know about). It joins as an idle identity, so it is never handed to other labels.
+    pub fn insert_existing(&mut self, id: u32, labels: LabelSet, now: DateTime<Utc>) {
+        if self.by_id.contains_key(&id) || !self.allocatable(id) {
+            return;
+        }
+        if self.by_labels.contains_key(&labels) {
+            self.pending_delete.insert(id);
+            return;
+        }
+        self.by_labels.insert(labels.clone(), id);
+        self.by_id.insert(id, Entry { labels, refs: 0, idle_since: Some(now) });
+    }
+
+    /// Blocks `id` (a persisted record that is not a valid identity of this cluster): it is never allocated,
+    /// and the next [`collect_garbage`](Self::collect_garbage) hands it out for deletion.
+    pub fn block(&mut self, id: u32) {
+        if !self.by_id.contains_key(&id) && self.allocatable(id) {
+            self.pending_delete.insert(id);
+        }
+    }
+
+    /// Drops one reference. At zero the identity turns idle and its grace period starts at `now`.
+    pub fn release(&mut self, labels: &LabelSet, now: DateTime<Utc>) -> Result<Released, AllocError> {
+        let not_allocated = || AllocError::NotAllocated { labels: labels.to_string() };
+        let id = *self.by_labels.get(labels).ok_or_else(not_allocated)?;
+        let e = self.by_id.get_mut(&id).ok_or_else(not_allocated)?;
+        if e.refs == 0 {
+            return Err(not_allocated());
+        }
+        e.refs -= 1;
+        if e.refs == 0 {
+            e.idle_since = Some(now);
+        }
+        Ok(Released { id, remaining: e.refs })
+    }
+
+    /// Identities idle for longer than the grace period, plus any earlier ones whose deletion was not yet
+    /// confirmed. They no longer map from their labels (a new acquire gets a fresh ID), and their numbers stay
+    /// blocked until [`confirm_deleted`](Self::confirm_deleted).
+    pub fn collect_garbage(&mut self, now: DateTime<Utc>) -> Vec<u32> {
+        let grace = chrono::Duration::from_std(self.grace).unwrap_or(chrono::Duration::MAX);
+        let expired: Vec<u32> = self
+            .by_id
+            .iter()
+            .filter(|(_, e)| e.refs == 0 && e.idle_since.is_some_and(|t| now.signed_duration_since(t) > grace))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            if let Some(e) = self.by_id.remove(id) {
+                self.by_labels.remove(&e.labels);
+            }
+            self.pending_delete.insert(*id);
+        }
+        self.pending_delete.iter().copied().collect()
+    }
+
+    /// The persisted record of `id` is gone; the number may be allocated again.
+    pub fn confirm_deleted(&mut self, id: u32) {
+        self.pending_delete.remove(&id);
+    }
+
+    pub fn get(&self, labels: &LabelSet) -> Option<u32> {
+        self.by_labels.get(labels).copied()
+    }
+
+    pub fn labels_of(&self, id: u32) -> Option<&LabelSet> {
+        self.by_id.get(&id).map(|e| &e.labels)
+    }
+
+    pub fn refs(&self, id: u32) -> u64 {
+        self.by_id.get(&id).map_or(0, |e| e.refs)
+    }
+
+    /// Every live identity (in use or idle within grace), by ID.
+    pub fn live(&self) -> impl Iterator<Item = (u32, &LabelSet)> {
+        self.by_id.iter().map(|(id, e)| (*id, &e.labels))
+    }
+
+    pub fn pending_deletion(&self) -> impl Iterator<Item = u32> + '_ {
+        self.pending_delete.iter().copied()
+    }
+}
