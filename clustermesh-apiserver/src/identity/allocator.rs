@@ -271,3 +271,154 @@ impl IdentityAllocator {
         self.pending_delete.iter().copied()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use causeway_store::{ClusterId, MaxConnectedClusters};
+    use chrono::TimeZone;
+
+    const GRACE: Duration = Duration::from_secs(600);
+
+    /// A fake clock: `t(s)` is `s` seconds after a fixed epoch.
+    fn t(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_700_000_000 + secs, 0).single().expect("valid timestamp")
+    }
+
+    fn labels(app: &str) -> LabelSet {
+        LabelSet::parse(&format!("k8s:app={app};k8s:io.cilium.k8s.policy.cluster=east;")).expect("labels")
+    }
+
+    fn east() -> IdentityRange {
+        ClusterId::new(1, MaxConnectedClusters::C255).expect("id").identity_range(MaxConnectedClusters::C255)
+    }
+
+    #[test]
+    fn same_labels_same_id_and_first_id_skips_range_base() {
+        let mut a = IdentityAllocator::new(east(), GRACE);
+        let x = a.acquire(&labels("cart"), t(0)).unwrap();
+        assert_eq!(x, Allocated { id: 65537, newly_created: true });
+        let again = a.acquire(&labels("cart"), t(1)).unwrap();
+        assert_eq!(again, Allocated { id: 65537, newly_created: false });
+        let y = a.acquire(&labels("web"), t(2)).unwrap();
+        assert_eq!(y.id, 65538);
+        assert_eq!(a.refs(65537), 2);
+        assert_eq!(a.labels_of(65538), Some(&labels("web")));
+    }
+
+    #[test]
+    fn refcounts_and_gc_only_after_grace() {
+        let mut a = IdentityAllocator::new(east(), GRACE);
+        let id = a.acquire(&labels("cart"), t(0)).unwrap().id;
+        a.acquire(&labels("cart"), t(0)).unwrap();
+        assert_eq!(a.release(&labels("cart"), t(10)).unwrap(), Released { id, remaining: 1 });
+        assert!(a.collect_garbage(t(10_000)).is_empty(), "still one user");
+        assert_eq!(a.release(&labels("cart"), t(100)).unwrap(), Released { id, remaining: 0 });
+        assert!(a.release(&labels("cart"), t(100)).is_err(), "no user left to release");
+        assert!(a.collect_garbage(t(100 + 600)).is_empty(), "exactly at grace is not past it");
+        // Re-acquire within grace: same ID, grace cancelled.
+        assert_eq!(a.acquire(&labels("cart"), t(650)).unwrap(), Allocated { id, newly_created: false });
+        a.release(&labels("cart"), t(700)).unwrap();
+        assert!(a.collect_garbage(t(1300)).is_empty());
+        assert_eq!(a.collect_garbage(t(1301)), vec![id]);
+        assert_eq!(a.get(&labels("cart")), None);
+    }
+
+    #[test]
+    fn collected_id_is_not_reused_until_deletion_is_confirmed() {
+        let range = IdentityRange { first: 100, last: 102 }; // allocatable: 101, 102
+        let mut a = IdentityAllocator::new(range, GRACE);
+        let old = a.acquire(&labels("a"), t(0)).unwrap().id;
+        a.acquire(&labels("b"), t(0)).unwrap();
+        a.release(&labels("a"), t(0)).unwrap();
+        assert_eq!(a.collect_garbage(t(601)), vec![old]);
+        // The number awaits deletion, so even a full range does not hand it out.
+        let err = a.acquire(&labels("c"), t(602)).unwrap_err();
+        assert_eq!(err, AllocError::Exhausted { first: 101, last: 102, live: 1, pending: 1 });
+        // Deletion failed: the next pass returns it again.
+        assert_eq!(a.collect_garbage(t(700)), vec![old]);
+        a.confirm_deleted(old);
+        assert_eq!(a.acquire(&labels("c"), t(701)).unwrap(), Allocated { id: old, newly_created: true });
+    }
+
+    #[test]
+    fn live_ids_are_never_reused_and_cursor_moves_forward() {
+        let mut a = IdentityAllocator::new(IdentityRange { first: 100, last: 110 }, GRACE);
+        let ids: Vec<u32> = (0..5).map(|i| a.acquire(&labels(&format!("p{i}")), t(0)).unwrap().id).collect();
+        assert_eq!(ids, vec![101, 102, 103, 104, 105]);
+        a.release(&labels("p1"), t(0)).unwrap();
+        a.collect_garbage(t(601));
+        a.confirm_deleted(102);
+        // The freed 102 is not reused first; the cursor continues.
+        assert_eq!(a.acquire(&labels("new"), t(602)).unwrap().id, 106);
+        let mut seen: BTreeSet<u32> = a.live().map(|(id, _)| id).collect();
+        for i in 0..5 {
+            let id = a.acquire(&labels(&format!("more{i}")), t(603)).unwrap().id;
+            assert!(seen.insert(id), "{id} handed out twice");
+        }
+        assert!(seen.contains(&102), "after wrapping, the freed number is used again");
+    }
+
+    #[test]
+    fn exhaustion_names_the_range() {
+        let mut a = IdentityAllocator::new(IdentityRange { first: 200, last: 203 }, GRACE);
+        for i in 0..3 {
+            a.acquire(&labels(&format!("p{i}")), t(0)).unwrap();
+        }
+        let err = a.acquire(&labels("one-too-many"), t(0)).unwrap_err();
+        assert!(err.to_string().contains("201..=203 is exhausted"), "{err}");
+        // Existing label sets still work when the range is full.
+        assert_eq!(a.acquire(&labels("p0"), t(0)).unwrap().id, 201);
+    }
+
+    #[test]
+    fn restore_after_restart_keeps_ids() {
+        let mut before = IdentityAllocator::new(east(), GRACE);
+        let cart = before.acquire(&labels("cart"), t(0)).unwrap().id;
+        let web = before.acquire(&labels("web"), t(0)).unwrap().id;
+        let persisted: Vec<(u32, LabelSet)> = before.live().map(|(id, l)| (id, l.clone())).collect();
+
+        let mut after = IdentityAllocator::new(east(), GRACE);
+        let report = after.restore(persisted, t(5000));
+        assert_eq!(report.restored, vec![cart, web]);
+        assert_eq!(after.acquire(&labels("web"), t(5001)).unwrap(), Allocated { id: web, newly_created: false });
+        // New labels continue after the restored IDs.
+        assert_eq!(after.acquire(&labels("api"), t(5001)).unwrap().id, web + 1);
+        // Restored but unclaimed: a full grace period from the restart, then garbage.
+        assert!(after.collect_garbage(t(5600)).is_empty());
+        assert_eq!(after.collect_garbage(t(5601)), vec![cart]);
+    }
+
+    #[test]
+    fn restore_ignores_foreign_ids_and_queues_duplicates() {
+        let mut a = IdentityAllocator::new(east(), GRACE);
+        let report = a.restore(
+            [
+                (65536, labels("base")),        // the range base value is never an identity
+                (131072, labels("west-range")), // cluster 2's range
+                (65540, labels("cart")),
+                (65539, labels("cart")),
+            ],
+            t(0),
+        );
+        assert_eq!(report.restored, vec![65539]);
+        assert_eq!(report.out_of_range, vec![65536, 131072]);
+        assert_eq!(report.duplicates, vec![65540]);
+        assert_eq!(a.collect_garbage(t(1)), vec![65540], "duplicates go straight to deletion");
+        assert!(a.acquire(&labels("x"), t(1)).unwrap().id != 65540);
+    }
+
+    #[test]
+    fn abort_and_insert_existing_route_around_a_taken_id() {
+        let mut a = IdentityAllocator::new(east(), GRACE);
+        let first = a.acquire(&labels("cart"), t(0)).unwrap();
+        // Persisting failed: the object already exists with other labels.
+        a.abort(&labels("cart"), first.id);
+        a.insert_existing(first.id, labels("someone-else"), t(0));
+        let second = a.acquire(&labels("cart"), t(0)).unwrap();
+        assert!(second.newly_created && second.id != first.id);
+        assert_eq!(a.get(&labels("someone-else")), Some(first.id));
+        a.block(65600);
+        assert!(a.collect_garbage(t(0)).contains(&65600));
+    }
+}
