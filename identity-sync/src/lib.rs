@@ -1,1 +1,15 @@
-//! placeholder
+//! identity-sync: the reader side of the mesh. One per cluster, it holds one etcd connection per remote cluster,
+//! validates what each remote exports, and merges it into one view (global services, remote identities, ipcache,
+//! remote nodes). It publishes that view into the local kube API as EndpointSlices and to node agents as a
+//! resumable gRPC stream of snapshot + deltas.
+//!
+//! ```text
+//! remote etcd ─► causeway-kvstore ─► RemoteContext::decode ─► core::MergedView ─┬─► kube adapter (EndpointSlices)
+//!                                                                              └─► stream::MeshViewHub ─► agents
+//! ```
+//!
+//! - [`core`]: the sans-IO merged view; plain state machines fed with events and a clock value.
+//! - [`stream`]: the `causeway.v1.MeshView/Watch` tonic server, fed from the core's delta log.
+
+pub mod core;
+pub mod stream;
