@@ -13,6 +13,8 @@ pub(crate) struct Listing {
     pub(crate) kvs: Vec<KeyValue>,
     /// The revision the whole listing reflects.
     pub(crate) revision: i64,
+    /// etcd cluster id: a new one means an etcd without our history.
+    pub(crate) cluster_id: u64,
 }
 
 /// The exclusive end of the range covering every key that starts with `prefix`.
@@ -35,6 +37,7 @@ pub(crate) async fn list_prefix(kv: &mut KvClient, prefix: &str, page_size: i64)
     let end = prefix_end(prefix.as_bytes());
     let mut start = prefix.as_bytes().to_vec();
     let mut revision = 0;
+    let mut cluster_id = 0;
     let mut kvs = Vec::new();
     loop {
         let mut opts = GetOptions::new().with_range(end.clone()).with_limit(page_size.max(1));
@@ -43,7 +46,10 @@ pub(crate) async fn list_prefix(kv: &mut KvClient, prefix: &str, page_size: i64)
         }
         let mut resp = kv.get(start.clone(), Some(opts)).await.map_err(|e| KvError::request("list", prefix, e))?;
         if revision == 0 {
-            revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+            if let Some(h) = resp.header() {
+                revision = h.revision();
+                cluster_id = h.cluster_id();
+            }
         }
         let more = resp.more();
         let page = resp.take_kvs();
@@ -55,7 +61,7 @@ pub(crate) async fn list_prefix(kv: &mut KvClient, prefix: &str, page_size: i64)
             }
             _ => {
                 kvs.extend(page);
-                return Ok(Listing { kvs, revision });
+                return Ok(Listing { kvs, revision, cluster_id });
             }
         }
         kvs.extend(page);

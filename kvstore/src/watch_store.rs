@@ -124,6 +124,7 @@ impl WatchStore {
             stats: stats.clone(),
             known: HashMap::new(),
             last_rev: 0,
+            cluster_id: 0,
         };
         let task = tokio::spawn(tracing::Instrument::instrument(watcher.run(), span));
         WatchStore { rx, task, stats }
@@ -175,6 +176,8 @@ struct Watcher {
     known: HashMap<String, i64>,
     /// Last revision the consumer has seen everything up to; 0 = must list.
     last_rev: i64,
+    /// Cluster id of the etcd the last listing came from.
+    cluster_id: u64,
 }
 
 impl Watcher {
@@ -245,6 +248,7 @@ impl Watcher {
         }
         self.stats.lists.fetch_add(1, Ordering::Relaxed);
         self.last_rev = listing.revision.max(1);
+        self.cluster_id = listing.cluster_id;
         tracing::info!(keys = self.known.len(), revision = self.last_rev, "listed prefix");
         Ok(true)
     }
@@ -298,14 +302,17 @@ impl Watcher {
             }
             if resp.created() {
                 self.backoff.reset();
-                let current = resp.header().map(|h| h.revision()).unwrap_or_default();
-                if current > 0 && current < self.last_rev {
-                    // etcd lost history (restored or restarted empty): resuming would
-                    // silently skip everything up to our old revision.
+                let (current, cluster_id) = resp.header().map(|h| (h.revision(), h.cluster_id())).unwrap_or_default();
+                let went_back = current > 0 && current < self.last_rev;
+                let other_cluster = cluster_id != 0 && cluster_id != self.cluster_id;
+                if went_back || other_cluster {
+                    // etcd lost our history (restored, or restarted empty): resuming
+                    // would silently skip or misread revisions.
                     tracing::warn!(
                         revision = self.last_rev,
                         etcd_revision = current,
-                        "etcd revision went backwards; listing again"
+                        cluster_id,
+                        "etcd has a different history; listing again"
                     );
                     return Ended::Relist;
                 }

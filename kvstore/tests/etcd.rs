@@ -1,0 +1,550 @@
+//! Integration tests against a real etcd (see causeway-testsupport).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use causeway_kvstore::{
+    canary_key, connect, ensure_auth, Client, EtcdConfig, KvError, LeaseConfig, LeasePool, SyncStore, SyncStoreConfig,
+    TlsConfig, WatchEvent, WatchStore, WatchStoreConfig,
+};
+use causeway_pki::{Pki, ServerNames};
+use causeway_testsupport::{wait_until, Etcd};
+use etcd_client::GetOptions;
+
+const WAIT: Duration = Duration::from_secs(20);
+const PREFIX: &str = "cilium/state/nodes/v1/east/";
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "causeway_kvstore=debug".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+fn tls_config(etcd: &Etcd, user: &str) -> TlsConfig {
+    let c = etcd.client_tls_for(user);
+    TlsConfig::from_pem(c.ca_pem, c.cert_pem, c.key_pem)
+}
+
+async fn plain_client(etcd: &Etcd) -> Client {
+    connect(&EtcdConfig::new(etcd.endpoints())).await.unwrap()
+}
+
+/// All keys under `prefix` with their values.
+async fn dump(client: &mut Client, prefix: &str) -> BTreeMap<String, Vec<u8>> {
+    let resp = client.get(prefix, Some(GetOptions::new().with_prefix())).await.unwrap();
+    resp.kvs().iter().map(|kv| (kv.key_str().unwrap().to_owned(), kv.value().to_vec())).collect()
+}
+
+async fn get(client: &mut Client, key: &str) -> Option<etcd_client::KeyValue> {
+    client.get(key, None).await.unwrap().kvs().first().cloned()
+}
+
+fn short_leases(count: usize) -> LeaseConfig {
+    LeaseConfig { count, ttl: Duration::from_secs(2) }
+}
+
+fn store_config() -> SyncStoreConfig {
+    let mut c = SyncStoreConfig::new("east", "nodes", PREFIX);
+    c.min_backoff = Duration::from_millis(50);
+    c.max_backoff = Duration::from_millis(500);
+    c
+}
+
+// ---------------------------------------------------------------- leases
+
+#[tokio::test]
+async fn lease_expiry_removes_keys_of_a_dead_writer() {
+    init_tracing();
+    let etcd = Etcd::start().await;
+    let mut client = plain_client(&etcd).await;
+    let pool = LeasePool::grant(client.clone(), short_leases(2)).await.unwrap();
+    let store = SyncStore::start(client.clone(), pool.clone(), store_config());
+    for i in 0..10 {
+        store.upsert(format!("{PREFIX}n{i}"), "{}").unwrap();
+    }
+    store.flushed().await;
+    assert_eq!(dump(&mut client, PREFIX).await.len(), 10);
+
+    // The writer dies: no more keepalives.
+    drop(store);
+    drop(pool);
+    let mut c = client.clone();
+    assert!(
+        wait_until(WAIT, || {
+            let mut c = c.clone();
+            async move { dump(&mut c, PREFIX).await.is_empty() }
+        })
+        .await,
+        "keys of a dead writer must expire with its leases"
+    );
+    let _ = dump(&mut c, PREFIX).await;
+}
+
+#[tokio::test]
+async fn a_lost_lease_is_replaced_and_its_keys_rewritten() {
+    init_tracing();
+    let etcd = Etcd::start().await;
+    let mut client = plain_client(&etcd).await;
+    let pool = LeasePool::grant(client.clone(), short_leases(2)).await.unwrap();
+    let store = SyncStore::start(client.clone(), pool.clone(), store_config());
+    for i in 0..20 {
+        store.upsert(format!("{PREFIX}n{i}"), format!("v{i}")).unwrap();
+    }
+    store.mark_synced();
+    store.wait_synced().await;
+    let before = dump(&mut client, PREFIX).await;
+    assert_eq!(before.len(), 20);
+
+    // Someone revokes lease 0: its keys vanish at once.
+    let lost = pool.lease_ids()[0];
+    client.lease_revoke(lost).await.unwrap();
+    assert!(dump(&mut client, PREFIX).await.len() < 20);
+
+    let p = pool.clone();
+    assert!(
+        wait_until(WAIT, || {
+            let p = p.clone();
+            async move { p.lease_ids()[0] != lost }
+        })
+        .await
+    );
+    let c = client.clone();
+    assert!(
+        wait_until(WAIT, || {
+            let mut c = c.clone();
+            let before = before.clone();
+            async move { dump(&mut c, PREFIX).await == before }
+        })
+        .await,
+        "keys must be re-written on the new lease"
+    );
+    let new = pool.lease_ids()[0];
+    for (key, _) in before {
+        let kv = get(&mut client, &key).await.unwrap();
+        assert!(pool.lease_ids().contains(&kv.lease()));
+        assert_ne!(kv.lease(), lost);
+    }
+    assert_ne!(new, lost);
+    assert!(store.stats().snapshot().lease_rewrites > 0);
+}
+
+#[tokio::test]
+async fn etcd_restarted_empty_gets_every_key_and_the_canary_back() {
+    init_tracing();
+    let mut etcd = Etcd::start().await;
+    let client = plain_client(&etcd).await;
+    let pool = LeasePool::grant(client.clone(), short_leases(3)).await.unwrap();
+    let store = SyncStore::start(client.clone(), pool.clone(), store_config());
+    for i in 0..30 {
+        store.upsert(format!("{PREFIX}n{i}"), format!("v{i}")).unwrap();
+    }
+    store.mark_synced();
+    store.wait_synced().await;
+    let canary = canary_key("east", "nodes");
+
+    etcd.restart_empty().await;
+    let c = client.clone();
+    let canary2 = canary.clone();
+    assert!(
+        wait_until(WAIT, || {
+            let mut c = c.clone();
+            let canary = canary2.clone();
+            async move { dump(&mut c, PREFIX).await.len() == 30 && get(&mut c, &canary).await.is_some() }
+        })
+        .await,
+        "after etcd came back empty every key and the canary must be re-written"
+    );
+    assert!(pool.stats().lost.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}
+
+// ---------------------------------------------------------------- sync store
+
+#[tokio::test]
+async fn sync_store_coalesces_and_skips_unchanged_writes() {
+    init_tracing();
+    let etcd = Etcd::start().await;
+    let mut client = plain_client(&etcd).await;
+    let pool = LeasePool::grant(client.clone(), LeaseConfig::default()).await.unwrap();
+    let store = SyncStore::start(client.clone(), pool.clone(), store_config());
+    let key = format!("{PREFIX}node-1");
+
+    for i in 0..100 {
+        store.upsert(key.clone(), format!("v{i}")).unwrap();
+    }
+    store.flushed().await;
+    let s = store.stats().snapshot();
+    assert_eq!(s.writes, 1, "100 upserts of one key before a flush are one write: {s:?}");
+    let kv = get(&mut client, &key).await.unwrap();
+    assert_eq!(kv.value(), b"v99");
+    let rev = kv.mod_revision();
+
+    // Same value again: no write, mod_revision unchanged.
+    store.upsert(key.clone(), "v99").unwrap();
+    store.flushed().await;
+    let s = store.stats().snapshot();
+    assert_eq!((s.writes, s.skipped_unchanged), (1, 1), "{s:?}");
+    assert_eq!(get(&mut client, &key).await.unwrap().mod_revision(), rev);
+
+    // A new store on the same leases knows what etcd holds from its listing.
+    drop(store);
+    let store = SyncStore::start(client.clone(), pool.clone(), store_config());
+    store.upsert(key.clone(), "v99").unwrap();
+    store.flushed().await;
+    assert_eq!(store.stats().snapshot().writes, 0);
+    assert_eq!(get(&mut client, &key).await.unwrap().mod_revision(), rev);
+
+    // With a different lease (a new process), the same value must be re-written, or the
+    // key would expire with the old process's lease.
+    drop(store);
+    let pool2 = LeasePool::grant(client.clone(), LeaseConfig::default()).await.unwrap();
+    let store = SyncStore::start(client.clone(), pool2.clone(), store_config());
+    store.upsert(key.clone(), "v99").unwrap();
+    store.flushed().await;
+    assert_eq!(store.stats().snapshot().writes, 1);
+    let kv = get(&mut client, &key).await.unwrap();
+    assert_eq!(kv.lease(), pool2.lease_for_key(key.as_bytes()));
+
+    // Delete, then delete again: the second is skipped.
+    store.delete(key.clone()).unwrap();
+    store.flushed().await;
+    store.delete(key.clone()).unwrap();
+    store.flushed().await;
+    let s = store.stats().snapshot();
+    assert_eq!((s.deletes, s.skipped_unchanged), (1, 1), "{s:?}");
+    assert!(get(&mut client, &key).await.is_none());
+
+    assert!(matches!(store.upsert("cilium/state/nodes/v1/west/x", "{}"), Err(KvError::KeyOutsidePrefix { .. })));
+}
+
+#[tokio::test]
+async fn sync_store_batches_within_max_txn_ops() {
+    init_tracing();
+    let etcd = Etcd::start().await;
+    let mut client = plain_client(&etcd).await;
+    let pool = LeasePool::grant(client.clone(), LeaseConfig::default()).await.unwrap();
+    let store = SyncStore::start(client.clone(), pool, store_config());
+    for i in 0..300 {
+        store.upsert(format!("{PREFIX}n{i:04}"), format!("v{i}")).unwrap();
+    }
+    store.flushed().await;
+    let s = store.stats().snapshot();
+    assert_eq!(s.writes, 300);
+    assert_eq!(s.txns, 3, "300 puts at 128 per txn: {s:?}");
+    assert_eq!(dump(&mut client, PREFIX).await.len(), 300);
+}
+
+#[tokio::test]
+async fn canary_is_written_only_after_the_initial_sync() {
+    init_tracing();
+    let etcd = Etcd::start().await;
+    let mut client = plain_client(&etcd).await;
+    let pool = LeasePool::grant(client.clone(), LeaseConfig::default()).await.unwrap();
+    let store = SyncStore::start(client.clone(), pool, store_config());
+    let canary = canary_key("east", "nodes");
+    assert_eq!(canary, "cilium/synced/east/cilium/state/nodes/v1");
+
+    store.upsert(format!("{PREFIX}a"), "1").unwrap();
+    store.flushed().await;
+    assert!(get(&mut client, &canary).await.is_none());
+    assert!(!store.is_synced());
+
+    store.upsert(format!("{PREFIX}b"), "2").unwrap();
+    store.mark_synced();
+    store.wait_synced().await;
+    let kv = get(&mut client, &canary).await.expect("canary");
+    let ts = kv.value_str().unwrap();
+    chrono::DateTime::parse_from_rfc3339(ts).expect("canary is RFC 3339");
+    // Everything upserted before mark_synced is in etcd by the time the canary is.
+    assert_eq!(dump(&mut client, PREFIX).await.len(), 2);
+}
+
+#[tokio::test]
+async fn stale_keys_of_a_previous_run_are_deleted_after_the_initial_sync() {
+    init_tracing();
+    let etcd = Etcd::start().await;
+    let mut client = plain_client(&etcd).await;
+    for k in ["a", "b", "c"] {
+        client.put(format!("{PREFIX}{k}"), "old", None).await.unwrap();
+    }
+    let outside = "cilium/state/nodes/v1/west/a";
+    client.put(outside, "theirs", None).await.unwrap();
+
+    let pool = LeasePool::grant(client.clone(), LeaseConfig::default()).await.unwrap();
+    let store = SyncStore::start(client.clone(), pool, store_config());
+    store.upsert(format!("{PREFIX}a"), "new").unwrap();
+    store.upsert(format!("{PREFIX}d"), "new").unwrap();
+    store.flushed().await;
+    // Before the initial export is declared complete nothing is deleted.
+    assert_eq!(dump(&mut client, PREFIX).await.len(), 4);
+
+    store.mark_synced();
+    store.wait_synced().await;
+    let left: Vec<String> = dump(&mut client, PREFIX).await.into_keys().collect();
+    assert_eq!(left, vec![format!("{PREFIX}a"), format!("{PREFIX}d")]);
+    assert!(get(&mut client, outside).await.is_some(), "keys outside the prefix are not ours");
+    assert_eq!(store.stats().snapshot().stale_deleted, 2);
+}
+
+// ---------------------------------------------------------------- watch store
+
+/// Applies events to a map, as a consumer would. Returns after `list_dones` ListDone.
+struct Consumer {
+    state: BTreeMap<String, Vec<u8>>,
+    list_dones: usize,
+    deletes: Vec<String>,
+}
+
+impl Consumer {
+    fn new() -> Self {
+        Self { state: BTreeMap::new(), list_dones: 0, deletes: Vec::new() }
+    }
+
+    fn apply(&mut self, ev: WatchEvent) {
+        match ev {
+            WatchEvent::Upsert { key, value, .. } => {
+                self.state.insert(key, value);
+            }
+            WatchEvent::Delete { key } => {
+                self.state.remove(&key);
+                self.deletes.push(key);
+            }
+            WatchEvent::ListDone => self.list_dones += 1,
+        }
+    }
+
+    /// Applies events until `cond` holds; panics after `WAIT`.
+    async fn until(&mut self, w: &mut WatchStore, what: &str, cond: impl Fn(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !cond(self) {
+            match tokio::time::timeout_at(deadline, w.next()).await {
+                Ok(Some(ev)) => self.apply(ev),
+                Ok(None) => panic!("watch store stopped while waiting for {what}"),
+                Err(_) => panic!("timed out waiting for {what}; state has {} keys", self.state.len()),
+            }
+        }
+    }
+}
+
+fn watch_config(prefix: &str) -> WatchStoreConfig {
+    let mut c = WatchStoreConfig::new(prefix);
+    c.list_page_size = 1000;
+    c.min_backoff = Duration::from_millis(50);
+    c.max_backoff = Duration::from_millis(500);
+    c
+}
+
+#[tokio::test]
+async fn watch_store_lists_in_pages_then_watches() {
+    init_tracing();
+    let etcd = Etcd::start().await;
+    let mut client = plain_client(&etcd).await;
+    let prefix = "cilium/state/identities/v1/id/";
+    // 2500 keys: three pages of 1000.
+    for chunk in (0..2500).collect::<Vec<_>>().chunks(100) {
+        let ops: Vec<_> = chunk
+            .iter()
+            .map(|i| etcd_client::TxnOp::put(format!("{prefix}{i}"), format!("k8s:app=a{i};"), None))
+            .collect();
+        client.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+    client.put("cilium/state/nodes/v1/x", "not mine", None).await.unwrap();
+
+    let mut w = WatchStore::start(client.clone(), watch_config(prefix));
+    let mut c = Consumer::new();
+    c.until(&mut w, "initial ListDone", |c| c.list_dones == 1).await;
+    assert_eq!(c.state.len(), 2500);
+
+    client.put(format!("{prefix}new"), "v", None).await.unwrap();
+    client.delete(format!("{prefix}7"), None).await.unwrap();
+    c.until(&mut w, "upsert and delete", |c| {
+        c.state.contains_key(&format!("{prefix}new")) && !c.state.contains_key(&format!("{prefix}7"))
+    })
+    .await;
+    assert_eq!(c.state, dump(&mut client, prefix).await);
+    assert_eq!(w.stats().lists.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn watch_store_resumes_after_etcd_is_killed_without_listing_again() {
+    init_tracing();
+    let mut etcd = Etcd::start().await;
+    let mut client = plain_client(&etcd).await;
+    let prefix = "cilium/state/ip/v1/default/";
+    client.put(format!("{prefix}10.0.0.1"), "a", None).await.unwrap();
+    let mut w = WatchStore::start(client.clone(), watch_config(prefix));
+    let mut c = Consumer::new();
+    c.until(&mut w, "initial ListDone", |c| c.list_dones == 1).await;
+
+    etcd.kill();
+    etcd.restart().await;
+    // Written after the restart, possibly before the watcher is back: must still arrive.
+    let mut client = plain_client(&etcd).await;
+    client.put(format!("{prefix}10.0.0.2"), "b", None).await.unwrap();
+    client.delete(format!("{prefix}10.0.0.1"), None).await.unwrap();
+    c.until(&mut w, "events after restart", |c| {
+        c.state.len() == 1 && c.state.contains_key(&format!("{prefix}10.0.0.2"))
+    })
+    .await;
+    assert_eq!(c.list_dones, 1, "a resumed watch must not list again");
+    let stats = w.stats();
+    assert_eq!(stats.lists.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(stats.reconnects.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert_eq!(c.state, dump(&mut client, prefix).await);
+}
+
+#[tokio::test]
+async fn watch_store_relists_after_compaction_and_the_consumer_ends_up_correct() {
+    init_tracing();
+    let mut etcd = Etcd::start().await;
+    let mut client = plain_client(&etcd).await;
+    let prefix = "cilium/state/services/v1/east/";
+    for k in ["a", "b", "c"] {
+        client.put(format!("{prefix}{k}"), "1", None).await.unwrap();
+    }
+    let mut cfg = watch_config(prefix);
+    // A long reconnect delay leaves time to change and compact etcd while the watcher
+    // is away (the delay is 2.5-5 s with jitter; the changes take well under a second).
+    cfg.min_backoff = Duration::from_secs(5);
+    cfg.max_backoff = Duration::from_secs(5);
+    let mut w = WatchStore::start(client.clone(), cfg);
+    let mut c = Consumer::new();
+    c.until(&mut w, "initial ListDone", |c| c.list_dones == 1).await;
+
+    etcd.kill();
+    etcd.restart().await;
+    let mut client = plain_client(&etcd).await;
+    client.delete(format!("{prefix}a"), None).await.unwrap();
+    client.put(format!("{prefix}b"), "2", None).await.unwrap();
+    client.put(format!("{prefix}d"), "1", None).await.unwrap();
+    client.put(format!("{prefix}d"), "2", None).await.unwrap();
+    etcd.compact().await;
+
+    c.until(&mut w, "ListDone after re-list", |c| c.list_dones == 2).await;
+    assert_eq!(c.state, dump(&mut client, prefix).await);
+    assert_eq!(c.deletes, vec![format!("{prefix}a")]);
+    assert_eq!(w.stats().relists.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn watch_store_relists_when_etcd_comes_back_empty() {
+    init_tracing();
+    let mut etcd = Etcd::start().await;
+    let mut client = plain_client(&etcd).await;
+    let prefix = "cilium/state/nodes/v1/";
+    for i in 0..5 {
+        client.put(format!("{prefix}n{i}"), "1", None).await.unwrap();
+    }
+    let mut w = WatchStore::start(client.clone(), watch_config(prefix));
+    let mut c = Consumer::new();
+    c.until(&mut w, "initial ListDone", |c| c.list_dones == 1).await;
+
+    etcd.restart_empty().await;
+    let mut client = plain_client(&etcd).await;
+    client.put(format!("{prefix}fresh"), "1", None).await.unwrap();
+    c.until(&mut w, "re-list of the empty etcd", |c| c.list_dones == 2 && c.state.len() == 1).await;
+    assert_eq!(c.state, dump(&mut client, prefix).await);
+}
+
+#[tokio::test]
+async fn dropping_a_watch_store_stops_its_task() {
+    let etcd = Etcd::start().await;
+    let client = plain_client(&etcd).await;
+    let mut w = WatchStore::start(client, watch_config("x/"));
+    assert_eq!(w.next().await, Some(WatchEvent::ListDone));
+    drop(w);
+    // The task is aborted; nothing to observe beyond not hanging or panicking.
+}
+
+// ---------------------------------------------------------------- mTLS and auth
+
+#[tokio::test]
+async fn mtls_refuses_clients_without_a_valid_certificate() {
+    init_tracing();
+    let pki = Pki::loopback().unwrap();
+    let etcd = Etcd::start_tls(&pki).await;
+
+    let ok = EtcdConfig::new(etcd.endpoints()).with_tls(tls_config(&etcd, "root"));
+    connect(&ok).await.expect("a certificate from the trusted CA works");
+
+    // No client certificate.
+    let no_cert = TlsConfig { ca_pem: etcd.ca_pem().unwrap().to_owned(), ..Default::default() };
+    let cfg = EtcdConfig::new(etcd.endpoints()).with_tls(no_cert).with_connect_timeout(Duration::from_secs(3));
+    let err = connect(&cfg).await.err().expect("no client certificate must fail");
+    assert!(matches!(err, KvError::Connect { .. } | KvError::ConnectTimeout { .. }), "{err}");
+    assert!(err.to_string().contains(&etcd.endpoint()), "error names the endpoint: {err}");
+
+    // A certificate from another CA.
+    let rogue = Pki::generate(&ServerNames::loopback()).unwrap().client("root").unwrap();
+    let cfg = EtcdConfig::new(etcd.endpoints())
+        .with_tls(TlsConfig::from_pem(etcd.ca_pem().unwrap(), rogue.cert_pem, rogue.key_pem))
+        .with_connect_timeout(Duration::from_secs(3));
+    assert!(connect(&cfg).await.is_err());
+
+    // Plaintext against a TLS etcd.
+    let cfg =
+        EtcdConfig::new([etcd.endpoint().replace("https://", "http://")]).with_connect_timeout(Duration::from_secs(3));
+    assert!(connect(&cfg).await.is_err());
+}
+
+#[tokio::test]
+async fn remote_user_reads_allowed_keys_but_cannot_write() {
+    init_tracing();
+    let pki = Pki::loopback().unwrap();
+    let etcd = Etcd::start_tls(&pki).await;
+    let root_cfg = EtcdConfig::new(etcd.endpoints()).with_tls(tls_config(&etcd, "root"));
+    let mut root = connect(&root_cfg).await.unwrap();
+    for key in [
+        "cilium/state/nodes/v1/east/n1",
+        "cilium/cluster-config/east",
+        "cilium/cluster-config/other",
+        "cilium/synced/east/cilium/state/nodes/v1",
+        "cilium/.heartbeat",
+        "cilium/.has-cluster-config",
+        "secret/thing",
+    ] {
+        root.put(key, "x", None).await.unwrap();
+    }
+    ensure_auth(&mut root, "east", &["west"]).await.unwrap();
+    // Idempotent, and works with auth already enabled (root is the cert's CN).
+    let mut root = connect(&root_cfg).await.unwrap();
+    ensure_auth(&mut root, "east", &["west", "north"]).await.unwrap();
+
+    let remote_cfg = EtcdConfig::new(etcd.endpoints()).with_tls(tls_config(&etcd, "remote-west"));
+    let mut remote = connect(&remote_cfg).await.unwrap();
+    for key in [
+        "cilium/state/nodes/v1/east/n1",
+        "cilium/cluster-config/east",
+        "cilium/synced/east/cilium/state/nodes/v1",
+        "cilium/.heartbeat",
+        "cilium/.has-cluster-config",
+    ] {
+        let resp = remote.get(key, None).await.unwrap_or_else(|e| panic!("read {key}: {e}"));
+        assert_eq!(resp.kvs().len(), 1, "{key}");
+    }
+    let prefix = remote.get("cilium/state/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(prefix.kvs().len(), 1);
+
+    for key in ["cilium/cluster-config/other", "secret/thing"] {
+        let err = remote.get(key, None).await.unwrap_err();
+        assert!(err.to_string().contains("permission denied"), "{key}: {err}");
+    }
+    let err = remote.put("cilium/state/nodes/v1/east/n1", "evil", None).await.unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
+
+    // The watch store works for the read-only user.
+    let mut w = WatchStore::start(remote.clone(), watch_config("cilium/state/"));
+    let mut c = Consumer::new();
+    c.until(&mut w, "ListDone as remote-west", |c| c.list_dones == 1).await;
+    assert_eq!(c.state.len(), 1);
+
+    // The admin writes everything; an unknown user is refused.
+    let admin_cfg = EtcdConfig::new(etcd.endpoints()).with_tls(tls_config(&etcd, "admin-east"));
+    let mut admin = connect(&admin_cfg).await.unwrap();
+    admin.put("cilium/state/nodes/v1/east/n2", "{}", None).await.unwrap();
+    let stranger_cfg = EtcdConfig::new(etcd.endpoints()).with_tls(tls_config(&etcd, "stranger"));
+    let mut stranger = connect(&stranger_cfg).await.unwrap();
+    assert!(stranger.get("cilium/.heartbeat", None).await.is_err());
+}
