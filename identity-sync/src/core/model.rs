@@ -69,8 +69,8 @@ pub struct Backend {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterBackends {
     pub cluster: Arc<str>,
-    /// Sorted by IP. Shared with the remote's stored value, so merging does not copy backends.
-    pub backends: Arc<[Backend]>,
+    /// Sorted by IP.
+    pub backends: Vec<Backend>,
 }
 
 /// How a global service prefers its backends (`service.cilium.io/affinity`).

@@ -1000,7 +1000,7 @@ fn merge_service(key: &ServiceKey, slot: &ServiceSlot) -> Option<GlobalServiceVi
             if !c.value.shared || c.value.backends.is_empty() {
                 continue;
             }
-            clusters.push(ClusterBackends { cluster: c.value.cluster.clone(), backends: c.value.backends.clone() });
+            clusters.push(ClusterBackends { cluster: c.value.cluster.clone(), backends: c.value.backends.to_vec() });
         }
     }
     clusters.sort_by(|a, b| a.cluster.cmp(&b.cluster));
