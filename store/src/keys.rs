@@ -69,16 +69,36 @@ pub struct KeyError {
 /// A parsed store key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StoreKey {
-    ClusterConfig { cluster: String },
+    ClusterConfig {
+        cluster: String,
+    },
     HasClusterConfig,
     Heartbeat,
-    Node { cluster: String, name: String },
-    Service { cluster: String, namespace: String, name: String },
-    ServiceExport { cluster: String, namespace: String, name: String },
+    Node {
+        cluster: String,
+        name: String,
+    },
+    Service {
+        cluster: String,
+        namespace: String,
+        name: String,
+    },
+    ServiceExport {
+        cluster: String,
+        namespace: String,
+        name: String,
+    },
     /// An ipcache entry in the `default` address space.
-    Ip { ip: IpAddr },
-    Identity { id: u32 },
-    Synced { cluster: String, kind: Kind },
+    Ip {
+        ip: IpAddr,
+    },
+    Identity {
+        id: u32,
+    },
+    Synced {
+        cluster: String,
+        kind: Kind,
+    },
 }
 
 impl StoreKey {

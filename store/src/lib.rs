@@ -7,21 +7,22 @@
 //! - [`cluster`]: cluster names, IDs, `maxConnectedClusters` modes and identity ranges.
 //! - [`keys`]: typed keys and their string forms.
 //! - [`values`]: the JSON value shapes (cluster config, services, nodes, ipcache entries, identity labels).
+//! - [`canary`]: RFC 3339 timestamps of the synced canaries and the heartbeat.
 //! - [`validate`]: strict checks a reader applies before anything enters the merged view.
 
+pub mod canary;
 pub mod cluster;
 pub mod keys;
 pub mod labels;
 pub mod validate;
 pub mod values;
 
+pub use canary::{format_timestamp, parse_timestamp, CanaryError};
 pub use cluster::{ClusterId, ClusterInfo, ClusterName, IdentityRange, MaxConnectedClusters};
 pub use keys::{Kind, StoreKey};
 pub use labels::{Label, LabelSet};
 pub use validate::{Rejected, RemoteContext};
-pub use values::{
-    ClusterConfig, ClusterService, IpCacheEntry, NamedPort, Node, NodeAddress, PortConfig,
-};
+pub use values::{ClusterConfig, ClusterService, IpCacheEntry, NamedPort, Node, NodeAddress, PortConfig};
 
 /// Largest value (bytes) a reader accepts for any key. Real entries are well below 64 KiB; a service with thousands
 /// of backends can approach a few hundred KiB, so the ceiling is 1 MiB, which is also etcd's default request limit.

@@ -47,7 +47,7 @@ pub type PortMap = BTreeMap<String, PortConfig>;
 pub struct BackendZone {
     #[serde(default)]
     pub zone: String,
-    #[serde(rename = "forZones", default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(rename = "forZones", default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
     pub for_zones: Vec<ForZone>,
 }
 
@@ -62,17 +62,17 @@ pub struct ClusterService {
     pub cluster: String,
     pub namespace: String,
     pub name: String,
-    #[serde(default)]
+    #[serde(default, with = "go_ip_keyed")]
     pub frontends: BTreeMap<IpAddr, PortMap>,
-    #[serde(default)]
+    #[serde(default, with = "go_ip_keyed")]
     pub backends: BTreeMap<IpAddr, PortMap>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, with = "go_ip_keyed", skip_serializing_if = "BTreeMap::is_empty")]
     pub hostnames: BTreeMap<IpAddr, String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, with = "go_ip_keyed", skip_serializing_if = "BTreeMap::is_empty")]
     pub zones: BTreeMap<IpAddr, BackendZone>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub labels: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub selector: BTreeMap<String, String>,
     #[serde(rename = "includeExternal", default)]
     pub include_external: bool,
@@ -178,6 +178,28 @@ pub struct IpCacheEntry {
 
 fn null_as_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A Go `map[string]T` keyed by IP address. Go's encoder writes map keys sorted as strings (`10.1.3.17` before
+/// `10.1.3.9`), which differs from `IpAddr`'s numeric order, so the writer sorts by the string form to produce the
+/// same bytes. A nil Go map is written as `null`, which reads as empty.
+mod go_ip_keyed {
+    use super::*;
+    use serde::ser::SerializeMap;
+
+    pub fn serialize<S: Serializer, V: Serialize>(m: &BTreeMap<IpAddr, V>, s: S) -> Result<S::Ok, S::Error> {
+        let mut entries: Vec<(String, &V)> = m.iter().map(|(k, v)| (k.to_string(), v)).collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut map = s.serialize_map(Some(entries.len()))?;
+        for (k, v) in entries {
+            map.serialize_entry(&k, v)?;
+        }
+        map.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, V: Deserialize<'de>>(d: D) -> Result<BTreeMap<IpAddr, V>, D::Error> {
+        Ok(Option::<BTreeMap<IpAddr, V>>::deserialize(d)?.unwrap_or_default())
+    }
 }
 
 /// Go's `net.IP` in JSON: a string, where the empty string (or null) is "no address".
