@@ -37,7 +37,11 @@ pub struct AnnotationWarning {
     pub expected: &'static str,
 }
 
-fn lookup<'a>(ann: &'a BTreeMap<String, String>, key: &'static str, legacy: &'static str) -> Option<(&'static str, &'a str)> {
+fn lookup<'a>(
+    ann: &'a BTreeMap<String, String>,
+    key: &'static str,
+    legacy: &'static str,
+) -> Option<(&'static str, &'a str)> {
     // The current name wins over the legacy alias when both are set.
     ann.get(key).map(|v| (key, v.as_str())).or_else(|| ann.get(legacy).map(|v| (legacy, v.as_str())))
 }

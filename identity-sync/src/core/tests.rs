@@ -131,7 +131,9 @@ fn skey(name: &str) -> ServiceKey {
 
 fn backend_ips(v: &MergedView, name: &str) -> BTreeMap<String, Vec<IpAddr>> {
     v.service(&skey(name))
-        .map(|s| s.clusters.iter().map(|c| (c.cluster.to_string(), c.backends.iter().map(|b| b.ip).collect())).collect())
+        .map(|s| {
+            s.clusters.iter().map(|c| (c.cluster.to_string(), c.backends.iter().map(|b| b.ip).collect())).collect()
+        })
         .unwrap_or_default()
 }
 
@@ -311,7 +313,10 @@ fn reconnect_sweeps_only_what_did_not_come_back_without_flapping() {
     let d = v.take_deltas();
     assert_eq!(
         kinds(&d),
-        vec![format!("upsert {:?}", ObjectKey::Ip(ip("10.1.0.2"))), format!("delete {:?}", ObjectKey::Ip(ip("10.1.0.3")))]
+        vec![
+            format!("upsert {:?}", ObjectKey::Ip(ip("10.1.0.2"))),
+            format!("delete {:?}", ObjectKey::Ip(ip("10.1.0.3")))
+        ]
     );
     assert_eq!(d[0].revision, rev + 1);
     assert_eq!(v.ip(&ip("10.1.0.2")).unwrap().identity, (1 << 16) + 22);

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use causeway_store::keys::KeyError;
 use causeway_store::validate::RemoteEntry;
-use causeway_store::{ClusterName, ClusterService, IpCacheEntry, Kind, LabelSet, Node, Rejected, RemoteContext, StoreKey};
+use causeway_store::{
+    ClusterName, ClusterService, IpCacheEntry, Kind, LabelSet, Node, Rejected, RemoteContext, StoreKey,
+};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
@@ -294,7 +296,8 @@ impl MergedView {
 
     /// A remote was configured (a file appeared in the remotes directory).
     pub fn remote_added(&mut self, name: &str) -> Result<(), CoreError> {
-        let valid = ClusterName::new(name).map_err(|source| CoreError::InvalidName { name: name.to_string(), source })?;
+        let valid =
+            ClusterName::new(name).map_err(|source| CoreError::InvalidName { name: name.to_string(), source })?;
         if self.by_name.contains_key(name) {
             return Ok(());
         }
@@ -574,7 +577,9 @@ impl MergedView {
             !std::mem::replace(c, true)
         };
         let newly = match k {
-            EntryKey::Ip(ip) => self.ipcache.get_mut(&ip).and_then(|s| s.find_mut(r)).map(|c| mark(&mut c.suspect, &mut c.gen)),
+            EntryKey::Ip(ip) => {
+                self.ipcache.get_mut(&ip).and_then(|s| s.find_mut(r)).map(|c| mark(&mut c.suspect, &mut c.gen))
+            }
             EntryKey::Identity(id) => {
                 self.identities.get_mut(&id).and_then(|s| s.find_mut(r)).map(|c| mark(&mut c.suspect, &mut c.gen))
             }
@@ -649,7 +654,10 @@ impl MergedView {
                 let value = Arc::new(view);
                 self.ipcache.insert(
                     e.ip,
-                    Slot { primary: Claim { remote: r, gen, suspect: false, value: value.clone() }, others: Vec::new() },
+                    Slot {
+                        primary: Claim { remote: r, gen, suspect: false, value: value.clone() },
+                        others: Vec::new(),
+                    },
                 );
                 (Some(value), true, false)
             }
@@ -673,7 +681,10 @@ impl MergedView {
                 let value = Arc::new(view);
                 self.identities.insert(
                     id,
-                    Slot { primary: Claim { remote: r, gen, suspect: false, value: value.clone() }, others: Vec::new() },
+                    Slot {
+                        primary: Claim { remote: r, gen, suspect: false, value: value.clone() },
+                        others: Vec::new(),
+                    },
                 );
                 (Some(value), true, false)
             }
@@ -1006,4 +1017,3 @@ fn merge_service(key: &ServiceKey, slot: &ServiceSlot) -> Option<GlobalServiceVi
     clusters.sort_by(|a, b| a.cluster.cmp(&b.cluster));
     Some(GlobalServiceView { key: key.clone(), affinity: local.affinity, clusters })
 }
-
