@@ -51,6 +51,8 @@ pub enum Rejected {
     Labels(#[from] LabelError),
     #[error("identity labels name cluster {found:?}, but they came from remote {expected:?}")]
     LabelCluster { expected: String, found: String },
+    #[error("{field} holds {net}, which is the wrong address family for that field")]
+    AddressFamily { field: &'static str, net: String },
     #[error("port protocol {0:?} is not TCP, UDP, SCTP or ANY")]
     Protocol(String),
     #[error("invalid cluster config: {0}")]
@@ -72,6 +74,7 @@ impl Rejected {
             Rejected::IdentityOutOfRange { .. } => "identity_out_of_range",
             Rejected::Empty { .. } | Rejected::Limit { .. } => "limits",
             Rejected::Labels(_) => "bad_labels",
+            Rejected::AddressFamily { .. } => "bad_address",
             Rejected::Protocol(_) => "bad_protocol",
             Rejected::ClusterConfig(_) | Rejected::Cluster(_) => "bad_cluster_config",
         }
@@ -245,12 +248,12 @@ impl RemoteContext {
         check_limit("node addresses", node.addresses.len(), MAX_LABELS)?;
         if let Some(net) = node.ipv4_alloc_cidr {
             if !net.addr().is_ipv4() {
-                return Err(Rejected::KeyMismatch(format!("IPv4AllocCIDR {net} is not IPv4")));
+                return Err(Rejected::AddressFamily { field: "IPv4AllocCIDR", net: net.to_string() });
             }
         }
         if let Some(net) = node.ipv6_alloc_cidr {
             if !net.addr().is_ipv6() {
-                return Err(Rejected::KeyMismatch(format!("IPv6AllocCIDR {net} is not IPv6")));
+                return Err(Rejected::AddressFamily { field: "IPv6AllocCIDR", net: net.to_string() });
             }
         }
         Ok(())
