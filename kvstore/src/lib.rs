@@ -26,7 +26,7 @@ pub use auth::{ensure_auth, remote_grants, Grant, GrantKind, ADMIN_ROLE, REMOTE_
 pub use connect::{connect, EtcdConfig, TlsConfig};
 pub use error::KvError;
 pub use lease::{LeaseConfig, LeasePool, LeaseStats};
-pub use list::DEFAULT_PAGE_SIZE;
+pub use list::{DEFAULT_PAGE_SIZE, MAX_LIST_MESSAGE};
 pub use mesh_keys::{
     canary_key, cluster_config_key, write_cluster_config, Heartbeat, HAS_CLUSTER_CONFIG_KEY, HEARTBEAT_INTERVAL,
     HEARTBEAT_KEY,

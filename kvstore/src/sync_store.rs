@@ -182,7 +182,7 @@ impl SyncStore {
         });
         let prefix = config.prefix.clone();
         let flusher = Flusher {
-            kv: client.kv_client(),
+            kv: client.kv_client().max_decoding_message_size(crate::list::MAX_LIST_MESSAGE),
             lease_rx: leases.subscribe(),
             leases,
             shared: shared.clone(),

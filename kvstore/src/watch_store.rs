@@ -67,7 +67,7 @@ pub struct WatchStoreConfig {
 }
 
 impl WatchStoreConfig {
-    /// Defaults: pages of 1000, backoff 100 ms → 10 s, 1024 buffered events.
+    /// Defaults: pages of 2000, backoff 100 ms → 10 s, 1024 buffered events.
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
@@ -116,7 +116,7 @@ impl WatchStore {
         let stats = Arc::new(WatchStats::default());
         let span = tracing::info_span!("watch_store", prefix = %config.prefix);
         let watcher = Watcher {
-            kv: client.kv_client(),
+            kv: client.kv_client().max_decoding_message_size(crate::list::MAX_LIST_MESSAGE),
             watch: client.watch_client(),
             backoff: Backoff::new(config.min_backoff, config.max_backoff),
             config,

@@ -8,7 +8,7 @@ use causeway_kvstore::{
     TlsConfig, WatchEvent, WatchStore, WatchStoreConfig,
 };
 use causeway_pki::{Pki, ServerNames};
-use causeway_testsupport::{wait_until, Etcd};
+use causeway_testsupport::{wait_until, Etcd, TcpProxy};
 use etcd_client::GetOptions;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -398,29 +398,37 @@ async fn watch_store_resumes_after_etcd_is_killed_without_listing_again() {
 #[tokio::test]
 async fn watch_store_relists_after_compaction_and_the_consumer_ends_up_correct() {
     init_tracing();
-    let mut etcd = Etcd::start().await;
+    let etcd = Etcd::start().await;
     let mut client = plain_client(&etcd).await;
     let prefix = "cilium/state/services/v1/east/";
     for k in ["a", "b", "c"] {
         client.put(format!("{prefix}{k}"), "1", None).await.unwrap();
     }
-    let mut cfg = watch_config(prefix);
-    // A long reconnect delay leaves time to change and compact etcd while the watcher
-    // is away (the delay is 2.5-5 s with jitter; the changes take well under a second).
-    cfg.min_backoff = Duration::from_secs(5);
-    cfg.max_backoff = Duration::from_secs(5);
-    let mut w = WatchStore::start(client.clone(), cfg);
+    // The watcher reaches etcd through a proxy, so it can be cut off while etcd keeps
+    // running and is changed and compacted.
+    let proxy = TcpProxy::start(etcd.client_port()).await;
+    let via_proxy = connect(&EtcdConfig::new([proxy.endpoint(false)])).await.unwrap();
+    let mut w = WatchStore::start(via_proxy, watch_config(prefix));
     let mut c = Consumer::new();
     c.until(&mut w, "initial ListDone", |c| c.list_dones == 1).await;
 
-    etcd.kill();
-    etcd.restart().await;
-    let mut client = plain_client(&etcd).await;
+    proxy.block();
     client.delete(format!("{prefix}a"), None).await.unwrap();
     client.put(format!("{prefix}b"), "2", None).await.unwrap();
     client.put(format!("{prefix}d"), "1", None).await.unwrap();
     client.put(format!("{prefix}d"), "2", None).await.unwrap();
     etcd.compact().await;
+    let stats = w.stats();
+    let errors_before = stats.errors.load(std::sync::atomic::Ordering::Relaxed);
+    // Make sure the watcher noticed the cut before letting it back.
+    assert!(
+        wait_until(WAIT, || async {
+            stats.errors.load(std::sync::atomic::Ordering::Relaxed) > errors_before
+                || stats.reconnects.load(std::sync::atomic::Ordering::Relaxed) > 0
+        })
+        .await
+    );
+    proxy.unblock();
 
     c.until(&mut w, "ListDone after re-list", |c| c.list_dones == 2).await;
     assert_eq!(c.state, dump(&mut client, prefix).await);
@@ -449,13 +457,17 @@ async fn watch_store_relists_when_etcd_comes_back_empty() {
 }
 
 #[tokio::test]
-async fn dropping_a_watch_store_stops_its_task() {
+async fn dropping_a_watch_store_closes_its_watch() {
     let etcd = Etcd::start().await;
     let client = plain_client(&etcd).await;
     let mut w = WatchStore::start(client, watch_config("x/"));
     assert_eq!(w.next().await, Some(WatchEvent::ListDone));
+    assert!(wait_until(WAIT, || async { etcd.watch_streams().await == 1 }).await);
     drop(w);
-    // The task is aborted; nothing to observe beyond not hanging or panicking.
+    assert!(
+        wait_until(WAIT, || async { etcd.watch_streams().await == 0 }).await,
+        "the watch stream must close when the store is dropped"
+    );
 }
 
 // ---------------------------------------------------------------- mTLS and auth

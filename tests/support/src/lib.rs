@@ -83,9 +83,7 @@ impl Etcd {
     /// certificate for any user.
     pub async fn start_tls(pki: &Pki) -> Etcd {
         let ca = pki.ca();
-        let root = pki
-            .client(causeway_pki::users::ROOT)
-            .expect("issue the root client certificate");
+        let root = pki.client(causeway_pki::users::ROOT).expect("issue the root client certificate");
         let tls = TlsState {
             ca_cert_pem: ca.cert_pem().to_owned(),
             ca_key_pem: ca.key_pem(),
@@ -99,29 +97,16 @@ impl Etcd {
 
     async fn start_inner(tls: Option<(TlsState, IssuedCert)>) -> Etcd {
         let bin = etcd_binary();
-        let base = tempfile::Builder::new()
-            .prefix("causeway-etcd-")
-            .tempdir()
-            .expect("create a temp dir for etcd");
+        let base = tempfile::Builder::new().prefix("causeway-etcd-").tempdir().expect("create a temp dir for etcd");
         let tls = tls.map(|(mut state, server)| {
-            let paths = server
-                .write_bundle(&base.path().join("tls"))
-                .expect("write etcd server TLS files");
+            let paths = server.write_bundle(&base.path().join("tls")).expect("write etcd server TLS files");
             state.server_cert = paths.cert;
             state.server_key = paths.key;
             state.ca_file = paths.ca;
             state
         });
         let data_dir = base.path().join("data");
-        let mut etcd = Etcd {
-            bin,
-            child: None,
-            base,
-            data_dir,
-            client_port: 0,
-            peer_port: 0,
-            tls,
-        };
+        let mut etcd = Etcd { bin, child: None, base, data_dir, client_port: 0, peer_port: 0, tls };
         // Free ports are found by binding port 0; another process may grab one before
         // etcd binds it, so a bind failure is retried with new ports.
         let mut last_log = String::new();
@@ -181,10 +166,7 @@ impl Etcd {
     ///
     /// Panics if this etcd was not started with [`Etcd::start_tls`].
     pub fn client_tls_for(&self, user: &str) -> IssuedCert {
-        let tls = self
-            .tls
-            .as_ref()
-            .expect("client_tls_for needs an etcd started with Etcd::start_tls");
+        let tls = self.tls.as_ref().expect("client_tls_for needs an etcd started with Etcd::start_tls");
         if user == causeway_pki::users::ROOT {
             return tls.root.clone();
         }
@@ -196,9 +178,8 @@ impl Etcd {
     /// etcd-client connect options for `user` (TLS etcd) or plaintext defaults, with a
     /// short connect timeout so a dead etcd fails fast.
     pub fn connect_options_for(&self, user: &str) -> ConnectOptions {
-        let opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(10));
+        let opts =
+            ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(10));
         match &self.tls {
             None => opts,
             Some(_) => opts.with_tls(tls_options(&self.client_tls_for(user))),
@@ -212,9 +193,7 @@ impl Etcd {
 
     /// A raw etcd-client connected as `user` (the CN of its certificate, TLS only).
     pub async fn client_as(&self, user: &str) -> Client {
-        Client::connect(self.endpoints(), Some(self.connect_options_for(user)))
-            .await
-            .expect("build an etcd client")
+        Client::connect(self.endpoints(), Some(self.connect_options_for(user))).await.expect("build an etcd client")
     }
 
     /// SIGKILLs etcd (no graceful shutdown) and reaps it. No-op if not running.
@@ -237,9 +216,7 @@ impl Etcd {
     /// keys, revisions and leases survive. Waits until it answers.
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn_and_wait()
-            .await
-            .unwrap_or_else(|e| panic!("etcd restart failed: {}", e.message()));
+        self.spawn_and_wait().await.unwrap_or_else(|e| panic!("etcd restart failed: {}", e.message()));
     }
 
     /// Kills etcd (if running), wipes its data dir and starts it empty on the same ports:
@@ -247,9 +224,7 @@ impl Etcd {
     pub async fn restart_empty(&mut self) {
         self.kill();
         let _ = fs::remove_dir_all(&self.data_dir);
-        self.spawn_and_wait()
-            .await
-            .unwrap_or_else(|e| panic!("etcd restart (empty) failed: {}", e.message()));
+        self.spawn_and_wait().await.unwrap_or_else(|e| panic!("etcd restart (empty) failed: {}", e.message()));
     }
 
     /// Compacts the key-value history up to the current revision (physically) and returns
@@ -257,28 +232,16 @@ impl Etcd {
     /// cancelled with `compact_revision` set.
     pub async fn compact(&self) -> i64 {
         let mut client = self.client().await;
-        let resp = client
-            .get("\0", None)
-            .await
-            .expect("read the current revision");
-        let rev = resp
-            .header()
-            .map(|h| h.revision())
-            .expect("etcd response has a header");
-        client
-            .compact(rev, Some(CompactionOptions::new().with_physical()))
-            .await
-            .expect("compact");
+        let resp = client.get("\0", None).await.expect("read the current revision");
+        let rev = resp.header().map(|h| h.revision()).expect("etcd response has a header");
+        client.compact(rev, Some(CompactionOptions::new().with_physical())).await.expect("compact");
         rev
     }
 
     /// The current revision of the store.
     pub async fn revision(&self) -> i64 {
         let mut client = self.client().await;
-        let resp = client
-            .get("\0", None)
-            .await
-            .expect("read the current revision");
+        let resp = client.get("\0", None).await.expect("read the current revision");
         resp.header().map(|h| h.revision()).unwrap_or_default()
     }
 
@@ -292,9 +255,7 @@ impl Etcd {
             .append(true)
             .open(self.log_path())
             .map_err(|e| StartFailure::Other(format!("open etcd log file: {e}")))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| StartFailure::Other(format!("clone etcd log file: {e}")))?;
+        let log_err = log.try_clone().map_err(|e| StartFailure::Other(format!("clone etcd log file: {e}")))?;
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let client_url = self.endpoint();
         let mut cmd = Command::new(&self.bin);
@@ -330,15 +291,10 @@ impl Etcd {
                 .arg(&tls.ca_file)
                 .arg("--client-cert-auth");
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log_err));
+        cmd.stdin(Stdio::null()).stdout(Stdio::from(log)).stderr(Stdio::from(log_err));
         let log_len_before = fs::metadata(self.log_path()).map(|m| m.len()).unwrap_or(0);
         let child = cmd.spawn().map_err(|e| {
-            StartFailure::Other(format!(
-                "cannot run {}: {e}; run scripts/install-deps.sh",
-                self.bin.display()
-            ))
+            StartFailure::Other(format!("cannot run {}: {e}; run scripts/install-deps.sh", self.bin.display()))
         })?;
         self.child = Some(child);
 
@@ -374,18 +330,13 @@ impl Etcd {
     }
 
     async fn ready(&self) -> bool {
-        let opts = self
-            .connect_options_for(causeway_pki::users::ROOT)
-            .with_timeout(Duration::from_secs(1));
+        let opts = self.connect_options_for(causeway_pki::users::ROOT).with_timeout(Duration::from_secs(1));
         let attempt = async {
             let mut client = Client::connect(self.endpoints(), Some(opts)).await.ok()?;
             // A linearizable read only succeeds once a leader is elected.
             client.get("\0", None).await.ok()
         };
-        matches!(
-            tokio::time::timeout(Duration::from_secs(2), attempt).await,
-            Ok(Some(_))
-        )
+        matches!(tokio::time::timeout(Duration::from_secs(2), attempt).await, Ok(Some(_)))
     }
 }
 
@@ -423,16 +374,12 @@ fn tail(log: &str) -> String {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a free loopback port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind a free loopback port")
 }
 
 fn etcd_binary() -> PathBuf {
-    let bin = std::env::var_os("CAUSEWAY_ETCD_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_ETCD_BIN));
+    let bin =
+        std::env::var_os("CAUSEWAY_ETCD_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_ETCD_BIN));
     if !bin.is_file() {
         panic!(
             "etcd binary not found at {} (set CAUSEWAY_ETCD_BIN to override). \
@@ -460,5 +407,109 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A loopback TCP proxy in front of a server, which a test can cut and restore. Put it
+/// between a client and [`Etcd`] to simulate a network partition while etcd keeps
+/// running (and can be written to and compacted meanwhile).
+///
+/// While blocked, existing connections are closed and new ones are accepted and closed
+/// at once, so the client sees resets and retries.
+pub struct TcpProxy {
+    port: u16,
+    blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for TcpProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpProxy").field("port", &self.port).finish()
+    }
+}
+
+impl TcpProxy {
+    /// Listens on a free loopback port and forwards to `127.0.0.1:target_port`.
+    pub async fn start(target_port: u16) -> TcpProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy port");
+        let port = listener.local_addr().expect("proxy address").port();
+        let blocked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+        let (b, c) = (blocked.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if b.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let task = async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                };
+                c.lock().unwrap_or_else(|e| e.into_inner()).spawn(task);
+            }
+        });
+        TcpProxy { port, blocked, conns, accept }
+    }
+
+    /// The proxy's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:<port>` (or `https://` when `tls`).
+    pub fn endpoint(&self, tls: bool) -> String {
+        let scheme = if tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts every connection and refuses new ones until [`TcpProxy::unblock`].
+    pub fn block(&self) {
+        self.blocked.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).abort_all();
+    }
+
+    /// Lets connections through again.
+    pub fn unblock(&self) {
+        self.blocked.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).abort_all();
+    }
+}
+
+impl Etcd {
+    /// The client port (for a [`TcpProxy`] in front of it).
+    pub fn client_port(&self) -> u16 {
+        self.client_port
+    }
+
+    /// Number of open watch streams, from etcd's `/metrics`
+    /// (`etcd_debugging_mvcc_watch_stream_total`); plaintext etcd only. Lets tests check
+    /// that a dropped watcher really closed its stream.
+    pub async fn watch_streams(&self) -> u64 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        assert!(!self.is_tls(), "watch_streams reads /metrics over plaintext");
+        let mut s =
+            tokio::net::TcpStream::connect(("127.0.0.1", self.client_port)).await.expect("connect to etcd metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await.expect("request metrics");
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.expect("read metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watch_stream_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .expect("etcd_debugging_mvcc_watch_stream_total in /metrics")
     }
 }

@@ -15,14 +15,9 @@ async fn plaintext_start_kill_restart_keeps_data_and_restart_empty_wipes_it() {
 
     etcd.kill();
     assert!(!etcd.is_running());
-    let mut c2 = Client::connect(etcd.endpoints(), Some(etcd.connect_options_for("root")))
-        .await
-        .unwrap();
+    let mut c2 = Client::connect(etcd.endpoints(), Some(etcd.connect_options_for("root"))).await.unwrap();
     assert!(
-        tokio::time::timeout(Duration::from_secs(5), c2.get("k", None))
-            .await
-            .map(|r| r.is_err())
-            .unwrap_or(true),
+        tokio::time::timeout(Duration::from_secs(5), c2.get("k", None)).await.map(|r| r.is_err()).unwrap_or(true),
         "a killed etcd must not answer"
     );
 
@@ -47,11 +42,9 @@ async fn tls_etcd_accepts_issued_certs_and_refuses_clients_without_one() {
     c.put("k", "v", None).await.unwrap();
 
     // Trusts the server, presents no certificate.
-    let no_cert = etcd_client::TlsOptions::new()
-        .ca_certificate(etcd_client::Certificate::from_pem(etcd.ca_pem().unwrap()));
-    let opts = etcd_client::ConnectOptions::new()
-        .with_tls(no_cert)
-        .with_timeout(Duration::from_secs(5));
+    let no_cert =
+        etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(etcd.ca_pem().unwrap()));
+    let opts = etcd_client::ConnectOptions::new().with_tls(no_cert).with_timeout(Duration::from_secs(5));
     let mut anon = Client::connect(etcd.endpoints(), Some(opts)).await.unwrap();
     assert!(anon.get("k", None).await.is_err());
 }
