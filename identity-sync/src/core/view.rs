@@ -341,8 +341,9 @@ impl MergedView {
         Ok(())
     }
 
-    /// The remote's cluster config passed `validate_cluster_config`. A changed ID or mode invalidates what was
-    /// validated against the old one, so those entries are drained first.
+    /// The remote's cluster config passed `validate_cluster_config`: a session starts, and every kind is expected
+    /// to be listed afresh (entries held from before are stale until listed again; see [`MergedView::list_done`]).
+    /// A changed ID or mode invalidates what was validated against the old one, so those entries are drained first.
     pub fn remote_validated(&mut self, ctx: RemoteContext) -> Result<(), CoreError> {
         let r = self.idx(ctx.name.as_str())?;
         let changed = matches!(&self.remote(r).ctx, Some(old) if *old != ctx);
@@ -355,6 +356,10 @@ impl MergedView {
             rem.status.last_error = None;
         }
         rem.ctx = Some(ctx);
+        for k in KindIdx::ALL {
+            rem.bump(k);
+        }
+        rem.status.revoked = false;
         rem.status.state = RemoteState::WaitingForCanaries;
         Ok(())
     }

@@ -139,7 +139,8 @@ impl MeshViewHub {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies inputs to the view and publishes the deltas they produced.
+    /// Applies inputs to the view and publishes the deltas they produced. Do not call `take_deltas` inside `f`:
+    /// the deltas it took would never reach the stream.
     pub fn update<R>(&self, f: impl FnOnce(&mut MergedView) -> R) -> R {
         let mut st = self.lock();
         let r = f(&mut st.view);
