@@ -11,5 +11,9 @@
 //! - [`core`]: the sans-IO merged view; plain state machines fed with events and a clock value.
 //! - [`stream`]: the `causeway.v1.MeshView/Watch` tonic server, fed from the core's delta log.
 
+pub mod app;
 pub mod core;
+pub mod kube;
+pub mod remotes;
+pub mod status;
 pub mod stream;

@@ -1,0 +1,203 @@
+//! Wiring: one driver task owns the sans-IO [`MergedView`] and feeds it from the remote tasks and the local Service
+//! reflector; after each batch of inputs it publishes the desired EndpointSlices to the kube writer and the deltas
+//! to the gRPC stream. The binary (`main.rs`) only parses flags and calls [`run`]; tests call [`run`] in-process.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use causeway_runtime::Health;
+use causeway_store::{ClusterId, ClusterName, MaxConnectedClusters};
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::core::{CoreConfig, MergedView, ServiceKey};
+use crate::kube::services::{self as local_services, LocalChange};
+use crate::kube::slices::{DesiredSlices, SliceKey, SliceWriter};
+use crate::remotes::task::{IdClaims, RemoteEvent, TaskEnv, Timing};
+use crate::status::Status;
+
+#[derive(Debug, Error)]
+pub enum AppError {
+    #[error("invalid local cluster: {0}")]
+    Cluster(#[from] causeway_store::cluster::ClusterError),
+    #[error(transparent)]
+    Runtime(#[from] causeway_runtime::RuntimeError),
+}
+
+/// Everything [`run`] needs.
+pub struct AppConfig {
+    pub cluster_name: String,
+    pub cluster_id: u32,
+    pub mode: MaxConnectedClusters,
+    pub remotes_dir: PathBuf,
+    /// How often the remotes directory is rescanned besides file notifications.
+    pub rescan: Duration,
+    pub cache_ttl: Option<Duration>,
+    /// How long an unsynced remote may hold back readiness (see [`crate::status`]).
+    pub remote_ready_timeout: Duration,
+    pub metrics_addr: SocketAddr,
+    /// MeshView gRPC stream for node agents.
+    pub grpc_addr: SocketAddr,
+    pub timing: Timing,
+    pub slice_debounce: Duration,
+}
+
+/// Addresses actually bound (useful with port 0) and the status board.
+pub struct Running {
+    pub metrics_addr: SocketAddr,
+    pub status: Status,
+    pub health: Health,
+}
+
+/// Starts everything in background tasks and returns once the HTTP server is listening. The tasks run until the
+/// runtime shuts down.
+pub async fn start(cfg: AppConfig, kube: kube::Client) -> Result<Running, AppError> {
+    let name = ClusterName::new_meshed(cfg.cluster_name.clone())?;
+    let local_id = ClusterId::new(cfg.cluster_id, cfg.mode)?;
+    let health = Health::new();
+    let status = Status::new(name.as_str(), local_id.get(), health.clone(), cfg.remote_ready_timeout);
+    let router = health.router().merge(status.router());
+    let metrics_addr = causeway_runtime::serve(cfg.metrics_addr, router).await?;
+    info!(%metrics_addr, cluster = %name, cluster_id = local_id.get(), "identity-sync serving /metrics /healthz /readyz /status");
+
+    let (events_tx, events_rx) = mpsc::channel(4096);
+    let (local_tx, local_rx) = mpsc::channel(1024);
+    let (slices_tx, slices_rx) = watch::channel::<DesiredSlices>(Arc::new(BTreeMap::new()));
+
+    let env = TaskEnv { local_id, mode: cfg.mode, claims: IdClaims::default(), events: events_tx, timing: cfg.timing };
+    tokio::spawn(crate::remotes::run(cfg.remotes_dir, cfg.rescan, env, status.clone()));
+    tokio::spawn(local_services::run(kube.clone(), local_tx));
+    tokio::spawn(SliceWriter::new(kube, status.clone()).with_debounce(cfg.slice_debounce).run(slices_rx));
+    let core = MergedView::new(CoreConfig { cache_ttl: cfg.cache_ttl });
+    tokio::spawn(drive(core, events_rx, local_rx, slices_tx, status.clone()));
+    Ok(Running { metrics_addr, status, health })
+}
+
+/// Feeds the core and publishes its outputs. Ends when every input has closed.
+async fn drive(
+    mut core: MergedView,
+    mut events: mpsc::Receiver<(Arc<str>, RemoteEvent)>,
+    mut local: mpsc::Receiver<LocalChange>,
+    slices_tx: watch::Sender<DesiredSlices>,
+    status: Status,
+) {
+    let mut published = Publisher::default();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let (mut events_open, mut local_open) = (true, true);
+    while events_open || local_open {
+        let deadline = core.next_deadline();
+        tokio::select! {
+            ev = events.recv(), if events_open => match ev {
+                Some((name, ev)) => {
+                    apply_remote(&mut core, &name, ev);
+                    // Drain what is already queued so that a burst becomes one publish.
+                    for _ in 0..1024 {
+                        match events.try_recv() {
+                            Ok((name, ev)) => apply_remote(&mut core, &name, ev),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None => events_open = false,
+            },
+            ch = local.recv(), if local_open => match ch {
+                Some(ch) => apply_local(&mut core, ch, &status),
+                None => local_open = false,
+            },
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => core.tick(Instant::now()),
+            _ = ticker.tick() => status.evaluate(),
+        }
+        published.publish(&mut core, &slices_tx);
+    }
+}
+
+fn apply_remote(core: &mut MergedView, name: &str, ev: RemoteEvent) {
+    let res = match ev {
+        RemoteEvent::Session { ctx } => core
+            .remote_added(name)
+            .and_then(|()| core.remote_connected(name))
+            .and_then(|()| core.remote_validated(ctx))
+            // A new session lists every kind afresh: whatever does not come back is swept at its ListDone.
+            .and_then(|()| core.reconnected(name)),
+        RemoteEvent::Upsert { entry, .. } => core.entry_upsert(name, entry),
+        RemoteEvent::Delete { key, .. } => core.entry_delete(name, &key),
+        RemoteEvent::Rejected { key, error, .. } => core.entry_rejected(name, &key, &error),
+        RemoteEvent::ListDone { kind } => core.list_done(name, kind),
+        RemoteEvent::Disconnected => core.disconnected(name, Instant::now()),
+        RemoteEvent::ConfigRejected { reason } => {
+            core.remote_added(name).and_then(|()| core.remote_rejected(name, reason))
+        }
+        RemoteEvent::Removed => core.remote_removed(name),
+    };
+    if let Err(e) = res {
+        // Events of a remote removed a moment ago, or before it was validated; nothing to do.
+        debug!(cluster = %name, error = %e, "event not applied");
+    }
+}
+
+fn apply_local(core: &mut MergedView, ch: LocalChange, status: &Status) {
+    match ch {
+        LocalChange::Upsert(svc) => core.local_service_upsert(svc),
+        LocalChange::Delete(key) => core.local_service_delete(&key.namespace, &key.name),
+        LocalChange::Synced => status.local_synced(),
+    }
+}
+
+/// Turns the core's changed services into the writer's desired slice set.
+#[derive(Default)]
+struct Publisher {
+    since: u64,
+    slices: BTreeMap<SliceKey, crate::core::DesiredSlice>,
+    by_service: BTreeMap<ServiceKey, BTreeSet<SliceKey>>,
+}
+
+impl Publisher {
+    fn publish(&mut self, core: &mut MergedView, tx: &watch::Sender<DesiredSlices>) {
+        let rev = core.revision();
+        let changed = core.services_changed_since(self.since);
+        // Deltas feed the gRPC stream hub when it is wired; until then they must not pile up.
+        let _ = core.take_deltas();
+        if changed.is_empty() {
+            self.since = rev;
+            return;
+        }
+        let mut dirty = false;
+        for key in changed {
+            let want = core.desired_slices(&key);
+            let old = self.by_service.remove(&key).unwrap_or_default();
+            let mut now = BTreeSet::new();
+            for s in want {
+                let k = (s.namespace.clone(), s.name.clone());
+                now.insert(k.clone());
+                if self.slices.get(&k) != Some(&s) {
+                    self.slices.insert(k, s);
+                    dirty = true;
+                }
+            }
+            for k in old.difference(&now) {
+                self.slices.remove(k);
+                dirty = true;
+            }
+            if !now.is_empty() {
+                self.by_service.insert(key, now);
+            }
+        }
+        core.forget_service_changes_before(rev);
+        self.since = rev;
+        if dirty {
+            debug!(slices = self.slices.len(), "desired EndpointSlices changed");
+            if tx.send(Arc::new(self.slices.clone())).is_err() {
+                warn!("EndpointSlice writer stopped; desired slices are no longer written");
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! `identity-sync`: imports every remote cluster's store into one merged view and publishes it as EndpointSlices
+//! (local kube API) and as the MeshView gRPC stream (node agents).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use causeway_runtime::LogFormat;
+use causeway_store::MaxConnectedClusters;
+use clap::Parser;
+use identity_sync::app::{self, AppConfig};
+use identity_sync::remotes::task::Timing;
+
+#[derive(Debug, Parser)]
+#[command(name = "identity-sync", version, about)]
+struct Args {
+    /// Name of the local cluster (as the remotes know it).
+    #[arg(long, env = "CAUSEWAY_CLUSTER_NAME")]
+    cluster_name: String,
+    /// Numeric ID of the local cluster (1..=255, or 1..=511 with --max-connected-clusters 511).
+    #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
+    cluster_id: u32,
+    /// Size of the mesh: 255 or 511. Must match every remote's.
+    #[arg(long, env = "CAUSEWAY_MAX_CONNECTED_CLUSTERS", default_value_t = 255)]
+    max_connected_clusters: u32,
+    /// Directory with one file per remote cluster (usually a mounted Secret); changes are picked up live.
+    #[arg(long, env = "CAUSEWAY_REMOTES_DIR", default_value = "/var/lib/causeway/remotes")]
+    remotes_dir: PathBuf,
+    /// Kubeconfig for the local cluster; default: $KUBECONFIG, ~/.kube/config, then in-cluster.
+    #[arg(long, env = "CAUSEWAY_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Revoke a disconnected remote's entries after this long (e.g. "10m"). Unset: keep them until it reconnects.
+    #[arg(long, env = "CAUSEWAY_CACHE_TTL", value_parser = humantime::parse_duration)]
+    cache_ttl: Option<Duration>,
+    /// Longest time a remote that has not synced may hold back readiness.
+    #[arg(long, env = "CAUSEWAY_REMOTE_READY_TIMEOUT", value_parser = humantime::parse_duration, default_value = "2m")]
+    remote_ready_timeout: Duration,
+    /// Address of the MeshView gRPC stream for node agents.
+    #[arg(long, env = "CAUSEWAY_GRPC_ADDR", default_value = "0.0.0.0:9890")]
+    grpc_addr: SocketAddr,
+    /// Address for /metrics, /healthz, /readyz and /status.
+    #[arg(long, env = "CAUSEWAY_METRICS_ADDR", default_value = "0.0.0.0:9891")]
+    metrics_addr: SocketAddr,
+    /// Log format: text or json.
+    #[arg(long, env = "CAUSEWAY_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+async fn kube_client(kubeconfig: Option<PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(&path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig found and not running in a pod: pass --kubeconfig or set KUBECONFIG")?,
+    };
+    kube::Client::try_from(config).context("building the kube client")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    causeway_runtime::init_logging(args.log_format);
+    let mode = match MaxConnectedClusters::try_from(args.max_connected_clusters) {
+        Ok(m) => m,
+        Err(e) => bail!("--max-connected-clusters: {e}"),
+    };
+    let kube = kube_client(args.kubeconfig).await?;
+    let cfg = AppConfig {
+        cluster_name: args.cluster_name,
+        cluster_id: args.cluster_id,
+        mode,
+        remotes_dir: args.remotes_dir,
+        rescan: Duration::from_secs(10),
+        cache_ttl: args.cache_ttl,
+        remote_ready_timeout: args.remote_ready_timeout,
+        metrics_addr: args.metrics_addr,
+        grpc_addr: args.grpc_addr,
+        timing: Timing::default(),
+        slice_debounce: Duration::from_millis(200),
+    };
+    let running = app::start(cfg, kube).await.context("starting identity-sync")?;
+    tracing::info!(metrics = %running.metrics_addr, "identity-sync started");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
