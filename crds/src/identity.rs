@@ -1,15 +1,17 @@
 //! `CausewayIdentity`: one allocated numeric security identity, persisted so that IDs survive restarts.
+//!
+//! The object's name is the numeric identity in decimal (for example `65537`); the object is cluster-scoped
+//! because identities are. clustermesh-apiserver creates the object *before* the ID is exported or used,
+//! restores its allocator from the list of these objects on start, and deletes the object when the identity has
+//! been unused for longer than its grace period.
 
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The persisted record of one security identity. The object's name is the numeric identity in decimal
-/// (for example `65537`); the object is cluster-scoped because identities are.
-///
-/// clustermesh-apiserver creates the object *before* the ID is exported or used, restores its allocator from
-/// the list of these objects on start, and deletes the object when the identity has been unused for longer
-/// than its grace period.
+/// Which label set the identity stands for, and which cluster allocated it.
+// clippy reads repeated `type_ = "..."` keys across the printcolumn(...) entries as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
 #[kube(
     group = "causeway.io",
@@ -35,8 +37,10 @@ use serde::{Deserialize, Serialize};
 pub struct CausewayIdentitySpec {
     /// The identity's sorted label set in store form, each label as `source:key=value;`, exactly as written to
     /// `cilium/state/identities/v1/id/<id>`.
+    #[schemars(length(min = 1))]
     pub labels: String,
     /// Name of the cluster that allocated the identity.
+    #[schemars(length(min = 1, max = 32), regex(pattern = r"^([a-z0-9][-a-z0-9]*)?[a-z0-9]$"))]
     pub cluster: String,
 }
 

@@ -104,7 +104,9 @@ const ALL_VARIANTS: [&str; 16] = [
 ];
 
 /// `(description, key, value, expected variant, text the message must contain)`
-fn decode_cases() -> Vec<(&'static str, String, Vec<u8>, &'static str, &'static str)> {
+type DecodeCase = (&'static str, String, Vec<u8>, &'static str, &'static str);
+
+fn decode_cases() -> Vec<DecodeCase> {
     let k = |s: &str| s.to_string();
     let labels300: serde_json::Map<String, Value> =
         (0..300).map(|i| (format!("label-{i}"), Value::from("x"))).collect();
@@ -360,7 +362,10 @@ fn cfg(id: u32, mode: u32) -> Vec<u8> {
     bytes(&json!({"id": id, "capabilities": {"syncedCanaries": true, "maxConnectedClusters": mode}}))
 }
 
-fn config_cases() -> Vec<(&'static str, Vec<u8>, Vec<(String, ClusterId)>, &'static str, &'static str)> {
+/// `(description, value, IDs held by other remotes, expected variant, text the message must contain)`
+type ConfigCase = (&'static str, Vec<u8>, Vec<(String, ClusterId)>, &'static str, &'static str);
+
+fn config_cases() -> Vec<ConfigCase> {
     let id = |n| ClusterId::new(n, M255).unwrap();
     vec![
         ("remote reuses the local ID", cfg(1, 255), vec![], "ClusterConfig", "local cluster's own ID"),
