@@ -10,3 +10,6 @@ pub mod kube;
 
 pub use allocator::{AllocError, Allocated, IdentityAllocator, Released, RestoreReport};
 pub use kube::{GcReport, IdentityError, KubeIdentityStore};
+
+#[cfg(test)]
+mod kube_tests;
