@@ -17,6 +17,7 @@ mod watch;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -51,6 +52,8 @@ pub(crate) struct Shared {
     shutdown_rx: watch_chan::Receiver<bool>,
     options: Options,
     addr: SocketAddr,
+    /// Watch streams currently open (a test can wait for a client to be watching).
+    open_watches: AtomicUsize,
 }
 
 impl Shared {
@@ -84,6 +87,7 @@ impl FakeApiServer {
             shutdown_rx: shutdown_rx.clone(),
             options,
             addr,
+            open_watches: AtomicUsize::new(0),
         });
         let app = routes::router(shared.clone());
         let mut graceful = shutdown_rx;
@@ -153,6 +157,12 @@ impl FakeApiServerHandle {
     /// Sends a BOOKMARK now on every open watch that allows bookmarks.
     pub fn force_bookmark(&self) {
         let _ = self.shared.control.send(Control::Bookmark);
+    }
+
+    /// How many watch streams are open right now. Tests use it to wait until a client is watching
+    /// before they change something the watch must see (or compact the history under it).
+    pub fn open_watches(&self) -> usize {
+        self.shared.open_watches.load(Ordering::SeqCst)
     }
 
     /// Ends every open watch stream cleanly, as a dropped connection would; clients resume from

@@ -4,6 +4,7 @@
 //! global resourceVersion moves, a bookmark is due, or a control signal (test hook) arrives.
 
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +54,11 @@ pub struct WatchRequest {
 pub fn serve(shared: Arc<Shared>, req: WatchRequest) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     tracing::debug!(resource = %req.info.plural, start = ?req.start, "watch opened");
-    tokio::spawn(run(shared, req, tx));
+    // Counted (and subscribed to control signals) before the response goes out, so that a client
+    // holding the response is known to be watching.
+    let open = OpenWatch::new(shared.clone());
+    let control = shared.control.subscribe();
+    tokio::spawn(run(shared, req, tx, open, control));
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], Body::from_stream(ReceiverStream::new(rx)))
         .into_response()
 }
@@ -100,10 +105,31 @@ fn gone(rv: u64) -> Value {
     json!({"type": "ERROR", "object": err.status()})
 }
 
-async fn run(shared: Arc<Shared>, req: WatchRequest, tx: mpsc::Sender<Result<Bytes, Infallible>>) {
+/// Counts a watch as open for as long as its task runs.
+struct OpenWatch(Arc<Shared>);
+
+impl OpenWatch {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.open_watches.fetch_add(1, Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        self.0.open_watches.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    req: WatchRequest,
+    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+    _open: OpenWatch,
+    mut control: broadcast::Receiver<Control>,
+) {
     let sink = Sink { tx };
     let mut rv_rx = shared.rv_rx.clone();
-    let mut control = shared.control.subscribe();
     let mut shutdown = shared.shutdown_rx.clone();
     rv_rx.borrow_and_update();
     let key = req.info.key();
