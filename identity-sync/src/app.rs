@@ -19,6 +19,7 @@ use crate::kube::services::{self as local_services, LocalChange};
 use crate::kube::slices::{DesiredSlices, SliceKey, SliceWriter};
 use crate::remotes::task::{IdClaims, RemoteEvent, TaskEnv, Timing};
 use crate::status::Status;
+use crate::stream::{MeshViewHub, StreamConfig, StreamMetrics};
 
 #[derive(Debug, Error)]
 pub enum AppError {
@@ -26,6 +27,12 @@ pub enum AppError {
     Cluster(#[from] causeway_store::cluster::ClusterError),
     #[error(transparent)]
     Runtime(#[from] causeway_runtime::RuntimeError),
+    #[error("cannot listen for the MeshView gRPC stream on {addr}: {source} (is another process using the port?)")]
+    GrpcBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Everything [`run`] needs.
@@ -49,6 +56,8 @@ pub struct AppConfig {
 /// Addresses actually bound (useful with port 0) and the status board.
 pub struct Running {
     pub metrics_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub hub: MeshViewHub,
     pub status: Status,
     pub health: Health,
 }
@@ -72,14 +81,30 @@ pub async fn start(cfg: AppConfig, kube: kube::Client) -> Result<Running, AppErr
     tokio::spawn(crate::remotes::run(cfg.remotes_dir, cfg.rescan, env, status.clone()));
     tokio::spawn(local_services::run(kube.clone(), local_tx));
     tokio::spawn(SliceWriter::new(kube, status.clone()).with_debounce(cfg.slice_debounce).run(slices_rx));
-    let core = MergedView::new(CoreConfig { cache_ttl: cfg.cache_ttl });
-    tokio::spawn(drive(core, events_rx, local_rx, slices_tx, status.clone()));
-    Ok(Running { metrics_addr, status, health })
+    let metrics = StreamMetrics::default();
+    metrics.register(&health);
+    let hub =
+        MeshViewHub::new(MergedView::new(CoreConfig { cache_ttl: cfg.cache_ttl }), StreamConfig::default(), metrics);
+    let listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
+        .await
+        .map_err(|source| AppError::GrpcBind { addr: cfg.grpc_addr, source })?;
+    let grpc_addr = listener.local_addr().map_err(|source| AppError::GrpcBind { addr: cfg.grpc_addr, source })?;
+    let svc = hub.server();
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        if let Err(e) = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await {
+            tracing::error!(error = %e, "MeshView gRPC server stopped");
+        }
+    });
+    info!(%grpc_addr, "serving the MeshView gRPC stream");
+    tokio::spawn(drive(hub.clone(), events_rx, local_rx, slices_tx, status.clone()));
+    Ok(Running { metrics_addr, grpc_addr, hub, status, health })
 }
 
-/// Feeds the core and publishes its outputs. Ends when every input has closed.
+/// Feeds the core (through the hub, which streams the resulting deltas) and publishes the desired slices.
+/// Ends when every input has closed.
 async fn drive(
-    mut core: MergedView,
+    hub: MeshViewHub,
     mut events: mpsc::Receiver<(Arc<str>, RemoteEvent)>,
     mut local: mpsc::Receiver<LocalChange>,
     slices_tx: watch::Sender<DesiredSlices>,
@@ -89,23 +114,29 @@ async fn drive(
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let (mut events_open, mut local_open) = (true, true);
     while events_open || local_open {
-        let deadline = core.next_deadline();
+        let deadline = hub.read(|v| v.next_deadline());
         tokio::select! {
             ev = events.recv(), if events_open => match ev {
-                Some((name, ev)) => {
-                    apply_remote(&mut core, &name, ev);
-                    // Drain what is already queued so that a burst becomes one publish.
-                    for _ in 0..1024 {
+                Some(first) => {
+                    // Take what is already queued too, so that a burst is one lock and one publish.
+                    let mut batch = vec![first];
+                    while batch.len() < 1024 {
                         match events.try_recv() {
-                            Ok((name, ev)) => apply_remote(&mut core, &name, ev),
+                            Ok(ev) => batch.push(ev),
                             Err(_) => break,
                         }
                     }
+                    hub.update(|v| {
+                        for (name, ev) in batch {
+                            apply_remote(v, &name, ev);
+                        }
+                    });
                 }
                 None => events_open = false,
             },
             ch = local.recv(), if local_open => match ch {
-                Some(ch) => apply_local(&mut core, ch, &status),
+                Some(LocalChange::Synced) => status.local_synced(),
+                Some(ch) => hub.update(|v| apply_local(v, ch)),
                 None => local_open = false,
             },
             _ = async {
@@ -113,10 +144,10 @@ async fn drive(
                     Some(d) => tokio::time::sleep_until(d.into()).await,
                     None => std::future::pending().await,
                 }
-            } => core.tick(Instant::now()),
+            } => hub.update(|v| v.tick(Instant::now())),
             _ = ticker.tick() => status.evaluate(),
         }
-        published.publish(&mut core, &slices_tx);
+        hub.update(|v| published.publish(v, &slices_tx));
     }
 }
 
@@ -125,9 +156,9 @@ fn apply_remote(core: &mut MergedView, name: &str, ev: RemoteEvent) {
         RemoteEvent::Session { ctx } => core
             .remote_added(name)
             .and_then(|()| core.remote_connected(name))
-            .and_then(|()| core.remote_validated(ctx))
-            // A new session lists every kind afresh: whatever does not come back is swept at its ListDone.
-            .and_then(|()| core.reconnected(name)),
+            // Validation starts a session: every kind is listed afresh and whatever does not come back is swept
+            // at that kind's ListDone.
+            .and_then(|()| core.remote_validated(ctx)),
         RemoteEvent::Upsert { entry, .. } => core.entry_upsert(name, entry),
         RemoteEvent::Delete { key, .. } => core.entry_delete(name, &key),
         RemoteEvent::Rejected { key, error, .. } => core.entry_rejected(name, &key, &error),
@@ -144,11 +175,11 @@ fn apply_remote(core: &mut MergedView, name: &str, ev: RemoteEvent) {
     }
 }
 
-fn apply_local(core: &mut MergedView, ch: LocalChange, status: &Status) {
+fn apply_local(core: &mut MergedView, ch: LocalChange) {
     match ch {
         LocalChange::Upsert(svc) => core.local_service_upsert(svc),
         LocalChange::Delete(key) => core.local_service_delete(&key.namespace, &key.name),
-        LocalChange::Synced => status.local_synced(),
+        LocalChange::Synced => {}
     }
 }
 
@@ -164,8 +195,6 @@ impl Publisher {
     fn publish(&mut self, core: &mut MergedView, tx: &watch::Sender<DesiredSlices>) {
         let rev = core.revision();
         let changed = core.services_changed_since(self.since);
-        // Deltas feed the gRPC stream hub when it is wired; until then they must not pile up.
-        let _ = core.take_deltas();
         if changed.is_empty() {
             self.since = rev;
             return;

@@ -300,7 +300,7 @@ mod tests {
         let v = GlobalServiceView {
             key: ServiceKey::new("shop", "cart"),
             affinity: Affinity::None,
-            clusters: vec![ClusterBackends { cluster: "east".into(), backends: backends.into() }],
+            clusters: vec![ClusterBackends { cluster: "east".into(), backends }],
         };
         index_slices(crate::core::slices::desired_slices(&v))
     }

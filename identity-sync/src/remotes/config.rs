@@ -395,7 +395,8 @@ mod tests {
 
     #[test]
     fn errors_name_the_problem() {
-        let cases: [(&str, &str, fn(&ConfigError) -> bool); 8] = [
+        type Check = fn(&ConfigError) -> bool;
+        let cases: [(&str, &str, Check); 8] = [
             ("East", "endpoints: [http://a:1]", |e| matches!(e, ConfigError::Name { .. })),
             ("east", "endpoints: [", |e| matches!(e, ConfigError::Yaml { .. })),
             ("east", "endpoint: [http://a:1]", |e| matches!(e, ConfigError::Yaml { .. })),

@@ -27,6 +27,8 @@ use crate::status::{RemoteReporter, RemoteState};
 pub const KINDS: [Kind; 4] = [Kind::Nodes, Kind::Services, Kind::Ip, Kind::Identities];
 
 /// What a remote task reports to the merged view, in order.
+// Events move once through a channel; boxing the entry would add an allocation per imported entry.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum RemoteEvent {
     /// A connection was made and the remote's cluster config accepted. Each kind is now listed afresh: entries
