@@ -143,6 +143,92 @@ async fn slice_backends(api: &Api<EndpointSlice>) -> BTreeMap<String, Vec<String
     out
 }
 
+fn test_config(dir: &Path) -> anyhow::Result<AppConfig> {
+    Ok(AppConfig {
+        cluster_name: "west".into(),
+        cluster_id: 2,
+        mode: MaxConnectedClusters::C255,
+        remotes_dir: dir.to_path_buf(),
+        rescan: Duration::from_millis(500),
+        cache_ttl: None,
+        remote_ready_timeout: Duration::from_secs(600),
+        metrics_addr: "127.0.0.1:0".parse()?,
+        grpc_addr: "127.0.0.1:0".parse()?,
+        timing: Timing {
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            invalid_retry: Duration::from_secs(1),
+            probe_interval: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(2),
+        },
+        slice_debounce: Duration::from_millis(50),
+    })
+}
+
+async fn fake_kube() -> anyhow::Result<(fake_kube_apiserver::FakeApiServerHandle, kube::Client)> {
+    let server = FakeApiServer::start("127.0.0.1:0".parse()?).await?;
+    let kubeconfig = Kubeconfig::from_yaml(&server.kubeconfig_yaml())?;
+    let client =
+        kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?)?;
+    Ok((server, client))
+}
+
+/// mTLS with a Cilium-format file (relative TLS paths), and an ID clash: a second remote claiming east's ID is
+/// refused while east keeps it, and is accepted once east is removed (refused configs are retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_remote_and_duplicate_id_refused_until_the_clash_is_gone() -> anyhow::Result<()> {
+    causeway_runtime::init_logging(causeway_runtime::LogFormat::Text);
+    let pki = causeway_pki::Pki::loopback()?;
+    let etcd = Etcd::start_tls(&pki).await;
+    let mut c = etcd.client().await;
+    put_cluster_config(&mut c, "east", 1).await?;
+    put_json(&mut c, "cilium/state/services/v1/east/shop/cart", &service("east", 1, "10.1.3.17")).await?;
+    put_canaries(&mut c, "east").await?;
+    put_cluster_config(&mut c, "twin", 1).await?;
+    put_json(&mut c, "cilium/state/services/v1/twin/shop/cart", &service("twin", 1, "10.1.9.9")).await?;
+    put_canaries(&mut c, "twin").await?;
+
+    let dir = tempfile::tempdir()?;
+    let cert = etcd.client_tls_for("root");
+    std::fs::write(dir.path().join("ca.crt"), etcd.ca_pem().context("TLS etcd has a CA")?)?;
+    std::fs::write(dir.path().join("west.crt"), &cert.cert_pem)?;
+    std::fs::write(dir.path().join("west.key"), &cert.key_pem)?;
+    let file = |_: &str| {
+        format!(
+            "endpoints:\n- {}\ntrusted-ca-file: ca.crt\ncert-file: west.crt\nkey-file: {}\n",
+            etcd.endpoint(),
+            dir.path().join("west.key").display()
+        )
+    };
+    std::fs::write(dir.path().join("east"), file("east"))?;
+
+    let (_kube_server, client) = fake_kube().await?;
+    let running = app::start(test_config(dir.path())?, client).await?;
+    let addr = running.metrics_addr;
+    wait_for("east synced over mTLS", || async {
+        remote(&status(addr).await, "east").is_some_and(|r| r["state"] == "synced" && r["entries"]["services"] == 1)
+    })
+    .await?;
+
+    std::fs::write(dir.path().join("twin"), file("twin"))?;
+    wait_for("twin refused", || async {
+        remote(&status(addr).await, "twin").is_some_and(|r| r["state"] == "validation_failed")
+    })
+    .await?;
+    let s = status(addr).await;
+    let reason = remote(&s, "twin").and_then(|r| r["last_error"].as_str()).unwrap_or_default().to_string();
+    assert!(reason.contains("already used by remote \"east\""), "twin's reason: {reason:?}");
+    assert!(remote(&s, "east").is_some_and(|r| r["state"] == "synced"), "east must be unaffected: {s:#}");
+
+    std::fs::remove_file(dir.path().join("east"))?;
+    wait_for("twin accepted once east is gone", || async {
+        let s = status(addr).await;
+        remote(&s, "east").is_none() && remote(&s, "twin").is_some_and(|r| r["state"] == "synced")
+    })
+    .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remotes_become_endpointslices_bad_remotes_are_refused_and_removal_drains() -> anyhow::Result<()> {
     causeway_runtime::init_logging(causeway_runtime::LogFormat::Text);
@@ -202,10 +288,7 @@ async fn remotes_become_endpointslices_bad_remotes_are_refused_and_removal_drain
     put_canaries(&mut nc, "bad").await?;
 
     // Local cluster: the fake kube API with a global Service.
-    let kube_server = FakeApiServer::start("127.0.0.1:0".parse()?).await?;
-    let kubeconfig = Kubeconfig::from_yaml(&kube_server.kubeconfig_yaml())?;
-    let client =
-        kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?)?;
+    let (_kube_server, client) = fake_kube().await?;
     let ns =
         Namespace { metadata: ObjectMeta { name: Some("shop".into()), ..Default::default() }, ..Default::default() };
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
@@ -232,29 +315,7 @@ async fn remotes_become_endpointslices_bad_remotes_are_refused_and_removal_drain
     // Not remotes: TLS material and Secret-volume links are skipped.
     std::fs::write(dir.path().join("ca.crt"), "not a remote")?;
 
-    let running = app::start(
-        AppConfig {
-            cluster_name: "west".into(),
-            cluster_id: 2,
-            mode: MaxConnectedClusters::C255,
-            remotes_dir: dir.path().to_path_buf(),
-            rescan: Duration::from_millis(500),
-            cache_ttl: None,
-            remote_ready_timeout: Duration::from_secs(600),
-            metrics_addr: "127.0.0.1:0".parse()?,
-            grpc_addr: "127.0.0.1:0".parse()?,
-            timing: Timing {
-                min_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(1),
-                invalid_retry: Duration::from_secs(1),
-                probe_interval: Duration::from_millis(500),
-                connect_timeout: Duration::from_secs(2),
-            },
-            slice_debounce: Duration::from_millis(50),
-        },
-        client.clone(),
-    )
-    .await?;
+    let running = app::start(test_config(dir.path())?, client.clone()).await?;
     let addr = running.metrics_addr;
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
 

@@ -214,7 +214,16 @@ async fn run(cfg: RemoteConfig, env: TaskEnv, reporter: RemoteReporter) {
                 info!("{err}");
                 env.timing.min_backoff
             }
+            SessionError::Connect { .. } | SessionError::TlsNotUtf8 { .. } => {
+                warn!(error = %err, retry_in = ?delay, "cannot connect to remote; retrying");
+                reporter.error(&err.to_string());
+                let d = delay;
+                delay = (delay * 2).min(env.timing.max_backoff);
+                d
+            }
             _ => {
+                // The connection worked, so this is not an unreachable remote: retry promptly, then back off.
+                delay = env.timing.min_backoff;
                 warn!(error = %err, retry_in = ?delay, "remote session failed; retrying");
                 reporter.error(&err.to_string());
                 let d = delay;
@@ -447,4 +456,33 @@ async fn mirror_kind(
     }
     // A WatchStore only stops if its task died; start a new session.
     Err(SessionError::WatchStopped { remote, kind })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use causeway_store::ClusterName;
+
+    fn name(n: &str) -> ClusterName {
+        ClusterName::new(n).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn id_claims_first_validated_remote_keeps_its_id() {
+        let claims = IdClaims::default();
+        let mode = MaxConnectedClusters::C255;
+        let local = ClusterId::new(2, mode).unwrap_or_else(|e| panic!("{e}"));
+        let cfg = br#"{"id": 1, "capabilities": {"maxConnectedClusters": 255}}"#;
+        assert!(claims.validate(&name("east"), cfg, local, mode).is_ok());
+        // Re-validating the same remote is fine.
+        assert!(claims.validate(&name("east"), cfg, local, mode).is_ok());
+        let err = claims.validate(&name("twin"), cfg, local, mode).err().unwrap_or_else(|| panic!("twin accepted"));
+        assert!(err.to_string().contains("already used by remote \"east\""), "{err}");
+        let own = br#"{"id": 2}"#;
+        assert!(claims.validate(&name("self"), own, local, mode).is_err());
+        let other_mode = br#"{"id": 3, "capabilities": {"maxConnectedClusters": 511}}"#;
+        assert!(claims.validate(&name("wide"), other_mode, local, mode).is_err());
+        claims.release("east");
+        assert!(claims.validate(&name("twin"), cfg, local, mode).is_ok());
+    }
 }
