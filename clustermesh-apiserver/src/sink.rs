@@ -134,3 +134,89 @@ impl IdentityResolver for LocalAllocator {
         Ok(())
     }
 }
+
+/// The etcd sink: one [`causeway_kvstore::SyncStore`] per exported kind, each owning its prefix (its canary is
+/// written by the store itself once its writes and stale-key cleanup are done).
+pub struct EtcdSink {
+    stores: BTreeMap<Kind, causeway_kvstore::SyncStore>,
+}
+
+#[derive(Debug, Error)]
+pub enum EtcdSinkError {
+    #[error("store key {0} is not one this exporter writes (no sync store for its kind)")]
+    NoStore(String),
+    #[error("cannot queue write of {key}: {source}")]
+    Queue {
+        key: String,
+        #[source]
+        source: causeway_kvstore::KvError,
+    },
+}
+
+impl EtcdSink {
+    /// Starts a sync store for each of `kinds` under the cluster's prefixes.
+    pub fn start(
+        client: causeway_kvstore::Client,
+        leases: std::sync::Arc<causeway_kvstore::LeasePool>,
+        cluster: &str,
+        kinds: &[Kind],
+    ) -> Self {
+        let stores = kinds
+            .iter()
+            .map(|kind| {
+                let config =
+                    causeway_kvstore::SyncStoreConfig::new(cluster, kind.segment(), kind.watch_prefix(cluster));
+                (*kind, causeway_kvstore::SyncStore::start(client.clone(), leases.clone(), config))
+            })
+            .collect();
+        EtcdSink { stores }
+    }
+
+    pub fn store(&self, kind: Kind) -> Option<&causeway_kvstore::SyncStore> {
+        self.stores.get(&kind)
+    }
+
+    fn store_for(&self, key: &StoreKey) -> Result<&causeway_kvstore::SyncStore, EtcdSinkError> {
+        key.kind().and_then(|k| self.stores.get(&k)).ok_or_else(|| EtcdSinkError::NoStore(key.to_string()))
+    }
+}
+
+impl ExportSink for EtcdSink {
+    type Error = EtcdSinkError;
+
+    async fn upsert(&self, key: &StoreKey, value: String) -> Result<(), EtcdSinkError> {
+        let k = key.to_string();
+        self.store_for(key)?.upsert(k.clone(), value).map_err(|source| EtcdSinkError::Queue { key: k, source })
+    }
+
+    async fn delete(&self, key: &StoreKey) -> Result<(), EtcdSinkError> {
+        let k = key.to_string();
+        self.store_for(key)?.delete(k.clone()).map_err(|source| EtcdSinkError::Queue { key: k, source })
+    }
+
+    async fn flush(&self) -> Result<(), EtcdSinkError> {
+        for store in self.stores.values() {
+            store.flushed().await;
+        }
+        Ok(())
+    }
+
+    async fn mark_synced(&self, kind: Kind) -> Result<(), EtcdSinkError> {
+        let store = self.stores.get(&kind).ok_or_else(|| EtcdSinkError::NoStore(kind.canary_key("")))?;
+        store.mark_synced();
+        store.wait_synced().await;
+        Ok(())
+    }
+}
+
+impl IdentityResolver for crate::identity::KubeIdentityStore {
+    type Error = crate::identity::IdentityError;
+
+    async fn acquire(&self, labels: &LabelSet) -> Result<u32, Self::Error> {
+        crate::identity::KubeIdentityStore::acquire(self, labels).await
+    }
+
+    async fn release(&self, labels: &LabelSet) -> Result<(), Self::Error> {
+        crate::identity::KubeIdentityStore::release(self, labels).await
+    }
+}

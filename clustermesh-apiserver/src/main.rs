@@ -1,0 +1,164 @@
+//! `clustermesh-apiserver`: exports this cluster's identities, ipcache, nodes and global services into its etcd.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use causeway_runtime::{Health, LogFormat};
+use causeway_store::{ClusterInfo, ClusterName, MaxConnectedClusters};
+use clap::Parser;
+use clustermesh_apiserver::export::Exporter;
+use clustermesh_apiserver::identity::KubeIdentityStore;
+use clustermesh_apiserver::kube::{spawn_watchers, ExportLoop, EXPORTED_KINDS};
+use clustermesh_apiserver::metrics::Metrics;
+use clustermesh_apiserver::sink::EtcdSink;
+use tracing::{info, warn};
+
+#[derive(Debug, Parser)]
+#[command(name = "clustermesh-apiserver", version, about)]
+struct Args {
+    /// This cluster's name: unique in the mesh, at most 32 of a-z, 0-9 and '-'.
+    #[arg(long, env = "CAUSEWAY_CLUSTER_NAME")]
+    cluster_name: String,
+    /// This cluster's ID: unique in the mesh, 1..=255 (or 1..=511 with --max-connected-clusters 511).
+    #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
+    cluster_id: u32,
+    /// 255 or 511; must be the same on every cluster of the mesh.
+    #[arg(long, env = "CAUSEWAY_MAX_CONNECTED_CLUSTERS", default_value_t = 255)]
+    max_connected_clusters: u32,
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "CAUSEWAY_ETCD_ENDPOINTS", value_delimiter = ',', required = true)]
+    etcd_endpoints: Vec<String>,
+    /// CA that signed etcd's server certificate (with --etcd-cert and --etcd-key for mTLS).
+    #[arg(long, env = "CAUSEWAY_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate; its CN is the etcd user (root or admin-<cluster>).
+    #[arg(long, env = "CAUSEWAY_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "CAUSEWAY_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
+    /// Kubeconfig to use; without it, the default kubeconfig or the in-cluster config.
+    #[arg(long, env = "CAUSEWAY_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Peer cluster names, comma-separated: a read-only etcd user `remote-<peer>` is created for each (needs the
+    /// root user's certificate).
+    #[arg(long, env = "CAUSEWAY_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "CAUSEWAY_METRICS_ADDR", default_value = "0.0.0.0:9962")]
+    metrics_addr: SocketAddr,
+    /// `text` or `json`.
+    #[arg(long, env = "CAUSEWAY_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+    /// How long an unused identity is kept before it is garbage-collected (e.g. `15m`).
+    #[arg(long, env = "CAUSEWAY_IDENTITY_GC_GRACE", default_value = "15m", value_parser = humantime::parse_duration)]
+    identity_gc_grace: Duration,
+}
+
+fn cluster_info(args: &Args) -> Result<ClusterInfo> {
+    let mode = MaxConnectedClusters::try_from(args.max_connected_clusters).context("--max-connected-clusters")?;
+    let name = ClusterName::new_meshed(args.cluster_name.clone()).context("--cluster-name")?;
+    ClusterInfo::new(name.as_str(), args.cluster_id, mode).context("--cluster-id")
+}
+
+fn etcd_config(args: &Args) -> Result<causeway_kvstore::EtcdConfig> {
+    let config = causeway_kvstore::EtcdConfig::new(args.etcd_endpoints.iter().cloned());
+    match (&args.etcd_ca, &args.etcd_cert, &args.etcd_key) {
+        (None, None, None) => Ok(config),
+        (Some(ca), Some(cert), Some(key)) => Ok(config.with_tls(
+            causeway_kvstore::TlsConfig::from_files(ca, cert, key).context("reading etcd TLS material")?,
+        )),
+        _ => bail!("--etcd-ca, --etcd-cert and --etcd-key must be given together (mTLS) or not at all"),
+    }
+}
+
+async fn kube_client(args: &Args) -> Result<kube::Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context("no kubeconfig given and none found (nor in-cluster config)")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let format: LogFormat = args.log_format.parse().context("--log-format")?;
+    causeway_runtime::init_logging(format);
+    let cluster = cluster_info(&args)?;
+    for peer in &args.peers {
+        ClusterName::new(peer.clone()).with_context(|| format!("--peers: peer {peer:?}"))?;
+    }
+    let span = tracing::info_span!("clustermesh_apiserver", cluster = %cluster.name, cluster_id = cluster.id.get());
+    let _enter = span.enter();
+
+    let health = Health::new();
+    let metrics = Metrics::default();
+    health.with_registry(|r| metrics.register(r));
+    let bound = causeway_runtime::serve(args.metrics_addr, health.router()).await?;
+    info!(addr = %bound, "serving /metrics, /healthz, /readyz");
+
+    let mut etcd = causeway_kvstore::connect(&etcd_config(&args)?)
+        .await
+        .with_context(|| format!("connecting to etcd at {}", args.etcd_endpoints.join(",")))?;
+    if !args.peers.is_empty() {
+        causeway_kvstore::ensure_auth(&mut etcd, cluster.name.as_str(), &args.peers)
+            .await
+            .context("creating etcd users for peers (the etcd client certificate must be the root user's)")?;
+    }
+    let config = serde_json::json!({
+        "id": cluster.id.get(),
+        "capabilities": {"syncedCanaries": true, "maxConnectedClusters": cluster.mode.get()},
+    });
+    causeway_kvstore::write_cluster_config(&mut etcd, cluster.name.as_str(), config.to_string().as_bytes())
+        .await
+        .context("writing the cluster config")?;
+    let leases = causeway_kvstore::LeasePool::grant(etcd.clone(), causeway_kvstore::LeaseConfig::default())
+        .await
+        .context("granting etcd leases")?;
+    let _heartbeat =
+        causeway_kvstore::Heartbeat::start(etcd.clone(), leases.clone(), causeway_kvstore::HEARTBEAT_INTERVAL);
+    let sink = Arc::new(EtcdSink::start(etcd.clone(), leases.clone(), cluster.name.as_str(), &EXPORTED_KINDS));
+
+    let client = kube_client(&args).await?;
+    let identities = Arc::new(KubeIdentityStore::new(client.clone(), cluster.clone(), args.identity_gc_grace));
+    identities.start().await.context("restoring identities from CausewayIdentity objects (is the CRD installed?)")?;
+    let gc = identities.clone();
+    let gc_every = (args.identity_gc_grace / 4).max(Duration::from_secs(10));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(gc_every);
+        loop {
+            tick.tick().await;
+            let report = gc.gc_once().await;
+            if !report.deleted.is_empty() || !report.failed.is_empty() {
+                info!(deleted = report.deleted.len(), failed = report.failed.len(), "identity garbage collection");
+            }
+            for e in report.failed {
+                warn!(error = %e, "identity garbage collection failed for one identity");
+            }
+        }
+    });
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    let watchers = spawn_watchers(client, tx, metrics.clone());
+    let export = ExportLoop::new(Exporter::new(cluster.clone(), metrics.clone()), sink, identities, health, metrics);
+    info!("exporting");
+    tokio::select! {
+        _ = export.run(rx) => bail!("the export loop stopped"),
+        _ = tokio::signal::ctrl_c() => {
+            info!("interrupted; leaving exported keys to expire with their leases");
+        }
+    }
+    for w in watchers {
+        w.abort();
+    }
+    Ok(())
+}
