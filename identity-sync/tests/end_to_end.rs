@@ -229,6 +229,77 @@ async fn mtls_remote_and_duplicate_id_refused_until_the_clash_is_gone() -> anyho
     Ok(())
 }
 
+/// A remote whose etcd dies keeps its entries and slices (a remote's failure stays remote); when it comes back the
+/// remote is synced again and follows later deletes. (The sweep of keys deleted while away is the core's rule, unit
+/// tested there; etcd cannot be written while it is down, so this test cannot create that case.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_keeps_entries_and_the_remote_resyncs_when_back() -> anyhow::Result<()> {
+    causeway_runtime::init_logging(causeway_runtime::LogFormat::Text);
+    let mut east = Etcd::start().await;
+    let mut c = east.client().await;
+    put_cluster_config(&mut c, "east", 1).await?;
+    put_json(&mut c, "cilium/state/services/v1/east/shop/cart", &service("east", 1, "10.1.3.17")).await?;
+    put_canaries(&mut c, "east").await?;
+    let node_key = "cilium/state/nodes/v1/east/gone";
+    let mut node_value: Value = serde_json::json!({"Name": "gone", "Cluster": "east", "ClusterID": 1});
+    node_value["IPAddresses"] = serde_json::json!([{"Type": "InternalIP", "IP": "192.168.10.99"}]);
+    put_json(&mut c, node_key, &node_value).await?;
+
+    let (_kube_server, client) = fake_kube().await?;
+    let ns =
+        Namespace { metadata: ObjectMeta { name: Some("shop".into()), ..Default::default() }, ..Default::default() };
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+    Api::<Service>::namespaced(client.clone(), "shop").create(&PostParams::default(), &global_service()).await?;
+    let dir = tempfile::tempdir()?;
+    remote_file(dir.path(), "east", &east.endpoint())?;
+    let running = app::start(test_config(dir.path())?, client.clone()).await?;
+    let addr = running.metrics_addr;
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
+    wait_for("east synced with its node", || async {
+        remote(&status(addr).await, "east").is_some_and(|r| r["state"] == "synced" && r["entries"]["nodes"] == 1)
+    })
+    .await?;
+    wait_for("east's slice", || async { slice_backends(&slices).await.contains_key("east") }).await?;
+
+    // While etcd is down: entries and slices stay.
+    east.kill();
+    wait_for("east disconnected", || async {
+        remote(&status(addr).await, "east").is_some_and(|r| r["state"] == "disconnected" && r["connected"] == false)
+    })
+    .await?;
+    assert!(running.hub.read(|v| v.node("east", "gone").is_some()), "node dropped on disconnect");
+    assert!(slice_backends(&slices).await.contains_key("east"), "slice dropped on disconnect");
+
+    // Back: synced again, and a delete reaches the view.
+    east.restart().await;
+    let mut c = east.client().await;
+    c.delete(node_key, None).await?;
+    wait_for("east synced again without the deleted node", || async {
+        let synced = remote(&status(addr).await, "east").is_some_and(|r| r["state"] == "synced");
+        synced && running.hub.read(|v| v.node("east", "gone").is_none())
+    })
+    .await?;
+    assert!(slice_backends(&slices).await.contains_key("east"));
+    Ok(())
+}
+
+fn global_service() -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some("cart".into()),
+            namespace: Some("shop".into()),
+            annotations: Some(BTreeMap::from([("service.cilium.io/global".to_string(), "true".to_string())])),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("10.96.0.10".into()),
+            ports: Some(vec![ServicePort { name: Some("http".into()), port: 80, ..Default::default() }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remotes_become_endpointslices_bad_remotes_are_refused_and_removal_drains() -> anyhow::Result<()> {
     causeway_runtime::init_logging(causeway_runtime::LogFormat::Text);
