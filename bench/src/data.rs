@@ -137,9 +137,8 @@ pub fn service(cluster: &str, cluster_id: u32, scale: &Scale, s: u32) -> Cluster
     let port = |p: u16| -> BTreeMap<String, PortConfig> {
         [("http".to_string(), PortConfig { protocol: "TCP".into(), port: p })].into()
     };
-    let backends = (0..scale.backends_per_service)
-        .map(|k| (pod_ip((s + k * scale.services) % scale.pods), port(8080)))
-        .collect();
+    let backends =
+        (0..scale.backends_per_service).map(|k| (pod_ip((s + k * scale.services) % scale.pods), port(8080))).collect();
     ClusterService {
         cluster: cluster.to_string(),
         namespace: namespace(scale, app),

@@ -99,10 +99,8 @@ pub async fn range_paginated(kv: &mut KvClient, prefix: &str, page: i64) -> anyh
 
 /// Reads every key under `prefix` in one request (the client must accept a large response).
 pub async fn range_oneshot(kv: &mut KvClient, prefix: &str) -> anyhow::Result<Read> {
-    let resp = kv
-        .get(prefix, Some(GetOptions::new().with_range(prefix_end(prefix))))
-        .await
-        .context("one-shot range read")?;
+    let resp =
+        kv.get(prefix, Some(GetOptions::new().with_range(prefix_end(prefix)))).await.context("one-shot range read")?;
     let mut read = Read::default();
     for kv in resp.kvs() {
         read.keys += 1;

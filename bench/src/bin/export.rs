@@ -69,7 +69,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 let mut kv = client.kv_client().max_decoding_message_size(1 << 30);
                 let prefix = k.watch_prefix(CLUSTER);
                 let resp = kv.get(prefix.as_str(), Some(etcd_client::GetOptions::new().with_prefix())).await?;
-                kvs.extend(resp.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec())));
+                kvs.extend(
+                    resp.kvs().iter().map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec())),
+                );
             }
             ensure!(kvs.len() as u32 == scale.pods + scale.apps, "the export wrote {} entries", kvs.len());
         }
@@ -94,7 +96,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         "entries written",
         format!("{} ({} ipcache + {} identities), {:.1} MB", kvs.len(), scale.pods, scale.apps, bytes as f64 / 1e6),
     );
-    report.row(&format!("baseline: raw txns of 128, {} in flight", args.in_flight), spread(&rate(&raw_s), "entries/s", 0));
+    report.row(
+        &format!("baseline: raw txns of 128, {} in flight", args.in_flight),
+        spread(&rate(&raw_s), "entries/s", 0),
+    );
     report.row("reference: raw txns of 128, 1 in flight", spread(&rate(&seq_s), "entries/s", 0));
     report.row("measured (a): apiserver ExportLoop -> SyncStores", spread(&rate(&loop_s), "entries/s", 0));
     report.row("measured (b): SyncStores alone, same keys/values", spread(&rate(&store_s), "entries/s", 0));

@@ -23,7 +23,7 @@ use causeway_kvstore::{LeaseConfig, LeasePool, SyncStore, SyncStoreConfig};
 use causeway_store::{IpCacheEntry, Kind, StoreKey};
 use causeway_testsupport::Etcd;
 use clap::Parser;
-use etcd_client::{Client, EventType, WatchOptions};
+use etcd_client::{EventType, WatchOptions};
 use identity_sync::core::{Change, CoreConfig, MergedView, ViewObject};
 use tokio::sync::{mpsc, oneshot};
 
@@ -215,7 +215,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     report.row("measured: SyncStore -> WatchStore -> view delta", row(&measured));
     let p99 = percentile(&measured, 99.0);
     report.row("ratio p99 measured / raw", format!("{:.2}x", p99 / percentile(&raw, 99.0).max(1e-3)));
-    report.row("ratio p50 measured / raw", format!("{:.2}x", percentile(&measured, 50.0) / percentile(&raw, 50.0).max(1e-3)));
+    report.row(
+        "ratio p50 measured / raw",
+        format!("{:.2}x", percentile(&measured, 50.0) / percentile(&raw, 50.0).max(1e-3)),
+    );
     report.target("p99 <= 100 ms", p99 <= 100.0);
     drop(etcds);
     Ok(report.finish())
