@@ -14,4 +14,8 @@ scripts/install-deps.sh
 
 # Two cores: keep the test threads of one binary from starving the etcd processes they start.
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
+# The end-to-end tests (tests/multicluster) run the real binaries from target/debug. `cargo test` builds a package's
+# binaries only for that package's own integration tests, so build every binary first (also keeps them fresh when
+# extra args narrow the test run, e.g. `-p causeway-multicluster-tests`).
+cargo build --workspace --bins --locked
 cargo test --workspace --all-targets --locked "$@"

@@ -388,7 +388,7 @@ impl Cluster {
             Ok(()) => Ok(()),
             Err(e) => {
                 let slices = self.describe_slices(ns, svc).await;
-                Err(anyhow::anyhow!("{e}\nEndpointSlices in {}:\n{slices}\n{}", self.name, self.logs()))
+                Err(anyhow::anyhow!("{e}\nEndpointSlices in {}:\n{slices}", self.name))
             }
         }
     }
@@ -451,7 +451,7 @@ impl Cluster {
 
     /// Waits until remote `remote`'s `/status` entry satisfies `check` (which describes what it saw on failure).
     pub async fn wait_remote(&self, remote: &str, what: &str, check: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
-        let res = eventually(&format!("{}: remote {remote} {what}", self.name), DEADLINE, || async {
+        eventually(&format!("{}: remote {remote} {what}", self.name), DEADLINE, || async {
             match self.remote_status(remote).await {
                 Ok(Some(r)) if check(&r) => Ok(r),
                 Ok(Some(r)) => Err(r.to_string()),
@@ -459,8 +459,7 @@ impl Cluster {
                 Err(e) => Err(format!("{e:#}")),
             }
         })
-        .await;
-        res.map_err(|e| anyhow::anyhow!("{e}\n{}", self.logs()))
+        .await
     }
 
     /// identity-sync's Prometheus text.

@@ -58,7 +58,32 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
             path.display()
         );
     }
+    warn_if_stale(name, &path);
     Ok(path)
+}
+
+/// A binary older than its crate's sources means the test runs yesterday's code; say so (once per binary) rather
+/// than fail, since the sources may be mid-edit.
+fn warn_if_stale(name: &str, bin: &std::path::Path) {
+    let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(name).join("src");
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else { return };
+    let mut stack = vec![crate_dir];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t > built) {
+                eprintln!(
+                    "warning: {} is older than {}; run `cargo build --workspace --bins` to test the current code",
+                    bin.display(),
+                    p.display()
+                );
+                return;
+            }
+        }
+    }
 }
 
 /// Polls `check` every 100 ms until it returns `Ok(value)`, or fails after `timeout` with the last `Err`
@@ -101,7 +126,7 @@ where
     Ok(samples)
 }
 
-/// A set of strings from literals, for comparing backend sets.
-pub fn set<const N: usize>(items: [&str; N]) -> std::collections::BTreeSet<String> {
-    items.into_iter().map(str::to_string).collect()
+/// Expected backends, e.g. `backends(&[("east", &["10.1.1.10"]), ("west", &["10.2.1.10"])])`.
+pub fn backends(entries: &[(&str, &[&str])]) -> Backends {
+    entries.iter().map(|(c, ips)| (c.to_string(), ips.iter().map(|s| s.to_string()).collect())).collect()
 }

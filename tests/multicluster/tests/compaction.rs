@@ -2,18 +2,19 @@
 //! changing): when the connection comes back, resuming the watch from the old revision is impossible, so
 //! identity-sync must re-list. /status counts the resync, and the view matches the remote's current state.
 
-use causeway_multicluster_tests::{eventually, start_mesh, Backends, Proxy, DEADLINE};
+use causeway_multicluster_tests::{backends, eventually, start_mesh, Cluster, Proxy, DEADLINE};
 use serde_json::Value;
 
 const NS: &str = "shop";
 
-fn backends(entries: &[(&str, &[&str])]) -> Backends {
-    entries.iter().map(|(c, ips)| (c.to_string(), ips.iter().map(|s| s.to_string()).collect())).collect()
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_while_disconnected_leads_to_a_relist() {
+    let mesh = start_mesh(&[("east", 1), ("west", 2)], true).await.expect("start the clusters");
+    // Failing by panic while the clusters are alive prints every component log.
+    scenario_compaction_while_disconnected_leads_to_a_relist(&mesh).await.unwrap_or_else(|e| panic!("{e:#}"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compaction_while_disconnected_leads_to_a_relist() -> anyhow::Result<()> {
-    let mesh = start_mesh(&[("east", 1), ("west", 2)], true).await?;
+async fn scenario_compaction_while_disconnected_leads_to_a_relist(mesh: &[Cluster]) -> anyhow::Result<()> {
     let (east, west) = (&mesh[0], &mesh[1]);
     for (c, n) in [(east, 1), (west, 2)] {
         c.create_namespace(NS).await?;

@@ -23,8 +23,17 @@ fn opts() -> ConnectOptions {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_without_valid_certificates_are_refused_and_peers_are_read_only() -> anyhow::Result<()> {
-    let east = Cluster::start(ClusterSpec::new("east", 1).tls(&["west"])).await?;
+async fn clients_without_valid_certificates_are_refused_and_peers_are_read_only() {
+    let east = Cluster::start(ClusterSpec::new("east", 1).tls(&["west"])).await.expect("start the clusters");
+    // Failing by panic while the clusters are alive prints every component log.
+    scenario_clients_without_valid_certificates_are_refused_and_peers_are_read_only(&east)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+async fn scenario_clients_without_valid_certificates_are_refused_and_peers_are_read_only(
+    east: &Cluster,
+) -> anyhow::Result<()> {
     let endpoint = east.etcd.endpoint();
     let config_key = "cilium/cluster-config/east";
     let ca_pem = east.etcd.ca_pem().expect("TLS etcd has a CA").to_string();

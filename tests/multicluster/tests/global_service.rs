@@ -1,14 +1,10 @@
 //! Global services across two clusters: each cluster's EndpointSlices carry the other's backends, and follow pods
 //! as they come and go.
 
-use causeway_multicluster_tests::{start_mesh, Backends, Cluster};
+use causeway_multicluster_tests::{backends, start_mesh, Cluster};
 use serde_json::Value;
 
 const NS: &str = "shop";
-
-fn backends(entries: &[(&str, &[&str])]) -> Backends {
-    entries.iter().map(|(c, ips)| (c.to_string(), ips.iter().map(|s| s.to_string()).collect())).collect()
-}
 
 async fn connect_both(east: &Cluster, west: &Cluster) -> anyhow::Result<()> {
     east.connect_to(west)?;
@@ -20,8 +16,13 @@ async fn connect_both(east: &Cluster, west: &Cluster) -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutual_global_service_over_mtls() -> anyhow::Result<()> {
-    let mesh = start_mesh(&[("east", 1), ("west", 2)], true).await?;
+async fn mutual_global_service_over_mtls() {
+    let mesh = start_mesh(&[("east", 1), ("west", 2)], true).await.expect("start the clusters");
+    // Failing by panic while the clusters are alive prints every component log.
+    scenario_mutual_global_service_over_mtls(&mesh).await.unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+async fn scenario_mutual_global_service_over_mtls(mesh: &[Cluster]) -> anyhow::Result<()> {
     let (east, west) = (&mesh[0], &mesh[1]);
     for (c, n) in [(east, 1), (west, 2)] {
         c.create_namespace(NS).await?;
@@ -57,8 +58,13 @@ async fn mutual_global_service_over_mtls() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slices_follow_pods_added_and_removed() -> anyhow::Result<()> {
-    let mesh = start_mesh(&[("east", 1), ("west", 2)], false).await?;
+async fn slices_follow_pods_added_and_removed() {
+    let mesh = start_mesh(&[("east", 1), ("west", 2)], false).await.expect("start the clusters");
+    // Failing by panic while the clusters are alive prints every component log.
+    scenario_slices_follow_pods_added_and_removed(&mesh).await.unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+async fn scenario_slices_follow_pods_added_and_removed(mesh: &[Cluster]) -> anyhow::Result<()> {
     let (east, west) = (&mesh[0], &mesh[1]);
     for (c, n) in [(east, 1), (west, 2)] {
         c.create_namespace(NS).await?;

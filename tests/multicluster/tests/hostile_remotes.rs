@@ -1,15 +1,11 @@
 //! Hostile or broken remotes are refused with a reason in /status, and never disturb the remotes that work.
 //! The fake remotes are bare etcds filled by the test with causeway-store keys.
 
-use causeway_multicluster_tests::{start_mesh, Backends, FakeRemote};
+use causeway_multicluster_tests::{backends, start_mesh, Cluster, FakeRemote};
 use causeway_store::StoreKey;
 use serde_json::{json, Value};
 
 const NS: &str = "shop";
-
-fn backends(entries: &[(&str, &[&str])]) -> Backends {
-    entries.iter().map(|(c, ips)| (c.to_string(), ips.iter().map(|s| s.to_string()).collect())).collect()
-}
 
 /// A fake remote claiming cluster ID `id`, with canaries and a valid `shop/cart` with `backend`.
 async fn fake(name: &str, id: u32, backend: &str) -> anyhow::Result<FakeRemote> {
@@ -21,8 +17,13 @@ async fn fake(name: &str, id: u32, backend: &str) -> anyhow::Result<FakeRemote> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_remotes_are_rejected_and_others_keep_working() -> anyhow::Result<()> {
-    let mesh = start_mesh(&[("east", 1), ("west", 2)], false).await?;
+async fn hostile_remotes_are_rejected_and_others_keep_working() {
+    let mesh = start_mesh(&[("east", 1), ("west", 2)], false).await.expect("start the clusters");
+    // Failing by panic while the clusters are alive prints every component log.
+    scenario_hostile_remotes_are_rejected_and_others_keep_working(&mesh).await.unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+async fn scenario_hostile_remotes_are_rejected_and_others_keep_working(mesh: &[Cluster]) -> anyhow::Result<()> {
     let (east, west) = (&mesh[0], &mesh[1]);
     for (c, n) in [(east, 1), (west, 2)] {
         c.create_namespace(NS).await?;

@@ -1,16 +1,17 @@
 //! Removing a remote's config file drains it: its EndpointSlices disappear, the other remotes' stay.
 
-use causeway_multicluster_tests::{eventually, start_mesh, Backends, FakeRemote, DEADLINE};
+use causeway_multicluster_tests::{backends, eventually, start_mesh, Cluster, FakeRemote, DEADLINE};
 
 const NS: &str = "shop";
 
-fn backends(entries: &[(&str, &[&str])]) -> Backends {
-    entries.iter().map(|(c, ips)| (c.to_string(), ips.iter().map(|s| s.to_string()).collect())).collect()
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_remote_is_drained() {
+    let mesh = start_mesh(&[("east", 1), ("west", 2)], false).await.expect("start the clusters");
+    // Failing by panic while the clusters are alive prints every component log.
+    scenario_removed_remote_is_drained(&mesh).await.unwrap_or_else(|e| panic!("{e:#}"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn removed_remote_is_drained() -> anyhow::Result<()> {
-    let mesh = start_mesh(&[("east", 1), ("west", 2)], false).await?;
+async fn scenario_removed_remote_is_drained(mesh: &[Cluster]) -> anyhow::Result<()> {
     let (east, west) = (&mesh[0], &mesh[1]);
     for (c, n) in [(east, 1), (west, 2)] {
         c.create_namespace(NS).await?;

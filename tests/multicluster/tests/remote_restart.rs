@@ -4,18 +4,19 @@
 
 use std::time::Duration;
 
-use causeway_multicluster_tests::{always, start_mesh, Backends};
+use causeway_multicluster_tests::{always, backends, start_mesh, Cluster};
 use serde_json::Value;
 
 const NS: &str = "shop";
 
-fn backends(entries: &[(&str, &[&str])]) -> Backends {
-    entries.iter().map(|(c, ips)| (c.to_string(), ips.iter().map(|s| s.to_string()).collect())).collect()
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_etcd_killed_and_restarted_empty() {
+    let mut mesh = start_mesh(&[("east", 1), ("west", 2)], true).await.expect("start the clusters");
+    // Failing by panic while the clusters are alive prints every component log.
+    scenario_remote_etcd_killed_and_restarted_empty(&mut mesh).await.unwrap_or_else(|e| panic!("{e:#}"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remote_etcd_killed_and_restarted_empty() -> anyhow::Result<()> {
-    let mut mesh = start_mesh(&[("east", 1), ("west", 2)], true).await?;
+async fn scenario_remote_etcd_killed_and_restarted_empty(mesh: &mut [Cluster]) -> anyhow::Result<()> {
     for (c, n) in [(&mesh[0], 1), (&mesh[1], 2)] {
         c.create_namespace(NS).await?;
         c.create_global_service(NS, "cart", &format!("10.96.{n}.20"), &[]).await?;
