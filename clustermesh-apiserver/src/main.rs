@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use causeway_runtime::{Health, LogFormat};
-use causeway_store::{ClusterInfo, ClusterName, MaxConnectedClusters};
+use causeway_store::values::Capabilities;
+use causeway_store::{ClusterConfig, ClusterInfo, ClusterName, MaxConnectedClusters};
 use clap::Parser;
 use clustermesh_apiserver::export::Exporter;
 use clustermesh_apiserver::identity::KubeIdentityStore;
@@ -67,9 +68,8 @@ fn etcd_config(args: &Args) -> Result<causeway_kvstore::EtcdConfig> {
     let config = causeway_kvstore::EtcdConfig::new(args.etcd_endpoints.iter().cloned());
     match (&args.etcd_ca, &args.etcd_cert, &args.etcd_key) {
         (None, None, None) => Ok(config),
-        (Some(ca), Some(cert), Some(key)) => Ok(config.with_tls(
-            causeway_kvstore::TlsConfig::from_files(ca, cert, key).context("reading etcd TLS material")?,
-        )),
+        (Some(ca), Some(cert), Some(key)) => Ok(config
+            .with_tls(causeway_kvstore::TlsConfig::from_files(ca, cert, key).context("reading etcd TLS material")?)),
         _ => bail!("--etcd-ca, --etcd-cert and --etcd-key must be given together (mTLS) or not at all"),
     }
 }
@@ -114,11 +114,16 @@ async fn main() -> Result<()> {
             .await
             .context("creating etcd users for peers (the etcd client certificate must be the root user's)")?;
     }
-    let config = serde_json::json!({
-        "id": cluster.id.get(),
-        "capabilities": {"syncedCanaries": true, "maxConnectedClusters": cluster.mode.get()},
-    });
-    causeway_kvstore::write_cluster_config(&mut etcd, cluster.name.as_str(), config.to_string().as_bytes())
+    let config = serde_json::to_vec(&ClusterConfig {
+        id: cluster.id.get(),
+        capabilities: Capabilities {
+            synced_canaries: true,
+            max_connected_clusters: cluster.mode.get(),
+            service_exports_enabled: None,
+        },
+    })
+    .context("encoding the cluster config")?;
+    causeway_kvstore::write_cluster_config(&mut etcd, cluster.name.as_str(), &config)
         .await
         .context("writing the cluster config")?;
     let leases = causeway_kvstore::LeasePool::grant(etcd.clone(), causeway_kvstore::LeaseConfig::default())

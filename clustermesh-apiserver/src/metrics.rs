@@ -41,7 +41,11 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("exported_entries", "Store entries currently exported, by kind", self.exported_entries.clone());
+        registry.register(
+            "exported_entries",
+            "Store entries currently exported, by kind",
+            self.exported_entries.clone(),
+        );
         registry.register("export_writes", "Upserts and deletes handed to the store, by kind", self.writes.clone());
         registry.register("export_errors", "Export failures, by reason", self.errors.clone());
         registry.register(
@@ -49,7 +53,11 @@ impl Metrics {
             "Security identities acquired from the allocator",
             self.identities_allocated.clone(),
         );
-        registry.register("ip_conflicts", "Pods that claimed an IP already held by another pod", self.ip_conflicts.clone());
+        registry.register(
+            "ip_conflicts",
+            "Pods that claimed an IP already held by another pod",
+            self.ip_conflicts.clone(),
+        );
         registry.register("kube_events", "Kubernetes watch events received, by kind", self.kube_events.clone());
     }
 

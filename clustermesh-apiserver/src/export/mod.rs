@@ -280,9 +280,10 @@ impl Exporter {
     /// Recomputes one pod's identity label set and moves it between identities if it changed.
     fn refresh_pod_identity(&mut self, key: &PodKey) {
         let Some(pod) = self.pods.get(key) else { return };
-        let wanted = self.namespaces.get(&key.namespace).map(|ns_labels| {
-            LabelSet::for_pod(self.cluster.name.as_str(), &key.namespace, &pod.labels, ns_labels)
-        });
+        let wanted = self
+            .namespaces
+            .get(&key.namespace)
+            .map(|ns_labels| LabelSet::for_pod(self.cluster.name.as_str(), &key.namespace, &pod.labels, ns_labels));
         if wanted == pod.identity {
             return;
         }
@@ -407,7 +408,10 @@ impl Exporter {
         self.delete_slice(&slice.namespace, &slice.name);
         let id = (slice.namespace.clone(), slice.name.clone());
         if let Some(svc) = slice.service_name.clone().filter(|s| !s.is_empty()) {
-            self.slices_by_service.entry((slice.namespace.clone(), svc.clone())).or_default().insert(slice.name.clone());
+            self.slices_by_service
+                .entry((slice.namespace.clone(), svc.clone()))
+                .or_default()
+                .insert(slice.name.clone());
             self.dirty.insert(self.service_key(&slice.namespace, &svc));
         }
         self.slices.insert(id, slice);

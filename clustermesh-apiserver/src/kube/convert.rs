@@ -69,12 +69,7 @@ pub fn node_input(node: &Node) -> NodeInput {
             .map(|a| NodeAddressInput { kind: a.type_.clone(), address: a.address.clone() })
             .collect(),
         pod_cidrs,
-        wireguard_pub_key: node
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(WIREGUARD_KEY_ANNOTATION))
-            .cloned(),
+        wireguard_pub_key: node.metadata.annotations.as_ref().and_then(|a| a.get(WIREGUARD_KEY_ANNOTATION)).cloned(),
         boot_id: status.and_then(|s| s.node_info.as_ref()).map(|i| i.boot_id.clone()).filter(|b| !b.is_empty()),
     }
 }

@@ -116,18 +116,30 @@ pub enum Input {
 /// Starts one watcher per kind, all cluster-wide, sending into `tx`. The tasks run until `tx` closes.
 pub fn spawn_watchers(client: Client, tx: mpsc::Sender<Input>, metrics: Metrics) -> Vec<JoinHandle<()>> {
     vec![
-        tokio::spawn(watch_kind(Api::<Namespace>::all(client.clone()), ObjectKind::Namespace, tx.clone(), metrics.clone(), |o| {
-            Object::Namespace(convert::namespace_input(o))
-        })),
+        tokio::spawn(watch_kind(
+            Api::<Namespace>::all(client.clone()),
+            ObjectKind::Namespace,
+            tx.clone(),
+            metrics.clone(),
+            |o| Object::Namespace(convert::namespace_input(o)),
+        )),
         tokio::spawn(watch_kind(Api::<Pod>::all(client.clone()), ObjectKind::Pod, tx.clone(), metrics.clone(), |o| {
             Object::Pod(convert::pod_input(o))
         })),
-        tokio::spawn(watch_kind(Api::<Node>::all(client.clone()), ObjectKind::Node, tx.clone(), metrics.clone(), |o| {
-            Object::Node(convert::node_input(o))
-        })),
-        tokio::spawn(watch_kind(Api::<Service>::all(client.clone()), ObjectKind::Service, tx.clone(), metrics.clone(), |o| {
-            Object::Service(convert::service_input(o))
-        })),
+        tokio::spawn(watch_kind(
+            Api::<Node>::all(client.clone()),
+            ObjectKind::Node,
+            tx.clone(),
+            metrics.clone(),
+            |o| Object::Node(convert::node_input(o)),
+        )),
+        tokio::spawn(watch_kind(
+            Api::<Service>::all(client.clone()),
+            ObjectKind::Service,
+            tx.clone(),
+            metrics.clone(),
+            |o| Object::Service(convert::service_input(o)),
+        )),
         tokio::spawn(watch_kind(Api::<EndpointSlice>::all(client), ObjectKind::EndpointSlice, tx, metrics, |o| {
             Object::EndpointSlice(convert::slice_input(o))
         })),
@@ -255,7 +267,11 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
                 let gone: Vec<ObjectId> =
                     self.known.get(&kind).into_iter().flatten().filter(|id| !seen.contains(*id)).cloned().collect();
                 if !gone.is_empty() {
-                    info!(kind = kind.as_str(), count = gone.len(), "relist: deleting objects that disappeared meanwhile");
+                    info!(
+                        kind = kind.as_str(),
+                        count = gone.len(),
+                        "relist: deleting objects that disappeared meanwhile"
+                    );
                 }
                 for id in gone {
                     self.delete(kind, id);
@@ -357,7 +373,8 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
             return;
         }
         if !self.exporter.pending_identities().is_empty() || self.retry || self.exporter.has_changes() {
-            self.health.set_not_ready("initial export incomplete: identity allocations or store writes are being retried");
+            self.health
+                .set_not_ready("initial export incomplete: identity allocations or store writes are being retried");
             return;
         }
         if let Err(e) = self.sink.flush().await {
@@ -393,7 +410,8 @@ mod tests {
         let sink = Arc::new(MemorySink::default());
         let resolver = Arc::new(LocalAllocator::new(cluster.identity_range()));
         let health = Health::new();
-        let l = ExportLoop::new(Exporter::new(cluster, metrics.clone()), sink.clone(), resolver, health.clone(), metrics);
+        let l =
+            ExportLoop::new(Exporter::new(cluster, metrics.clone()), sink.clone(), resolver, health.clone(), metrics);
         (l, sink, health)
     }
 
@@ -414,7 +432,10 @@ mod tests {
         for kind in ObjectKind::ALL {
             l.handle(Input::InitStart(kind));
         }
-        l.handle(Input::InitApply(Object::Namespace(NamespaceInput { name: "shop".into(), labels: Default::default() })));
+        l.handle(Input::InitApply(Object::Namespace(NamespaceInput {
+            name: "shop".into(),
+            labels: Default::default(),
+        })));
         l.handle(Input::InitApply(pod("a", "10.1.2.3")));
         for kind in &ObjectKind::ALL[..4] {
             l.handle(Input::InitDone(*kind));
@@ -423,7 +444,10 @@ mod tests {
         l.maybe_mark_synced().await;
         assert!(!health.is_ready());
         assert!(sink.snapshot().synced.is_empty());
-        assert!(sink.snapshot().entries.contains_key("cilium/state/ip/v1/default/10.1.2.3"), "writes start before sync");
+        assert!(
+            sink.snapshot().entries.contains_key("cilium/state/ip/v1/default/10.1.2.3"),
+            "writes start before sync"
+        );
 
         l.handle(Input::InitDone(ObjectKind::EndpointSlice));
         l.reconcile().await;
