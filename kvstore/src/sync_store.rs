@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use crate::backoff::Backoff;
 use crate::error::is_lease_not_found;
 use crate::lease::LeasePool;
-use crate::list::list_prefix;
+use crate::list::Pager;
 use crate::{canary_key, KvError};
 
 /// etcd's default `--max-txn-ops`.
@@ -362,30 +362,39 @@ impl Flusher {
 
     async fn initial_list(&mut self) {
         loop {
-            match list_prefix(&mut self.kv, &self.config.prefix, self.config.list_page_size).await {
-                Ok(listing) => {
-                    for kv in listing.kvs {
-                        let Ok(key) = String::from_utf8(kv.key().to_vec()) else {
-                            tracing::warn!("ignoring non-UTF-8 key under the store prefix");
-                            continue;
-                        };
-                        self.found_at_start.insert(key.clone());
-                        self.etcd.insert(key, InEtcd { value: kv.value().to_vec(), lease: kv.lease() });
-                    }
-                    tracing::info!(
-                        existing = self.found_at_start.len(),
-                        revision = listing.revision,
-                        "listed store prefix"
-                    );
+            match self.list_once().await {
+                Ok(revision) => {
+                    tracing::info!(existing = self.found_at_start.len(), revision, "listed store prefix");
                     self.backoff.reset();
                     return;
                 }
                 Err(e) => {
                     self.count_error(&e, "initial listing");
+                    // A partial listing must not count as found: start over.
+                    self.found_at_start.clear();
+                    self.etcd.clear();
                     tokio::time::sleep(self.backoff.next_delay()).await;
                 }
             }
         }
+    }
+
+    /// Records what etcd holds under the prefix, page by page; returns the revision.
+    async fn list_once(&mut self) -> Result<i64, KvError> {
+        let mut pager = Pager::new(&self.config.prefix, self.config.list_page_size);
+        while let Some(page) = pager.next_page(&mut self.kv).await? {
+            for kv in page {
+                let lease = kv.lease();
+                let (key, value) = kv.into_key_value();
+                let Ok(key) = String::from_utf8(key) else {
+                    tracing::warn!("ignoring non-UTF-8 key under the store prefix");
+                    continue;
+                };
+                self.found_at_start.insert(key.clone());
+                self.etcd.insert(key, InEtcd { value, lease });
+            }
+        }
+        Ok(pager.revision)
     }
 
     fn count_error(&self, e: &KvError, what: &str) {

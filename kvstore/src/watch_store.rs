@@ -1,6 +1,6 @@
 //! The reader: list + watch of one prefix that survives disconnects and compaction.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
 use crate::error::is_compacted;
-use crate::list::list_prefix;
+use crate::list::prefetch;
 
 /// What a [`WatchStore`] emits.
 ///
@@ -172,8 +172,9 @@ struct Watcher {
     backoff: Backoff,
     tx: mpsc::Sender<WatchEvent>,
     stats: Arc<WatchStats>,
-    /// Keys the consumer currently has, with their mod revision.
-    known: HashMap<String, i64>,
+    /// Keys the consumer currently has, each with whether the listing in progress found
+    /// it (or the watch wrote it since).
+    known: HashMap<String, bool>,
     /// Last revision the consumer has seen everything up to; 0 = must list.
     last_rev: i64,
     /// Cluster id of the etcd the last listing came from.
@@ -211,32 +212,48 @@ impl Watcher {
         self.tx.send(ev).await.is_ok()
     }
 
-    /// Lists the prefix and emits Upserts, Deletes for vanished keys, then ListDone.
-    /// Ok(false): the consumer is gone.
+    /// Lists the prefix and emits Upserts page by page as the pages arrive, then Deletes
+    /// for keys that vanished, then ListDone. Ok(false): the consumer is gone.
+    ///
+    /// A listing that fails half-way leaves its Upserts sent (each was true at the
+    /// listing's revision) and `known` updated with them, so the retry's Deletes cover them.
     async fn list(&mut self) -> Result<bool, ()> {
-        let listing = match list_prefix(&mut self.kv, &self.config.prefix, self.config.list_page_size).await {
-            Ok(l) => l,
-            Err(e) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "listing failed; retrying");
-                return Err(());
+        // Every key starts unseen; the listing marks what it finds.
+        for seen in self.known.values_mut() {
+            *seen = false;
+        }
+        let (mut pages, _lister) = prefetch(self.kv.clone(), &self.config.prefix, self.config.list_page_size);
+        let (revision, cluster_id) = loop {
+            let page = match pages.recv().await {
+                Some(Ok(page)) => page,
+                Some(Err(e)) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "listing failed; retrying");
+                    return Err(());
+                }
+                None => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("lister stopped before the last page; retrying");
+                    return Err(());
+                }
+            };
+            for kv in page.kvs {
+                let mod_revision = kv.mod_revision();
+                let (key, value) = kv.into_key_value();
+                let Some(key) = self.utf8_key(key) else {
+                    continue;
+                };
+                self.known.insert(key.clone(), true);
+                let ev = WatchEvent::Upsert { key, value, mod_revision };
+                if !self.send(ev).await {
+                    return Ok(false);
+                }
+            }
+            if page.last {
+                break (page.revision, page.cluster_id);
             }
         };
-        let mut seen = HashSet::with_capacity(listing.kvs.len());
-        for kv in listing.kvs {
-            let mod_revision = kv.mod_revision();
-            let (key, value) = kv.into_key_value();
-            let Some(key) = self.utf8_key(key) else {
-                continue;
-            };
-            seen.insert(key.clone());
-            self.known.insert(key.clone(), mod_revision);
-            let ev = WatchEvent::Upsert { key, value, mod_revision };
-            if !self.send(ev).await {
-                return Ok(false);
-            }
-        }
-        let gone: Vec<String> = self.known.keys().filter(|k| !seen.contains(*k)).cloned().collect();
+        let gone: Vec<String> = self.known.iter().filter(|(_, seen)| !**seen).map(|(k, _)| k.clone()).collect();
         for key in gone {
             self.known.remove(&key);
             if !self.send(WatchEvent::Delete { key }).await {
@@ -247,8 +264,8 @@ impl Watcher {
             return Ok(false);
         }
         self.stats.lists.fetch_add(1, Ordering::Relaxed);
-        self.last_rev = listing.revision.max(1);
-        self.cluster_id = listing.cluster_id;
+        self.last_rev = revision.max(1);
+        self.cluster_id = cluster_id;
         tracing::info!(keys = self.known.len(), revision = self.last_rev, "listed prefix");
         Ok(true)
     }
@@ -326,7 +343,7 @@ impl Watcher {
                 };
                 let ev = match event.event_type() {
                     EventType::Put => {
-                        self.known.insert(key.clone(), mod_revision);
+                        self.known.insert(key.clone(), true);
                         Some(WatchEvent::Upsert { key, value: kv.value().to_vec(), mod_revision })
                     }
                     EventType::Delete => self.known.remove(&key).map(|_| WatchEvent::Delete { key }),
