@@ -165,6 +165,45 @@ enum Ended {
     Retry,
 }
 
+/// A key with the store's prefix cut off: what `known` holds per key. Short suffixes
+/// (ipcache IPs, identity IDs, most node names) are stored inline, so the entry needs no
+/// heap allocation; that and the dropped prefix are most of the map's per-key cost.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Suffix {
+    Inline { len: u8, bytes: [u8; INLINE_SUFFIX] },
+    Heap(Box<str>),
+}
+
+/// Longest suffix stored inline; keeps [`Suffix`] at 24 bytes, the size of a `String`.
+const INLINE_SUFFIX: usize = 22;
+
+const _: () = assert!(std::mem::size_of::<Suffix>() == 24);
+
+impl Suffix {
+    // One representation per string (inline iff short), so derived Eq and Hash are exact.
+    fn new(s: &str) -> Self {
+        if s.len() <= INLINE_SUFFIX {
+            let mut bytes = [0; INLINE_SUFFIX];
+            bytes[..s.len()].copy_from_slice(s.as_bytes());
+            Suffix::Inline { len: s.len() as u8, bytes }
+        } else {
+            Suffix::Heap(s.into())
+        }
+    }
+
+    fn full_key(&self, prefix: &str) -> String {
+        let rest: &[u8] = match self {
+            Suffix::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Suffix::Heap(s) => s.as_bytes(),
+        };
+        // The bytes came from a &str, so this never replaces anything.
+        let mut key = String::with_capacity(prefix.len() + rest.len());
+        key.push_str(prefix);
+        key.push_str(&String::from_utf8_lossy(rest));
+        key
+    }
+}
+
 struct Watcher {
     kv: KvClient,
     watch: WatchClient,
@@ -174,7 +213,7 @@ struct Watcher {
     stats: Arc<WatchStats>,
     /// Keys the consumer currently has, each with whether the listing in progress found
     /// it (or the watch wrote it since).
-    known: HashMap<String, bool>,
+    known: HashMap<Suffix, bool>,
     /// Last revision the consumer has seen everything up to; 0 = must list.
     last_rev: i64,
     /// Cluster id of the etcd the last listing came from.
@@ -243,7 +282,10 @@ impl Watcher {
                 let Some(key) = self.utf8_key(key) else {
                     continue;
                 };
-                self.known.insert(key.clone(), true);
+                let Some(suffix) = self.suffix(&key) else {
+                    continue;
+                };
+                self.known.insert(suffix, true);
                 let ev = WatchEvent::Upsert { key, value, mod_revision };
                 if !self.send(ev).await {
                     return Ok(false);
@@ -253,9 +295,10 @@ impl Watcher {
                 break (page.revision, page.cluster_id);
             }
         };
-        let gone: Vec<String> = self.known.iter().filter(|(_, seen)| !**seen).map(|(k, _)| k.clone()).collect();
-        for key in gone {
-            self.known.remove(&key);
+        let gone: Vec<Suffix> = self.known.iter().filter(|(_, seen)| !**seen).map(|(k, _)| k.clone()).collect();
+        for suffix in gone {
+            self.known.remove(&suffix);
+            let key = suffix.full_key(&self.config.prefix);
             if !self.send(WatchEvent::Delete { key }).await {
                 return Ok(false);
             }
@@ -268,6 +311,19 @@ impl Watcher {
         self.cluster_id = cluster_id;
         tracing::info!(keys = self.known.len(), revision = self.last_rev, "listed prefix");
         Ok(true)
+    }
+
+    /// `key` without the prefix, for `known`. etcd only returns keys under the prefix; a
+    /// key outside it is skipped like a non-UTF-8 one rather than mis-tracked.
+    fn suffix(&self, key: &str) -> Option<Suffix> {
+        match key.strip_prefix(self.config.prefix.as_str()) {
+            Some(rest) => Some(Suffix::new(rest)),
+            None => {
+                self.stats.invalid_keys.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(key, "skipping a key outside the prefix");
+                None
+            }
+        }
     }
 
     fn utf8_key(&self, key: Vec<u8>) -> Option<String> {
@@ -341,12 +397,16 @@ impl Watcher {
                     self.last_rev = self.last_rev.max(mod_revision);
                     continue;
                 };
+                let Some(suffix) = self.suffix(&key) else {
+                    self.last_rev = self.last_rev.max(mod_revision);
+                    continue;
+                };
                 let ev = match event.event_type() {
                     EventType::Put => {
-                        self.known.insert(key.clone(), true);
+                        self.known.insert(suffix, true);
                         Some(WatchEvent::Upsert { key, value: kv.value().to_vec(), mod_revision })
                     }
-                    EventType::Delete => self.known.remove(&key).map(|_| WatchEvent::Delete { key }),
+                    EventType::Delete => self.known.remove(&suffix).map(|_| WatchEvent::Delete { key }),
                 };
                 if let Some(ev) = ev {
                     if !self.send(ev).await {
@@ -356,5 +416,28 @@ impl Watcher {
                 self.last_rev = self.last_rev.max(mod_revision);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffix_round_trips_short_and_long_keys() {
+        let prefix = "cilium/state/ip/v1/";
+        for rest in [
+            "",
+            "default/10.0.0.1",
+            "a-rather-long-namespace/with-a-long-pod-name-x7f9c",
+            "é/ü",
+            "1234567890123456789012",
+        ] {
+            let s = Suffix::new(rest);
+            assert_eq!(s.full_key(prefix), format!("{prefix}{rest}"));
+            assert_eq!(matches!(s, Suffix::Inline { .. }), rest.len() <= INLINE_SUFFIX);
+            assert!(s == Suffix::new(rest));
+        }
+        assert!(Suffix::new("a") != Suffix::new("a\0"));
     }
 }
