@@ -67,6 +67,15 @@ impl ApiError {
         )
     }
 
+    /// Create and update bodies must be JSON (or YAML); protobuf and CBOR are not implemented.
+    pub fn unsupported_body_type(content_type: &str) -> Self {
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type:?}; protobuf and CBOR are not implemented by this test stand-in)"),
+        )
+    }
+
     /// What a watch or continue token gets when its resourceVersion was compacted away.
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)

@@ -163,6 +163,9 @@ fn content_type(headers: &HeaderMap) -> &str {
 
 fn parse_body(headers: &HeaderMap, body: &[u8]) -> ApiResult<Value> {
     let ct = content_type(headers);
+    if ct.contains("protobuf") || ct.contains("cbor") {
+        return Err(ApiError::unsupported_body_type(ct));
+    }
     let parsed = if ct.contains("yaml") {
         serde_yaml::from_slice::<Value>(body).map_err(|e| e.to_string())
     } else {

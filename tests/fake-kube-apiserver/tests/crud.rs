@@ -328,3 +328,21 @@ async fn malformed_requests_get_status_errors() -> anyhow::Result<()> {
     api.create(&PostParams::default(), &cm("after", &[], &[])).await?;
     server.shutdown().await
 }
+
+#[tokio::test]
+async fn deleting_a_namespace_deletes_its_objects() -> anyhow::Result<()> {
+    let (server, client) = start_default().await?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns =
+        Namespace { metadata: ObjectMeta { name: Some("doomed".into()), ..Default::default() }, ..Default::default() };
+    let created = namespaces.create(&PostParams::default(), &ns).await?;
+    assert_eq!(created.status.and_then(|s| s.phase).as_deref(), Some("Active"));
+    let doomed: Api<ConfigMap> = Api::namespaced(client.clone(), "doomed");
+    let kept: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    doomed.create(&PostParams::default(), &cm("a", &[], &[])).await?;
+    kept.create(&PostParams::default(), &cm("a", &[], &[])).await?;
+    namespaces.delete("doomed", &DeleteParams::default()).await?;
+    assert!(doomed.list(&ListParams::default()).await?.items.is_empty());
+    assert_eq!(kept.list(&ListParams::default()).await?.items.len(), 1);
+    server.shutdown().await
+}
