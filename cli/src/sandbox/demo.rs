@@ -1,9 +1,11 @@
 //! The sandbox's demo workload: the same global Service `shop/cart` in every cluster, each with its own pods.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
@@ -16,10 +18,26 @@ pub const SERVICE: &str = "cart";
 const SOURCE_CLUSTER_LABEL: &str = "multicluster.kubernetes.io/source-cluster";
 
 pub async fn client(c: &ClusterState) -> Result<Client, SandboxError> {
-    let err = |message: String| SandboxError::Kubeconfig { cluster: c.name.clone(), message };
-    let kc = Kubeconfig::read_from(&c.kubeconfig).map_err(|e| err(e.to_string()))?;
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.map_err(|e| err(e.to_string()))?;
-    Client::try_from(cfg).map_err(|source| SandboxError::Kube { cluster: c.name.clone(), source })
+    client_for(&c.name, &c.kubeconfig).await
+}
+
+async fn client_for(cluster: &str, kubeconfig: &Path) -> Result<Client, SandboxError> {
+    let err = |message: String| SandboxError::Kubeconfig { cluster: cluster.to_string(), message };
+    let kc = Kubeconfig::read_from(kubeconfig).map_err(|e| err(e.to_string()))?;
+    let cfg =
+        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.map_err(|e| err(e.to_string()))?;
+    Client::try_from(cfg).map_err(|source| SandboxError::Kube { cluster: cluster.to_string(), source })
+}
+
+/// Installs Causeway's CRDs, generated from the same Rust types as `crds/*.yaml`.
+pub async fn install_crds(cluster: &str, kubeconfig: &Path) -> Result<(), SandboxError> {
+    let api = Api::<CustomResourceDefinition>::all(client_for(cluster, kubeconfig).await?);
+    for crd in causeway_crds::all_crds() {
+        api.create(&PostParams::default(), &crd)
+            .await
+            .map_err(|source| SandboxError::Kube { cluster: cluster.to_string(), source })?;
+    }
+    Ok(())
 }
 
 fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {

@@ -89,8 +89,7 @@ fn component(bin_dir: &Path, name: &str) -> Result<PathBuf, SandboxError> {
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()))
+    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()))
 }
 
 pub fn load_state(dir: &Path) -> Result<SandboxState, SandboxError> {
@@ -177,6 +176,8 @@ pub async fn up(dir: &Path, timeout: Duration) -> Result<SandboxState, SandboxEr
         cluster_procs.push(kube_proc.clone());
         procs::wait_for_port(&etcd_proc, etcd_addr, Duration::from_secs(20))?;
         procs::wait_for_port(&kube_proc, kube_addr, Duration::from_secs(20))?;
+        // What `kubectl apply -f crds/` (or the Helm chart) does on a real cluster.
+        demo::install_crds(name, &kubeconfig).await?;
 
         let peer = CLUSTERS.iter().map(|(n, _)| *n).find(|n| *n != name).unwrap_or(name);
         let apiserver_metrics: SocketAddr = ([127, 0, 0, 1], procs::free_port()?).into();

@@ -42,8 +42,18 @@ pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> Result<
 }
 
 pub fn is_alive(pid: u32) -> bool {
-    // Signal 0 checks existence; a zombie (exited, not yet reaped by its parent) still counts, which is fine here.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+    // Signal 0 checks existence, but an exited child that `sandbox up` has not reaped is a zombie and still
+    // exists; /proc tells the two apart.
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself contain spaces or parentheses.
+        Ok(stat) => {
+            !matches!(stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next()), Some(Some('Z' | 'X')))
+        }
+        Err(_) => false,
+    }
 }
 
 /// SIGTERM, then SIGKILL after `grace`.
@@ -78,7 +88,11 @@ pub fn wait_for_port(proc_: &Proc, addr: SocketAddr, timeout: Duration) -> Resul
             return Ok(());
         }
         if !is_alive(proc_.pid) || Instant::now() > deadline {
-            return Err(SandboxError::NotStarted { name: proc_.name.clone(), log: proc_.log.clone(), tail: tail(&proc_.log) });
+            return Err(SandboxError::NotStarted {
+                name: proc_.name.clone(),
+                log: proc_.log.clone(),
+                tail: tail(&proc_.log),
+            });
         }
         std::thread::sleep(Duration::from_millis(100));
     }
