@@ -587,42 +587,6 @@ fn imports_100k_ipcache_entries() {
     v.remote_removed(EAST).unwrap();
 }
 
-fn rss_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
-}
-
-/// Prints resident bytes per ipcache entry for 100k realistic entries decoded from JSON (target ≤ 400).
-/// Ignored: RSS is process-wide, so it is only meaningful when run alone:
-/// `cargo test -p identity-sync --lib rss_per_ipcache_entry -- --ignored --nocapture`
-#[test]
-#[ignore]
-fn rss_per_ipcache_entry() {
-    let mut v = view();
-    let c = ctx(EAST, 1);
-    let before = rss_bytes().unwrap_or(0);
-    for i in 0..100_000u32 {
-        let a = std::net::Ipv4Addr::from(0x0a01_0000 + i);
-        let json = format!(
-            r#"{{"IP":"{a}","HostIP":"192.168.{}.{}","ID":{},"Key":0,"Metadata":"","K8sNamespace":"team-{}","K8sPodName":"checkout-7f9c5d6b8-{:05x}","NamedPorts":[{{"Name":"http","Port":8080,"Protocol":"TCP"}}]}}"#,
-            (i >> 8) % 256,
-            i % 256,
-            (1 << 16) + 1 + (i % 60_000),
-            i % 40,
-            i
-        );
-        let entry = c.decode(&ip_key(&a.to_string()), json.as_bytes()).unwrap();
-        v.entry_upsert(EAST, entry).unwrap();
-        if i % 1000 == 0 {
-            v.take_deltas();
-        }
-    }
-    v.take_deltas();
-    let after = rss_bytes().unwrap_or(0);
-    println!("ipcache: {} entries, {} bytes RSS per entry", v.ipcache_len(), after.saturating_sub(before) / 100_000);
-}
-
 #[test]
 fn a_new_session_via_validation_sweeps_what_was_not_relisted() {
     let mut v = view();
