@@ -29,8 +29,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use time::OffsetDateTime;
 
@@ -127,10 +127,7 @@ impl ServerNames {
     pub fn loopback() -> Self {
         Self {
             dns: vec!["localhost".to_owned()],
-            ips: vec![
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ],
+            ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)],
         }
     }
 
@@ -175,15 +172,8 @@ impl IssuedCert {
     /// Writes `ca.crt`, `tls.crt` and `tls.key` into `dir`, creating it if needed.
     /// On Unix the key file is written with mode 0600.
     pub fn write_bundle(&self, dir: &Path) -> Result<BundlePaths, PkiError> {
-        fs::create_dir_all(dir).map_err(|source| PkiError::Write {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let paths = BundlePaths {
-            ca: dir.join(CA_CERT_FILE),
-            cert: dir.join(CERT_FILE),
-            key: dir.join(KEY_FILE),
-        };
+        fs::create_dir_all(dir).map_err(|source| PkiError::Write { path: dir.to_owned(), source })?;
+        let paths = BundlePaths { ca: dir.join(CA_CERT_FILE), cert: dir.join(CERT_FILE), key: dir.join(KEY_FILE) };
         write_file(&paths.ca, &self.ca_pem, false)?;
         write_file(&paths.cert, &self.cert_pem, false)?;
         write_file(&paths.key, &self.key_pem, true)?;
@@ -192,10 +182,7 @@ impl IssuedCert {
 }
 
 fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), PkiError> {
-    let err = |source| PkiError::Write {
-        path: path.to_owned(),
-        source,
-    };
+    let err = |source| PkiError::Write { path: path.to_owned(), source };
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -219,9 +206,7 @@ pub struct CertificateAuthority {
 impl std::fmt::Debug for CertificateAuthority {
     // Never print the key.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertificateAuthority")
-            .field("leaf_validity", &self.leaf_validity)
-            .finish_non_exhaustive()
+        f.debug_struct("CertificateAuthority").field("leaf_validity", &self.leaf_validity).finish_non_exhaustive()
     }
 }
 
@@ -234,44 +219,23 @@ impl CertificateAuthority {
     /// Generates a new self-signed CA valid for `validity` from now.
     pub fn generate_with_validity(common_name: &str, validity: Duration) -> Result<Self, PkiError> {
         check_common_name("CA", common_name)?;
-        let gen_err = |source| PkiError::Generate {
-            what: "CA",
-            name: common_name.to_owned(),
-            source,
-        };
+        let gen_err = |source| PkiError::Generate { what: "CA", name: common_name.to_owned(), source };
         let mut params = base_params(common_name, validity);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate().map_err(gen_err)?;
         let cert = params.self_signed(&key).map_err(gen_err)?;
-        Ok(Self {
-            issuer: Issuer::new(params, key),
-            cert_pem: cert.pem(),
-            leaf_validity: DEFAULT_LEAF_VALIDITY,
-        })
+        Ok(Self { issuer: Issuer::new(params, key), cert_pem: cert.pem(), leaf_validity: DEFAULT_LEAF_VALIDITY })
     }
 
     /// Loads an existing CA from its certificate and private key (PEM), e.g. from the
     /// `ca.crt`/`ca.key` of an existing Secret, so that more certificates can be issued.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|source| PkiError::LoadCa {
-            what: "private key",
-            source,
-        })?;
-        let issuer =
-            Issuer::from_ca_cert_pem(cert_pem, key).map_err(|source| PkiError::LoadCa {
-                what: "certificate",
-                source,
-            })?;
-        Ok(Self {
-            issuer,
-            cert_pem: cert_pem.to_owned(),
-            leaf_validity: DEFAULT_LEAF_VALIDITY,
-        })
+        let key = KeyPair::from_pem(key_pem).map_err(|source| PkiError::LoadCa { what: "private key", source })?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
+            .map_err(|source| PkiError::LoadCa { what: "certificate", source })?;
+        Ok(Self { issuer, cert_pem: cert_pem.to_owned(), leaf_validity: DEFAULT_LEAF_VALIDITY })
     }
 
     /// Sets the lifetime of certificates issued from now on (default
@@ -296,11 +260,7 @@ impl CertificateAuthority {
     ///
     /// The certificate carries both the server-auth and client-auth usages, because
     /// etcd presents its server certificate on peer connections too.
-    pub fn issue_server(
-        &self,
-        common_name: &str,
-        names: &ServerNames,
-    ) -> Result<IssuedCert, PkiError> {
+    pub fn issue_server(&self, common_name: &str, names: &ServerNames) -> Result<IssuedCert, PkiError> {
         check_common_name("server", common_name)?;
         let mut params = base_params(common_name, self.leaf_validity);
         for dns in &names.dns {
@@ -311,13 +271,8 @@ impl CertificateAuthority {
             })?;
             params.subject_alt_names.push(SanType::DnsName(ia5));
         }
-        params
-            .subject_alt_names
-            .extend(names.ips.iter().copied().map(SanType::IpAddress));
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.subject_alt_names.extend(names.ips.iter().copied().map(SanType::IpAddress));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         self.sign("server", common_name, params)
     }
 
@@ -336,15 +291,8 @@ impl CertificateAuthority {
         common_name: &str,
         mut params: CertificateParams,
     ) -> Result<IssuedCert, PkiError> {
-        let gen_err = |source| PkiError::Generate {
-            what,
-            name: common_name.to_owned(),
-            source,
-        };
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        let gen_err = |source| PkiError::Generate { what, name: common_name.to_owned(), source };
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.use_authority_key_identifier_extension = true;
         let key = KeyPair::generate().map_err(gen_err)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(gen_err)?;
@@ -367,11 +315,7 @@ fn check_common_name(what: &'static str, name: &str) -> Result<(), PkiError> {
     } else {
         return Ok(());
     };
-    Err(PkiError::InvalidName {
-        what,
-        name: name.to_owned(),
-        reason,
-    })
+    Err(PkiError::InvalidName { what, name: name.to_owned(), reason })
 }
 
 fn base_params(common_name: &str, validity: Duration) -> CertificateParams {
@@ -478,16 +422,9 @@ mod tests {
         let server = ca.issue_server("etcd", &names).unwrap();
         let pem = parse(&server.cert_pem);
         let cert = pem.parse_x509().unwrap();
-        let sans = &cert
-            .subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names;
+        let sans = &cert.subject_alternative_name().unwrap().unwrap().value.general_names;
         assert!(sans.contains(&GeneralName::DNSName("localhost")));
-        assert!(sans.contains(&GeneralName::DNSName(
-            "clustermesh-apiserver.kube-system.svc"
-        )));
+        assert!(sans.contains(&GeneralName::DNSName("clustermesh-apiserver.kube-system.svc")));
         assert!(sans.contains(&GeneralName::IPAddress(&[127, 0, 0, 1])));
         assert!(sans.contains(&GeneralName::IPAddress(&[10, 96, 0, 10])));
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
@@ -511,28 +448,16 @@ mod tests {
     #[test]
     fn from_pem_rejects_garbage_with_a_clear_error() {
         let err = CertificateAuthority::from_pem("nope", "nope").unwrap_err();
-        assert!(matches!(
-            err,
-            PkiError::LoadCa {
-                what: "private key",
-                ..
-            }
-        ));
+        assert!(matches!(err, PkiError::LoadCa { what: "private key", .. }));
         assert!(err.to_string().contains("PEM"));
     }
 
     #[test]
     fn invalid_names_are_refused() {
         let ca = CertificateAuthority::generate("test-ca").unwrap();
-        assert!(matches!(
-            ca.issue_client(""),
-            Err(PkiError::InvalidName { .. })
-        ));
+        assert!(matches!(ca.issue_client(""), Err(PkiError::InvalidName { .. })));
         let names = ServerNames::default().with_dns("bücher.example");
-        assert!(matches!(
-            ca.issue_server("etcd", &names),
-            Err(PkiError::InvalidName { .. })
-        ));
+        assert!(matches!(ca.issue_server("etcd", &names), Err(PkiError::InvalidName { .. })));
     }
 
     #[test]
