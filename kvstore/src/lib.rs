@@ -31,7 +31,9 @@ pub use mesh_keys::{
     canary_key, cluster_config_key, write_cluster_config, Heartbeat, HAS_CLUSTER_CONFIG_KEY, HEARTBEAT_INTERVAL,
     HEARTBEAT_KEY,
 };
-pub use sync_store::{SyncStats, SyncStatsSnapshot, SyncStore, SyncStoreConfig, DEFAULT_MAX_TXN_OPS};
+pub use sync_store::{
+    SyncStats, SyncStatsSnapshot, SyncStore, SyncStoreConfig, DEFAULT_MAX_TXN_OPS, DEFAULT_TXNS_IN_FLIGHT,
+};
 pub use watch_store::{WatchEvent, WatchStats, WatchStore, WatchStoreConfig};
 
 /// Re-exported so callers can hold a client without depending on etcd-client directly.

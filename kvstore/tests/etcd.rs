@@ -237,6 +237,31 @@ async fn sync_store_batches_within_max_txn_ops() {
 }
 
 #[tokio::test]
+async fn pipelined_txns_never_let_an_older_value_overtake_a_newer_one() {
+    init_tracing();
+    let etcd = Etcd::start().await;
+    let mut client = plain_client(&etcd).await;
+    let pool = LeasePool::grant(client.clone(), LeaseConfig::default()).await.unwrap();
+    let mut config = store_config();
+    config.max_txn_ops = 8;
+    config.txns_in_flight = 4;
+    let store = SyncStore::start(client.clone(), pool, config);
+    // Rewrite every key while earlier rounds are still in flight.
+    for round in 0..5 {
+        for i in 0..200 {
+            store.upsert(format!("{PREFIX}n{i:04}"), format!("r{round}-{i}")).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    store.flushed().await;
+    let got = dump(&mut client, PREFIX).await;
+    let want: BTreeMap<String, Vec<u8>> =
+        (0..200).map(|i| (format!("{PREFIX}n{i:04}"), format!("r4-{i}").into_bytes())).collect();
+    assert_eq!(got, want);
+    assert!(store.stats().snapshot().txns >= 25, "{:?}", store.stats().snapshot());
+}
+
+#[tokio::test]
 async fn canary_is_written_only_after_the_initial_sync() {
     init_tracing();
     let etcd = Etcd::start().await;
