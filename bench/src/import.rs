@@ -80,22 +80,17 @@ pub fn spawn_readers(client: &Client, ctx: &RemoteContext, kinds: &[Kind], tx: &
                 let (client, ctx, tx, name) = (client.clone(), ctx.clone(), tx.clone(), name.clone());
                 tokio::spawn(async move {
                     let mut ws = WatchStore::start(client, WatchStoreConfig::new(kind.watch_prefix(ctx.name.as_str())));
-                    // identity-sync's remote task keeps the set of accepted keys for its status counts; so do we.
-                    let mut accepted: HashSet<String> = HashSet::new();
+                    // Like identity-sync's remote task: decode and forward, no per-key state (the view counts).
                     while let Some(ev) = ws.next().await {
                         let ev = match ev {
                             WatchEvent::Upsert { key, value, .. } => match ctx.decode(&key, &value) {
-                                Ok(entry) => {
-                                    accepted.insert(key);
-                                    Ev::Upsert(entry)
-                                }
+                                Ok(entry) => Ev::Upsert(entry),
                                 Err(e) => Ev::Rejected(key, e),
                             },
-                            WatchEvent::Delete { key } => {
-                                accepted.remove(&key);
-                                Ev::Delete(key)
-                            }
+                            WatchEvent::Delete { key } => Ev::Delete(key),
                             WatchEvent::ListDone => Ev::ListDone,
+                            // identity-sync starts a new session; the benches never restart etcd.
+                            WatchEvent::Reset => return,
                         };
                         if tx.send((name.clone(), kind, ev)).await.is_err() {
                             return;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use causeway_runtime::Health;
-use causeway_store::{ClusterId, ClusterName, MaxConnectedClusters};
+use causeway_store::{ClusterId, ClusterName, Kind, MaxConnectedClusters};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use crate::core::{CoreConfig, MergedView, ServiceKey};
 use crate::kube::services::{self as local_services, LocalChange};
 use crate::kube::slices::{DesiredSlices, SliceKey, SliceWriter};
-use crate::remotes::task::{IdClaims, RemoteEvent, TaskEnv, Timing};
+use crate::remotes::task::{IdClaims, RemoteEvent, TaskEnv, Timing, KINDS};
 use crate::status::Status;
 use crate::stream::{MeshViewHub, StreamConfig, StreamMetrics};
 
@@ -126,11 +126,19 @@ async fn drive(
                             Err(_) => break,
                         }
                     }
-                    hub.update(|v| {
+                    let counts = hub.update(|v| {
+                        let mut touched: Vec<Arc<str>> = Vec::new();
                         for (name, ev) in batch {
                             apply_remote(v, &name, ev);
+                            if !touched.contains(&name) {
+                                touched.push(name);
+                            }
                         }
+                        entry_counts(v, touched)
                     });
+                    for (name, counts) in counts {
+                        status.remote_entries(&name, counts);
+                    }
                 }
                 None => events_open = false,
             },
@@ -173,6 +181,21 @@ fn apply_remote(core: &mut MergedView, name: &str, ev: RemoteEvent) {
         // Events of a remote removed a moment ago, or before it was validated; nothing to do.
         debug!(cluster = %name, error = %e, "event not applied");
     }
+}
+
+/// The merged view's entry counts of the given remotes, for the status board (the view is the one place that
+/// knows how many entries each remote holds; the remote tasks keep no copy of the keys).
+type KindCounts = [(Kind, u64); KINDS.len()];
+
+fn entry_counts(core: &MergedView, remotes: Vec<Arc<str>>) -> Vec<(Arc<str>, KindCounts)> {
+    remotes
+        .into_iter()
+        .filter_map(|name| {
+            let entries = &core.remote_status(&name)?.entries;
+            let counts = KINDS.map(|k| (k, entries.get(k)));
+            Some((name, counts))
+        })
+        .collect()
 }
 
 fn apply_local(core: &mut MergedView, ch: LocalChange) {

@@ -19,18 +19,29 @@ use crate::list::prefetch;
 ///
 /// # Consumer contract
 ///
-/// The stream alone keeps a consumer's copy exact: apply `Upsert` and `Delete` as they
-/// come. `ListDone` follows every complete listing (the first one, and any re-list after
-/// the watch's revision was compacted or etcd came back with older history). At each
-/// `ListDone` the consumer's copy equals etcd's content at the listing's revision: keys
-/// that disappeared while the store was not watching are sent as `Delete` *before* that
-/// `ListDone`. So the consumer needs no stale sweep of its own. (Equivalently: after a
-/// `ListDone`, any key not upserted since the previous list began is gone, and the store
-/// has already said so.)
+/// Within one etcd history the stream alone keeps a consumer's copy exact: apply `Upsert`
+/// and `Delete` as they come. `ListDone` follows every complete listing (the first one,
+/// and any re-list after the watch's revision was compacted). At each `ListDone` the
+/// consumer's copy equals etcd's content at the listing's revision: keys that disappeared
+/// while the store was not watching are sent as `Delete` *before* that `ListDone`. So the
+/// consumer needs no stale sweep of its own. (Equivalently: after a `ListDone`, any key not
+/// upserted since the previous list began is gone, and the store has already said so.)
 ///
 /// A re-list sends `Upsert` for every key again, unchanged ones included; compare
 /// `mod_revision` to skip work. A disconnect that is followed by a successful resume
 /// sends nothing special: events continue from the last revision seen, without a list.
+///
+/// When etcd's *history* changes under the store — a different etcd cluster id, or a
+/// revision older than one the store already saw (etcd restored from a backup, or
+/// restarted empty) — the store does not delete anything on its own: an empty etcd that
+/// its writer has not filled again yet says nothing about which keys are really gone. It
+/// sends `Reset` instead, forgets every key it had sent, and lists the new history from
+/// scratch: `Upsert`s, then `ListDone`, with no `Delete` for keys of the old history.
+/// The consumer decides when the old copy is obsolete: typically it keeps it until it
+/// knows the writer is done (e.g. a synced canary), then drops, at a `ListDone`, whatever
+/// was not upserted since the `Reset`; or it drops the store and starts over. Until then,
+/// a `Delete` may still come for a key the consumer holds from the old history only if
+/// that key was upserted again after the `Reset`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
     /// `key` was created or changed.
@@ -49,6 +60,10 @@ pub enum WatchEvent {
     },
     /// A complete listing has been sent; see the contract above.
     ListDone,
+    /// etcd's history changed (another etcd cluster id, or the revision went backwards).
+    /// Keys sent before this are no longer tracked: no `Delete` will come for them unless
+    /// they are upserted again. A fresh listing follows. See the contract above.
+    Reset,
 }
 
 /// Configuration of a [`WatchStore`].
@@ -86,8 +101,10 @@ pub struct WatchStats {
     pub lists: AtomicU64,
     /// Watches (re)established after a disconnect or error.
     pub reconnects: AtomicU64,
-    /// Re-lists forced by compaction or a store that went back in time.
+    /// Re-lists forced by compaction (same history).
     pub relists: AtomicU64,
+    /// [`WatchEvent::Reset`]s sent: etcd's history changed (restored, or restarted empty).
+    pub resets: AtomicU64,
     /// Failed etcd requests or broken streams.
     pub errors: AtomicU64,
     /// Keys skipped because they are not UTF-8.
@@ -124,6 +141,7 @@ impl WatchStore {
             stats: stats.clone(),
             known: HashMap::new(),
             last_rev: 0,
+            seen_rev: 0,
             cluster_id: 0,
         };
         let task = tokio::spawn(tracing::Instrument::instrument(watcher.run(), span));
@@ -159,8 +177,10 @@ impl Drop for WatchStore {
 enum Ended {
     /// The consumer is gone.
     Closed,
-    /// Must list again (compaction, or etcd's history is older than ours).
+    /// Must list again: the watch's revision was compacted (same history).
     Relist,
+    /// etcd's history changed: tell the consumer, forget what it has, list afresh.
+    Reset,
     /// Connection problem: resume from the last revision.
     Retry,
 }
@@ -216,7 +236,10 @@ struct Watcher {
     known: HashMap<Suffix, bool>,
     /// Last revision the consumer has seen everything up to; 0 = must list.
     last_rev: i64,
-    /// Cluster id of the etcd the last listing came from.
+    /// Highest revision seen in the current history (kept across compaction re-lists, so a
+    /// listing can tell that etcd went back in time); 0 = none yet.
+    seen_rev: i64,
+    /// Cluster id of the etcd the last listing came from; 0 = none yet.
     cluster_id: u64,
 }
 
@@ -239,6 +262,11 @@ impl Watcher {
                     self.stats.relists.fetch_add(1, Ordering::Relaxed);
                     self.last_rev = 0;
                 }
+                Ended::Reset => {
+                    if !self.reset().await {
+                        return;
+                    }
+                }
                 Ended::Retry => {
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(self.backoff.next_delay()).await;
@@ -249,6 +277,25 @@ impl Watcher {
 
     async fn send(&self, ev: WatchEvent) -> bool {
         self.tx.send(ev).await.is_ok()
+    }
+
+    /// etcd's history changed: sends `Reset` and forgets everything, so the next listing
+    /// starts from scratch and deletes nothing the consumer holds. false: consumer gone.
+    async fn reset(&mut self) -> bool {
+        self.stats.resets.fetch_add(1, Ordering::Relaxed);
+        self.known = HashMap::new();
+        self.last_rev = 0;
+        self.seen_rev = 0;
+        self.cluster_id = 0;
+        self.send(WatchEvent::Reset).await
+    }
+
+    /// Whether a header from etcd shows a different history than the one the consumer's
+    /// copy came from. A zero field means "unknown" and never counts as different.
+    fn other_history(&self, revision: i64, cluster_id: u64) -> bool {
+        let went_back = revision > 0 && revision < self.seen_rev;
+        let other_cluster = cluster_id != 0 && self.cluster_id != 0 && cluster_id != self.cluster_id;
+        went_back || other_cluster
     }
 
     /// Lists the prefix and emits Upserts page by page as the pages arrive, then Deletes
@@ -262,6 +309,7 @@ impl Watcher {
             *seen = false;
         }
         let (mut pages, _lister) = prefetch(self.kv.clone(), &self.config.prefix, self.config.list_page_size);
+        let mut first = true;
         let (revision, cluster_id) = loop {
             let page = match pages.recv().await {
                 Some(Ok(page)) => page,
@@ -276,6 +324,19 @@ impl Watcher {
                     return Err(());
                 }
             };
+            if std::mem::take(&mut first) && self.other_history(page.revision, page.cluster_id) {
+                // Noticed while listing (e.g. a re-list after compaction, or a retried
+                // listing, that reached an etcd restarted in between).
+                tracing::warn!(
+                    revision = self.seen_rev,
+                    etcd_revision = page.revision,
+                    cluster_id = page.cluster_id,
+                    "etcd has a different history; resetting"
+                );
+                if !self.reset().await {
+                    return Ok(false);
+                }
+            }
             for kv in page.kvs {
                 let mod_revision = kv.mod_revision();
                 let (key, value) = kv.into_key_value();
@@ -308,7 +369,10 @@ impl Watcher {
         }
         self.stats.lists.fetch_add(1, Ordering::Relaxed);
         self.last_rev = revision.max(1);
-        self.cluster_id = cluster_id;
+        self.seen_rev = self.seen_rev.max(self.last_rev);
+        if cluster_id != 0 {
+            self.cluster_id = cluster_id;
+        }
         tracing::info!(keys = self.known.len(), revision = self.last_rev, "listed prefix");
         Ok(true)
     }
@@ -376,18 +440,17 @@ impl Watcher {
             if resp.created() {
                 self.backoff.reset();
                 let (current, cluster_id) = resp.header().map(|h| (h.revision(), h.cluster_id())).unwrap_or_default();
-                let went_back = current > 0 && current < self.last_rev;
-                let other_cluster = cluster_id != 0 && cluster_id != self.cluster_id;
-                if went_back || other_cluster {
+                if self.other_history(current, cluster_id) {
                     // etcd lost our history (restored, or restarted empty): resuming
-                    // would silently skip or misread revisions.
+                    // would silently skip or misread revisions, and listing it would
+                    // delete keys its writer has not written back yet.
                     tracing::warn!(
                         revision = self.last_rev,
                         etcd_revision = current,
                         cluster_id,
-                        "etcd has a different history; listing again"
+                        "etcd has a different history; resetting"
                     );
-                    return Ended::Relist;
+                    return Ended::Reset;
                 }
             }
             for event in resp.events() {
@@ -414,6 +477,7 @@ impl Watcher {
                     }
                 }
                 self.last_rev = self.last_rev.max(mod_revision);
+                self.seen_rev = self.seen_rev.max(mod_revision);
             }
         }
     }

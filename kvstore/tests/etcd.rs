@@ -1,6 +1,6 @@
 //! Integration tests against a real etcd (see causeway-testsupport).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use causeway_kvstore::{
@@ -315,28 +315,59 @@ async fn stale_keys_of_a_previous_run_are_deleted_after_the_initial_sync() {
 
 // ---------------------------------------------------------------- watch store
 
-/// Applies events to a map, as a consumer would. Returns after `list_dones` ListDone.
+/// Applies events to a map, as a consumer would. After a `Reset` it keeps its copy and,
+/// at the next `ListDone`, drops what was not upserted since the `Reset` (the sweep the
+/// contract leaves to the consumer in that case).
 struct Consumer {
     state: BTreeMap<String, Vec<u8>>,
     list_dones: usize,
     deletes: Vec<String>,
+    /// `state.len()` when each `Reset` arrived.
+    resets: Vec<usize>,
+    /// Keys upserted since the last `Reset`, while its sweep is pending.
+    since_reset: Option<BTreeSet<String>>,
+    /// Keys dropped by the consumer's own post-`Reset` sweeps.
+    swept: Vec<String>,
 }
 
 impl Consumer {
     fn new() -> Self {
-        Self { state: BTreeMap::new(), list_dones: 0, deletes: Vec::new() }
+        Self {
+            state: BTreeMap::new(),
+            list_dones: 0,
+            deletes: Vec::new(),
+            resets: Vec::new(),
+            since_reset: None,
+            swept: Vec::new(),
+        }
     }
 
     fn apply(&mut self, ev: WatchEvent) {
         match ev {
             WatchEvent::Upsert { key, value, .. } => {
+                if let Some(fresh) = &mut self.since_reset {
+                    fresh.insert(key.clone());
+                }
                 self.state.insert(key, value);
             }
             WatchEvent::Delete { key } => {
                 self.state.remove(&key);
                 self.deletes.push(key);
             }
-            WatchEvent::ListDone => self.list_dones += 1,
+            WatchEvent::ListDone => {
+                self.list_dones += 1;
+                if let Some(fresh) = self.since_reset.take() {
+                    let gone: Vec<String> = self.state.keys().filter(|k| !fresh.contains(*k)).cloned().collect();
+                    for k in gone {
+                        self.state.remove(&k);
+                        self.swept.push(k);
+                    }
+                }
+            }
+            WatchEvent::Reset => {
+                self.resets.push(self.state.len());
+                self.since_reset = Some(BTreeSet::new());
+            }
         }
     }
 
@@ -462,7 +493,7 @@ async fn watch_store_relists_after_compaction_and_the_consumer_ends_up_correct()
 }
 
 #[tokio::test]
-async fn watch_store_relists_when_etcd_comes_back_empty() {
+async fn watch_store_resets_then_lists_again_when_etcd_comes_back_empty() {
     init_tracing();
     let mut etcd = Etcd::start().await;
     let mut client = plain_client(&etcd).await;
@@ -470,14 +501,46 @@ async fn watch_store_relists_when_etcd_comes_back_empty() {
     for i in 0..5 {
         client.put(format!("{prefix}n{i}"), "1", None).await.unwrap();
     }
+    // n0..n3 get more revisions, so the restarted etcd is well behind the watcher.
+    for i in 0..4 {
+        client.put(format!("{prefix}n{i}"), "2", None).await.unwrap();
+    }
     let mut w = WatchStore::start(client.clone(), watch_config(prefix));
     let mut c = Consumer::new();
     c.until(&mut w, "initial ListDone", |c| c.list_dones == 1).await;
 
     etcd.restart_empty().await;
+    // The store must say that the history changed, before anything else and without
+    // deleting the keys of the old history (their writer has not written them back yet).
+    c.until(&mut w, "Reset", |c| !c.resets.is_empty()).await;
+    assert_eq!(c.resets, vec![5], "Reset must come before any event of the new history");
+    assert!(c.deletes.is_empty(), "no Delete for keys of the old history: {:?}", c.deletes);
+
+    // Then it lists the new history and keeps watching it.
     let mut client = plain_client(&etcd).await;
     client.put(format!("{prefix}fresh"), "1", None).await.unwrap();
-    c.until(&mut w, "re-list of the empty etcd", |c| c.list_dones == 2 && c.state.len() == 1).await;
+    client.put(format!("{prefix}n1"), "3", None).await.unwrap();
+    c.until(&mut w, "re-list of the restarted etcd", |c| {
+        c.list_dones == 2 && c.state.len() == 2 && c.state.contains_key(&format!("{prefix}fresh"))
+    })
+    .await;
+    assert_eq!(c.state, dump(&mut client, prefix).await);
+    assert!(c.deletes.is_empty(), "no Delete for keys of the old history: {:?}", c.deletes);
+    // The consumer's own sweep dropped the old keys that did not come back (n1 too, if the
+    // listing ran before it was written again).
+    for n in ["n0", "n2", "n3", "n4"] {
+        assert!(c.swept.contains(&format!("{prefix}{n}")), "{n} not swept: {:?}", c.swept);
+    }
+    assert!(c.swept.len() <= 5, "{:?}", c.swept);
+    let stats = w.stats();
+    assert_eq!(stats.resets.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(stats.relists.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(stats.lists.load(std::sync::atomic::Ordering::Relaxed), 2);
+
+    // The new history is tracked exactly: deletes of its keys arrive as Deletes.
+    client.delete(format!("{prefix}n1"), None).await.unwrap();
+    c.until(&mut w, "delete in the new history", |c| c.state.len() == 1).await;
+    assert_eq!(c.deletes, vec![format!("{prefix}n1")]);
     assert_eq!(c.state, dump(&mut client, prefix).await);
 }
 

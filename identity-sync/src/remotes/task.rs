@@ -5,7 +5,8 @@
 //! [`RemoteEvent`]s, in order, on one channel shared by all remotes. Dropping the [`RemoteHandle`] aborts the task
 //! and with it every watch it started (a `WatchStore` stops when dropped).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,6 +98,8 @@ pub enum SessionError {
     WatchStopped { remote: String, kind: Kind },
     #[error("connection to remote {remote} restored; starting a new session to re-list")]
     Reconnect { remote: String },
+    #[error("remote {remote}'s etcd has a different history (restored, or restarted empty), seen by the {kind} watch; starting a new session and keeping entries until it has synced again")]
+    StoreReset { remote: String, kind: Kind },
     #[error("the merged view is gone")]
     Closed,
 }
@@ -190,14 +193,46 @@ pub fn spawn(cfg: RemoteConfig, env: TaskEnv, reporter: RemoteReporter) -> Remot
     RemoteHandle { task, claims, name }
 }
 
+/// How far a session got; decides how the next one starts.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The remote's cluster config was accepted.
+    validated: AtomicBool,
+    /// Kinds whose first list completed.
+    kinds_listed: AtomicUsize,
+}
+
+impl Progress {
+    fn synced(&self) -> bool {
+        self.kinds_listed.load(Ordering::Relaxed) >= KINDS.len()
+    }
+}
+
 #[instrument(name = "remote", skip_all, fields(cluster = %cfg.name))]
 async fn run(cfg: RemoteConfig, env: TaskEnv, reporter: RemoteReporter) {
     let name: Arc<str> = cfg.name.as_str().into();
     let mut delay = env.timing.min_backoff;
+    // Once a session of this task accepted a cluster config, later sessions wait for it instead of failing when it
+    // is missing: the remote writes one, it is just being rebuilt (its etcd restarted empty, say).
+    let mut had_config = false;
     loop {
-        let err = match session(&cfg, &env, &reporter, &name).await {
+        let progress = Progress::default();
+        let result = session(&cfg, &env, &reporter, &name, &progress, had_config).await;
+        had_config |= progress.validated.load(Ordering::Relaxed);
+        let err = match result {
             Ok(()) | Err(SessionError::Closed) => return,
             Err(e) => e,
+        };
+        // Only a session that got all the way to synced proves the remote healthy; anything that failed earlier
+        // (no cluster config, a canary that never came, a watch that broke during the list) keeps backing off, so a
+        // misconfigured remote is not retried twice a second forever.
+        if progress.synced() {
+            delay = env.timing.min_backoff;
+        }
+        let mut next_delay = || {
+            let d = delay;
+            delay = (delay * 2).min(env.timing.max_backoff);
+            d
         };
         let wait = match &err {
             SessionError::Invalid { error, .. } => {
@@ -209,26 +244,23 @@ async fn run(cfg: RemoteConfig, env: TaskEnv, reporter: RemoteReporter) {
                 }
                 env.timing.invalid_retry
             }
-            SessionError::ConfigChanged { .. } | SessionError::Reconnect { .. } => {
-                delay = env.timing.min_backoff;
-                info!("{err}");
-                env.timing.min_backoff
+            SessionError::ConfigChanged { .. } | SessionError::Reconnect { .. } | SessionError::StoreReset { .. } => {
+                // Deliberate restarts: prompt after a synced session, backing off if they repeat before one syncs.
+                let wait = next_delay();
+                info!(retry_in = ?wait, "{err}");
+                wait
             }
             SessionError::Connect { .. } | SessionError::TlsNotUtf8 { .. } => {
-                warn!(error = %err, retry_in = ?delay, "cannot connect to remote; retrying");
+                let wait = next_delay();
+                warn!(error = %err, retry_in = ?wait, "cannot connect to remote; retrying");
                 reporter.error(&err.to_string());
-                let d = delay;
-                delay = (delay * 2).min(env.timing.max_backoff);
-                d
+                wait
             }
             _ => {
-                // The connection worked, so this is not an unreachable remote: retry promptly, then back off.
-                delay = env.timing.min_backoff;
-                warn!(error = %err, retry_in = ?delay, "remote session failed; retrying");
+                let wait = next_delay();
+                warn!(error = %err, retry_in = ?wait, "remote session failed; retrying");
                 reporter.error(&err.to_string());
-                let d = delay;
-                delay = (delay * 2).min(env.timing.max_backoff);
-                d
+                wait
             }
         };
         tokio::time::sleep(wait).await;
@@ -302,6 +334,8 @@ async fn session(
     env: &TaskEnv,
     reporter: &RemoteReporter,
     name: &Arc<str>,
+    progress: &Progress,
+    had_config: bool,
 ) -> Result<(), SessionError> {
     let remote = cfg.name.to_string();
     reporter.state(RemoteState::Connecting);
@@ -315,7 +349,7 @@ async fn session(
 
     let config_key = format!("{CLUSTER_CONFIG_PREFIX}{remote}");
     let (marker, _) = get(&mut client, &remote, HAS_CLUSTER_CONFIG, "reading the cluster-config marker").await?;
-    let raw = if marker.is_some() {
+    let raw = if marker.is_some() || had_config {
         wait_for_key(&mut client, &remote, &config_key, "waiting for the cluster config").await?
     } else {
         get(&mut client, &remote, &config_key, "reading the cluster config")
@@ -327,6 +361,7 @@ async fn session(
         .claims
         .validate(&cfg.name, &raw, env.local_id, env.mode)
         .map_err(|error| SessionError::Invalid { remote: remote.clone(), error })?;
+    progress.validated.store(true, Ordering::Relaxed);
     // validate_cluster_config parsed it already; this only reads the capability flag.
     let canaries =
         serde_json::from_slice::<ClusterConfig>(&raw).map(|c| c.capabilities.synced_canaries).unwrap_or(false);
@@ -337,8 +372,17 @@ async fn session(
     reporter.state(if canaries { RemoteState::WaitingForCanaries } else { RemoteState::Syncing });
 
     let kinds = KINDS.map(|kind| {
-        mirror_kind(client.clone(), ctx.clone(), kind, canaries, env.events.clone(), reporter.clone(), name.clone())
-            .instrument(tracing::info_span!("kind", kind = %kind))
+        mirror_kind(
+            client.clone(),
+            ctx.clone(),
+            kind,
+            canaries,
+            env.events.clone(),
+            reporter.clone(),
+            name.clone(),
+            &progress.kinds_listed,
+        )
+        .instrument(tracing::info_span!("kind", kind = %kind))
     });
     let mirrors = futures::future::try_join_all(kinds);
     let probe = probe(client, &config_key, raw, env, reporter, name);
@@ -401,6 +445,14 @@ async fn probe(
 }
 
 /// Waits for the kind's canary (when the remote writes canaries), then mirrors its prefix until the session ends.
+///
+/// Entry counts are not kept here: the merged view counts each remote's accepted entries, and the driver reports
+/// them (see `app::drive`).
+///
+/// A reset of the remote's store (its etcd restored or restarted empty) ends the session rather than being followed
+/// in place: the new history has to be validated and waited for (cluster config, canary) like a new remote, and
+/// the entries held meanwhile stay in the view until this kind's list in the next session sweeps them.
+#[allow(clippy::too_many_arguments)]
 async fn mirror_kind(
     mut client: Client,
     ctx: RemoteContext,
@@ -409,6 +461,7 @@ async fn mirror_kind(
     events: EventSender,
     reporter: RemoteReporter,
     name: Arc<str>,
+    kinds_listed: &AtomicUsize,
 ) -> Result<(), SessionError> {
     let remote = ctx.name.to_string();
     if canaries {
@@ -416,40 +469,34 @@ async fn mirror_kind(
         debug!("canary present");
     }
     let mut ws = WatchStore::start(client, WatchStoreConfig::new(kind.watch_prefix(&remote)));
-    let mut accepted: HashSet<String> = HashSet::new();
     let mut lists = 0u64;
     while let Some(ev) = ws.next().await {
         let out = match ev {
             WatchEvent::Upsert { key, value, mod_revision } => match ctx.decode(&key, &value) {
-                Ok(entry) => {
-                    if accepted.insert(key.clone()) {
-                        reporter.entries(kind, accepted.len());
-                    }
-                    RemoteEvent::Upsert { kind, key, entry, mod_revision }
-                }
+                Ok(entry) => RemoteEvent::Upsert { kind, key, entry, mod_revision },
                 Err(error) => {
                     debug!(key, reason = error.reason(), error = %error, "value rejected");
                     reporter.rejected(error.reason(), &format!("{key}: {error}"));
                     RemoteEvent::Rejected { kind, key, error }
                 }
             },
-            WatchEvent::Delete { key } => {
-                if accepted.remove(&key) {
-                    reporter.entries(kind, accepted.len());
-                }
-                RemoteEvent::Delete { kind, key }
-            }
+            WatchEvent::Delete { key } => RemoteEvent::Delete { kind, key },
             WatchEvent::ListDone => {
                 lists += 1;
                 if lists == 1 {
-                    info!(entries = accepted.len(), "initial list complete");
-                    reporter.entries(kind, accepted.len());
+                    info!("initial list complete");
                     reporter.kind_synced(kind);
+                    kinds_listed.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    info!(entries = accepted.len(), "re-list complete");
+                    info!("re-list complete");
                     reporter.resync();
                 }
                 RemoteEvent::ListDone { kind }
+            }
+            WatchEvent::Reset => {
+                warn!(cluster = %remote, %kind, "remote etcd has a different history; keeping entries and starting a new session");
+                reporter.resync();
+                return Err(SessionError::StoreReset { remote, kind });
             }
         };
         send(&events, &name, out).await?;

@@ -228,6 +228,18 @@ impl Status {
         self.evaluate();
     }
 
+    /// A remote's entry counts per kind, as the merged view holds them. Does nothing for a remote that is not (or
+    /// no longer) on the board.
+    pub fn remote_entries(&self, name: &str, counts: impl IntoIterator<Item = (Kind, u64)>) {
+        if !self.board().remotes.contains_key(name) {
+            return;
+        }
+        let reporter = RemoteReporter { status: self.clone(), name: name.to_string() };
+        for (kind, count) in counts {
+            reporter.entries(kind, count);
+        }
+    }
+
     /// Marks a remote's config file invalid (creating its entry if needed).
     pub fn config_invalid(&self, name: &str, error: &str) {
         let mut b = self.board();
@@ -430,8 +442,7 @@ impl RemoteReporter {
         self.status.metrics.ready.get_or_create(&self.labels()).set(i64::from(synced));
     }
 
-    pub fn entries(&self, kind: Kind, count: usize) {
-        let count = u64::try_from(count).unwrap_or(u64::MAX);
+    pub fn entries(&self, kind: Kind, count: u64) {
         self.update_quiet(|r| {
             r.entries.insert(kind.to_string(), count);
         });
