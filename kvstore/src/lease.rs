@@ -174,6 +174,21 @@ impl LeasePool {
         Ok(resp.ttl() > 0)
     }
 
+    /// Checks every lease with etcd and replaces those that are gone; returns how many
+    /// were replaced. For when etcd is known to have lost its data (restarted empty): the
+    /// keepalive tasks would only notice at their next renewal, up to a third of the TTL
+    /// later.
+    pub async fn replace_all_lost(&self) -> Result<usize, KvError> {
+        let mut replaced = 0;
+        for (index, id) in self.lease_ids().into_iter().enumerate() {
+            if !self.is_alive(id).await? {
+                self.replace_lost(index, id).await?;
+                replaced += 1;
+            }
+        }
+        Ok(replaced)
+    }
+
     /// Revokes every lease, which deletes all keys attached to them at once (graceful
     /// shutdown), and stops the keepalive tasks.
     pub async fn revoke_all(&self) -> Result<(), KvError> {

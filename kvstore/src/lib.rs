@@ -9,7 +9,8 @@
 //!
 //! Also here: [`connect`] (endpoints + mTLS, checked with a first request), the
 //! [`LeasePool`] behind the writes, [`ensure_auth`] to create the etcd users and roles,
-//! and the [`Heartbeat`] and [`write_cluster_config`] writers. Keys and values are raw
+//! and the [`Heartbeat`] and [`write_cluster_config`] writers, and the [`ResetDetector`]
+//! that notices an etcd which lost its data. Keys and values are raw
 //! strings and bytes; the typed schema lives in `causeway-store`.
 
 mod auth;
@@ -19,6 +20,7 @@ mod error;
 mod lease;
 mod list;
 mod mesh_keys;
+mod reset;
 mod sync_store;
 mod watch_store;
 
@@ -31,6 +33,7 @@ pub use mesh_keys::{
     canary_key, cluster_config_key, write_cluster_config, Heartbeat, HAS_CLUSTER_CONFIG_KEY, HEARTBEAT_INTERVAL,
     HEARTBEAT_KEY,
 };
+pub use reset::{ResetDetector, ResetReason, RESET_CHECK_INTERVAL};
 pub use sync_store::{
     SyncStats, SyncStatsSnapshot, SyncStore, SyncStoreConfig, DEFAULT_MAX_TXN_OPS, DEFAULT_TXNS_IN_FLIGHT,
 };

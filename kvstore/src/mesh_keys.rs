@@ -49,6 +49,7 @@ pub async fn write_cluster_config(client: &mut Client, cluster: &str, config_jso
 /// Writes the heartbeat in the background every `interval`; stops when dropped.
 pub struct Heartbeat {
     task: JoinHandle<()>,
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Heartbeat {
@@ -62,12 +63,17 @@ impl Heartbeat {
     /// [`HEARTBEAT_INTERVAL`]), attached to the pool's lease for that key, so that a dead
     /// writer's heartbeat goes away with its other keys.
     pub fn start(client: Client, leases: Arc<LeasePool>, interval: Duration) -> Heartbeat {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let woken = wake.clone();
         let task = tokio::spawn(async move {
             let mut kv = client.kv_client();
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                ticker.tick().await;
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = woken.notified() => ticker.reset(),
+                }
                 let lease = leases.lease_for_key(HEARTBEAT_KEY.as_bytes());
                 let put = kv.put(HEARTBEAT_KEY, now_rfc3339(), Some(PutOptions::new().with_lease(lease))).await;
                 if let Err(e) = put {
@@ -76,7 +82,13 @@ impl Heartbeat {
                 }
             }
         });
-        Heartbeat { task }
+        Heartbeat { task, wake }
+    }
+
+    /// Writes the heartbeat now instead of at the next tick (e.g. after etcd lost its
+    /// data), then goes on every interval from there.
+    pub fn write_now(&self) {
+        self.wake.notify_one();
     }
 }
 

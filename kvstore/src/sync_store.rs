@@ -82,6 +82,8 @@ pub struct SyncStats {
     pub lease_rewrites: AtomicU64,
     /// Stale keys from a previous run deleted after the initial export.
     pub stale_deleted: AtomicU64,
+    /// Times [`SyncStore::resync_all`] was carried out.
+    pub resyncs: AtomicU64,
 }
 
 /// A point-in-time copy of [`SyncStats`].
@@ -101,6 +103,8 @@ pub struct SyncStatsSnapshot {
     pub lease_rewrites: u64,
     /// See [`SyncStats::stale_deleted`].
     pub stale_deleted: u64,
+    /// See [`SyncStats::resyncs`].
+    pub resyncs: u64,
 }
 
 impl SyncStats {
@@ -115,6 +119,7 @@ impl SyncStats {
             txns: r(&self.txns),
             lease_rewrites: r(&self.lease_rewrites),
             stale_deleted: r(&self.stale_deleted),
+            resyncs: r(&self.resyncs),
         }
     }
 }
@@ -132,6 +137,8 @@ struct Pending {
     /// Bumped by every call; [`SyncStore::flushed`] waits for the flusher to reach it.
     seq: u64,
     sync_requested: bool,
+    /// Set by [`SyncStore::resync_all`], taken by the flusher.
+    resync_requested: bool,
 }
 
 struct Shared {
@@ -256,6 +263,23 @@ impl SyncStore {
         self.shared.wake.notify_one();
     }
 
+    /// Declares that etcd may have lost what this store wrote (it was restarted empty or
+    /// restored from an older backup). The store forgets what it believed etcd holds,
+    /// lists its prefix again, and re-writes every key the owner wants that is not there
+    /// as wanted (on the pool's current leases). If the owner had called
+    /// [`mark_synced`](Self::mark_synced), the stale-key cleanup and the canary are done
+    /// again once those writes are applied; until then [`is_synced`](Self::is_synced) is
+    /// false. [`flushed`](Self::flushed) called after this waits for the re-writes.
+    pub fn resync_all(&self) {
+        {
+            let mut p = self.shared.lock();
+            p.resync_requested = true;
+            p.seq += 1;
+        }
+        self.shared.synced.send_replace(false);
+        self.shared.wake.notify_one();
+    }
+
     /// Whether the canary has been written.
     pub fn is_synced(&self) -> bool {
         *self.shared.synced.borrow()
@@ -332,6 +356,9 @@ impl Flusher {
     async fn run(mut self) {
         self.initial_list().await;
         loop {
+            if std::mem::take(&mut self.shared.lock().resync_requested) {
+                self.resync().await;
+            }
             let (ops, seq, sync_requested) = {
                 let mut p = self.shared.lock();
                 (std::mem::take(&mut p.ops), p.seq, p.sync_requested)
@@ -396,6 +423,42 @@ impl Flusher {
                 }
             }
         }
+    }
+
+    /// Carries out [`SyncStore::resync_all`]: lists the prefix again (retrying until etcd
+    /// answers), then queues a re-write of every owned key etcd does not hold as wanted,
+    /// and un-marks the store synced so that the stale-key cleanup and the canary are done
+    /// again after those writes.
+    async fn resync(&mut self) {
+        let believed = std::mem::take(&mut self.etcd);
+        self.found_at_start.clear();
+        self.initial_list().await;
+        self.owned.remove(&self.canary);
+        let mut rewrite = HashMap::new();
+        for key in &self.owned {
+            let Some(wanted) = believed.get(key) else {
+                // Never written yet: its op is still queued.
+                continue;
+            };
+            let lease = self.leases.lease_for_key(key.as_bytes());
+            let held = self.etcd.get(key).is_some_and(|e| e.lease == lease && e.value == wanted.value);
+            if !held {
+                rewrite.insert(key.clone(), Op::Put(wanted.value.clone()));
+            }
+        }
+        tracing::warn!(
+            cluster = %self.config.cluster,
+            kind = %self.config.kind,
+            owned = self.owned.len(),
+            rewrite = rewrite.len(),
+            found = self.found_at_start.len(),
+            "resync: re-writing every key etcd no longer holds; the canary follows once they are written"
+        );
+        // A newer op queued by the owner for the same key wins.
+        self.requeue(rewrite);
+        self.synced = false;
+        self.shared.synced.send_replace(false);
+        self.shared.stats.resyncs.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records what etcd holds under the prefix, page by page; returns the revision.
