@@ -446,3 +446,145 @@ async fn remotes_become_endpointslices_bad_remotes_are_refused_and_removal_drain
     .await?;
     Ok(())
 }
+
+/// A remote whose etcd is restarted empty (its clustermesh-apiserver has not exported again yet) keeps every entry
+/// and its EndpointSlice while it is rebuilt: no sweep while the cluster config and the canaries are missing, nor
+/// while the data is back but the canaries are not. Once the canaries are back, the remote is synced again and what
+/// did not come back (a node) is swept. A sampler checks throughout that nothing that stays ever flapped away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restarted_empty_keeps_entries_until_the_canaries_are_back() -> anyhow::Result<()> {
+    causeway_runtime::init_logging(causeway_runtime::LogFormat::Text);
+    let identity = (1 << 16) + 7;
+    let entry = IpCacheEntry {
+        ip: ip("10.1.3.17"),
+        host_ip: Some(ip("192.168.10.12")),
+        id: identity,
+        key: 0,
+        metadata: String::new(),
+        k8s_namespace: "shop".into(),
+        k8s_pod_name: "cart-1".into(),
+        k8s_pod_uid: None,
+        k8s_service_account: None,
+        named_ports: vec![],
+    };
+    let node = |name: &str| {
+        let mut v: Value = serde_json::json!({"Name": name, "Cluster": "east", "ClusterID": 1});
+        v["IPAddresses"] = serde_json::json!([{"Type": "InternalIP", "IP": "192.168.10.12"}]);
+        v
+    };
+    // What east's clustermesh-apiserver exports (again, after the restart).
+    async fn export(c: &mut etcd_client::Client, entry: &IpCacheEntry, node: &Value, id: u32) -> anyhow::Result<()> {
+        put_json(c, "cilium/state/services/v1/east/shop/cart", &service("east", 1, "10.1.3.17")).await?;
+        put_json(c, "cilium/state/nodes/v1/east/kept", node).await?;
+        put_json(c, "cilium/state/ip/v1/default/10.1.3.17", entry).await?;
+        c.put(
+            format!("cilium/state/identities/v1/id/{id}"),
+            "k8s:app=cart;k8s:io.cilium.k8s.policy.cluster=east;",
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    let mut east = Etcd::start().await;
+    let mut c = east.client().await;
+    put_cluster_config(&mut c, "east", 1).await?;
+    export(&mut c, &entry, &node("kept"), identity).await?;
+    put_json(&mut c, "cilium/state/nodes/v1/east/dropped", &node("dropped")).await?;
+    put_canaries(&mut c, "east").await?;
+
+    let (_kube_server, client) = fake_kube().await?;
+    let ns =
+        Namespace { metadata: ObjectMeta { name: Some("shop".into()), ..Default::default() }, ..Default::default() };
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+    Api::<Service>::namespaced(client.clone(), "shop").create(&PostParams::default(), &global_service()).await?;
+    let dir = tempfile::tempdir()?;
+    remote_file(dir.path(), "east", &east.endpoint())?;
+    let running = app::start(test_config(dir.path())?, client.clone()).await?;
+    let addr = running.metrics_addr;
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
+    wait_for("east synced", || async {
+        remote(&status(addr).await, "east").is_some_and(|r| r["state"] == "synced" && r["entries"]["nodes"] == 2)
+    })
+    .await?;
+    wait_for("east's slice", || async { slice_backends(&slices).await.contains_key("east") }).await?;
+
+    // From here on, what east keeps exporting must never leave the view or the slices.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (hub, slices, stop) = (running.hub.clone(), slices.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut flaps: Vec<String> = Vec::new();
+            let mut samples = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let missing = hub.read(|v| {
+                    let mut m = Vec::new();
+                    if v.node("east", "kept").is_none() {
+                        m.push("node kept");
+                    }
+                    if v.identity(identity).is_none() {
+                        m.push("identity");
+                    }
+                    if v.ip(&ip("10.1.3.17")).is_none() {
+                        m.push("ipcache entry");
+                    }
+                    let key = identity_sync::core::ServiceKey::new("shop", "cart");
+                    if v.service(&key).is_none_or(|s| s.clusters.iter().all(|c| &*c.cluster != "east")) {
+                        m.push("east's backends of shop/cart");
+                    }
+                    m
+                });
+                flaps.extend(missing.into_iter().map(String::from));
+                if slice_backends(&slices).await.get("east") != Some(&vec!["10.1.3.17".to_string()]) {
+                    flaps.push("east's EndpointSlice".into());
+                }
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (flaps, samples)
+        })
+    };
+
+    east.restart_empty().await;
+    let mut c = east.client().await;
+    wait_for("a new session waiting for east's cluster config", || async {
+        remote(&status(addr).await, "east").is_some_and(|r| r["state"] == "waiting_for_cluster_config")
+    })
+    .await?;
+    // Several probe intervals with an empty etcd.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(running.hub.read(|v| v.node("east", "dropped").is_some()), "swept while east's etcd was empty");
+
+    put_cluster_config(&mut c, "east", 1).await?;
+    wait_for("east waiting for its canaries", || async {
+        remote(&status(addr).await, "east").is_some_and(|r| r["state"] == "waiting_for_canaries")
+    })
+    .await?;
+    // The data comes back before the canaries (the apiserver writes a canary after its kind's initial export).
+    export(&mut c, &entry, &node("kept"), identity).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        running.hub.read(|v| v.node("east", "dropped").is_some()),
+        "swept before the canaries said the export was complete"
+    );
+    assert!(remote(&status(addr).await, "east").is_some_and(|r| r["state"] == "waiting_for_canaries"));
+
+    put_canaries(&mut c, "east").await?;
+    wait_for("east synced again, without the node that did not come back", || async {
+        let synced = remote(&status(addr).await, "east")
+            .is_some_and(|r| r["state"] == "synced" && r["entries"]["nodes"] == 1 && r["entries"]["services"] == 1);
+        synced && running.hub.read(|v| v.node("east", "dropped").is_none())
+    })
+    .await?;
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (flaps, samples) = sampler.await?;
+    assert!(samples > 10, "sampler ran {samples} times");
+    assert!(flaps.is_empty(), "entries flapped while east's etcd was rebuilt: {flaps:?}");
+
+    // The new history is followed live.
+    c.delete("cilium/state/nodes/v1/east/kept", None).await?;
+    wait_for("a delete in the new history", || async { running.hub.read(|v| v.node("east", "kept").is_none()) })
+        .await?;
+    Ok(())
+}
