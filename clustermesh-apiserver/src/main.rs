@@ -12,7 +12,7 @@ use causeway_store::{ClusterConfig, ClusterInfo, ClusterName, MaxConnectedCluste
 use clap::Parser;
 use clustermesh_apiserver::export::Exporter;
 use clustermesh_apiserver::identity::KubeIdentityStore;
-use clustermesh_apiserver::kube::{spawn_watchers, ExportLoop, EXPORTED_KINDS};
+use clustermesh_apiserver::kube::{spawn_watchers, ExportLoop, Input, EXPORTED_KINDS};
 use clustermesh_apiserver::metrics::Metrics;
 use clustermesh_apiserver::sink::EtcdSink;
 use tracing::{info, warn};
@@ -88,6 +88,79 @@ async fn kube_client(args: &Args) -> Result<kube::Client> {
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// The start sequence's etcd part, also re-done when etcd lost its data: users and roles, auth enabled (with
+/// peers), then the cluster config and its marker.
+async fn prepare_etcd(
+    etcd: &mut causeway_kvstore::Client,
+    cluster: &str,
+    peers: &[String],
+    config: &[u8],
+) -> Result<()> {
+    if !peers.is_empty() {
+        causeway_kvstore::ensure_auth(etcd, cluster, peers)
+            .await
+            .context("creating etcd users for peers (the etcd client certificate must be the root user's)")?;
+    }
+    causeway_kvstore::write_cluster_config(etcd, cluster, config).await.context("writing the cluster config")?;
+    Ok(())
+}
+
+/// What re-creating a reset etcd needs.
+struct ResetHandler {
+    detector: causeway_kvstore::ResetDetector,
+    etcd: causeway_kvstore::Client,
+    cluster: String,
+    peers: Vec<String>,
+    config: Vec<u8>,
+    leases: Arc<causeway_kvstore::LeasePool>,
+    heartbeat: Arc<causeway_kvstore::Heartbeat>,
+    health: Health,
+    metrics: Metrics,
+    export: tokio::sync::mpsc::Sender<Input>,
+}
+
+impl ResetHandler {
+    /// Waits for etcd to lose its data, then redoes the start sequence in order: users, roles and auth → cluster
+    /// config and marker → fresh leases → the export loop re-writes every key, then the canaries, then reports
+    /// ready. The heartbeat keeps going (and is written at once).
+    async fn run(mut self) {
+        loop {
+            let reason = self.detector.wait_for_reset().await;
+            self.metrics.etcd_resets.inc();
+            warn!(
+                cluster = %self.cluster,
+                reason = %reason,
+                "etcd lost its data (restarted empty or restored from an older backup): re-creating users, roles, \
+                 cluster config and every exported key"
+            );
+            self.health.set_not_ready(format!("etcd lost its data ({reason}); re-creating it"));
+            let mut delay = Duration::from_millis(200);
+            loop {
+                match self.recreate().await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        warn!(cluster = %self.cluster, error = format!("{e:#}"), "cannot re-create the reset etcd; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+            self.heartbeat.write_now();
+            if self.export.send(Input::EtcdReset).await.is_err() {
+                return;
+            }
+            info!(cluster = %self.cluster, "reset etcd re-created (users, roles, auth, cluster config, leases); re-exporting");
+        }
+    }
+
+    async fn recreate(&mut self) -> Result<()> {
+        prepare_etcd(&mut self.etcd, &self.cluster, &self.peers, &self.config).await?;
+        let replaced = self.leases.replace_all_lost().await.context("replacing lost etcd leases")?;
+        info!(cluster = %self.cluster, replaced, "etcd leases checked after the reset");
+        Ok(())
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -109,11 +182,6 @@ async fn main() -> Result<()> {
     let mut etcd = causeway_kvstore::connect(&etcd_config(&args)?)
         .await
         .with_context(|| format!("connecting to etcd at {}", args.etcd_endpoints.join(",")))?;
-    if !args.peers.is_empty() {
-        causeway_kvstore::ensure_auth(&mut etcd, cluster.name.as_str(), &args.peers)
-            .await
-            .context("creating etcd users for peers (the etcd client certificate must be the root user's)")?;
-    }
     let config = serde_json::to_vec(&ClusterConfig {
         id: cluster.id.get(),
         capabilities: Capabilities {
@@ -123,14 +191,24 @@ async fn main() -> Result<()> {
         },
     })
     .context("encoding the cluster config")?;
-    causeway_kvstore::write_cluster_config(&mut etcd, cluster.name.as_str(), &config)
-        .await
-        .context("writing the cluster config")?;
+    prepare_etcd(&mut etcd, cluster.name.as_str(), &args.peers, &config).await?;
+    let mut detector = causeway_kvstore::ResetDetector::new(
+        &etcd,
+        causeway_kvstore::cluster_config_key(cluster.name.as_str()),
+        causeway_kvstore::RESET_CHECK_INTERVAL,
+    );
+    if let Err(e) = detector.check().await {
+        // The first look of the reset handler learns the baseline instead.
+        warn!(error = %e, "cannot read back the cluster config");
+    }
     let leases = causeway_kvstore::LeasePool::grant(etcd.clone(), causeway_kvstore::LeaseConfig::default())
         .await
         .context("granting etcd leases")?;
-    let _heartbeat =
-        causeway_kvstore::Heartbeat::start(etcd.clone(), leases.clone(), causeway_kvstore::HEARTBEAT_INTERVAL);
+    let heartbeat = Arc::new(causeway_kvstore::Heartbeat::start(
+        etcd.clone(),
+        leases.clone(),
+        causeway_kvstore::HEARTBEAT_INTERVAL,
+    ));
     let sink = Arc::new(EtcdSink::start(etcd.clone(), leases.clone(), cluster.name.as_str(), &EXPORTED_KINDS));
 
     let client = kube_client(&args).await?;
@@ -153,6 +231,21 @@ async fn main() -> Result<()> {
     });
 
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    let resets = tokio::spawn(
+        ResetHandler {
+            detector,
+            etcd: etcd.clone(),
+            cluster: cluster.name.to_string(),
+            peers: args.peers.clone(),
+            config,
+            leases: leases.clone(),
+            heartbeat,
+            health: health.clone(),
+            metrics: metrics.clone(),
+            export: tx.clone(),
+        }
+        .run(),
+    );
     let watchers = spawn_watchers(client, tx, metrics.clone());
     let export = ExportLoop::new(Exporter::new(cluster.clone(), metrics.clone()), sink, identities, health, metrics);
     info!("exporting");
@@ -165,5 +258,6 @@ async fn main() -> Result<()> {
     for w in watchers {
         w.abort();
     }
+    resets.abort();
     Ok(())
 }

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub ip_conflicts: Counter,
     /// Kubernetes watch events received, per kind.
     pub kube_events: Family<KindLabels, Counter>,
+    /// Times this cluster's etcd was found to have lost its data (restarted empty, restored from an older
+    /// backup), each followed by a full re-creation of users, cluster config and exported keys.
+    pub etcd_resets: Counter,
 }
 
 impl Metrics {
@@ -59,6 +62,11 @@ impl Metrics {
             self.ip_conflicts.clone(),
         );
         registry.register("kube_events", "Kubernetes watch events received, by kind", self.kube_events.clone());
+        registry.register(
+            "etcd_resets",
+            "Times etcd was found to have lost its data and was re-created (users, cluster config, keys, canaries)",
+            self.etcd_resets.clone(),
+        );
     }
 
     pub fn error(&self, reason: &str) {

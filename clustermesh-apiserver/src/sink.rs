@@ -19,6 +19,9 @@ pub trait ExportSink: Send + Sync {
     fn flush(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
     /// Writes the kind's canary: its initial export is complete.
     fn mark_synced(&self, kind: Kind) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    /// The store lost its data (etcd restarted empty): write everything handed over so far again, and forget the
+    /// canaries until [`ExportSink::mark_synced`] is called again.
+    fn resync(&self) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
 /// The identity allocator: one numeric identity per distinct label set, within this cluster's range.
@@ -40,6 +43,7 @@ pub struct MemoryState {
     pub entries: BTreeMap<String, String>,
     pub synced: BTreeSet<Kind>,
     pub writes: usize,
+    pub resyncs: usize,
 }
 
 impl MemorySink {
@@ -77,6 +81,14 @@ impl ExportSink for MemorySink {
 
     async fn mark_synced(&self, kind: Kind) -> Result<(), Infallible> {
         self.with(|s| s.synced.insert(kind));
+        Ok(())
+    }
+
+    async fn resync(&self) -> Result<(), Infallible> {
+        self.with(|s| {
+            s.resyncs += 1;
+            s.synced.clear();
+        });
         Ok(())
     }
 }
@@ -205,6 +217,13 @@ impl ExportSink for EtcdSink {
         let store = self.stores.get(&kind).ok_or_else(|| EtcdSinkError::NoStore(kind.canary_key("")))?;
         store.mark_synced();
         store.wait_synced().await;
+        Ok(())
+    }
+
+    async fn resync(&self) -> Result<(), EtcdSinkError> {
+        for store in self.stores.values() {
+            store.resync_all();
+        }
         Ok(())
     }
 }

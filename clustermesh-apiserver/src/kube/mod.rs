@@ -111,6 +111,9 @@ pub enum Input {
     InitApply(Object),
     /// The (re)list is complete.
     InitDone(ObjectKind),
+    /// etcd lost its data and its users, roles and cluster config were re-created: write every entry again, then
+    /// the canaries, and report not ready meanwhile.
+    EtcdReset,
 }
 
 /// Starts one watcher per kind, all cluster-wide, sending into `tx`. The tasks run until `tx` closes.
@@ -193,6 +196,8 @@ pub struct ExportLoop<S, R> {
     listed: BTreeSet<ObjectKind>,
     synced: bool,
     retry: bool,
+    /// An [`Input::EtcdReset`] not yet carried out.
+    resync: bool,
 }
 
 impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
@@ -209,6 +214,7 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
             listed: BTreeSet::new(),
             synced: false,
             retry: false,
+            resync: false,
         }
     }
 
@@ -244,6 +250,7 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
                 }
             }
             self.reconcile().await;
+            self.maybe_resync().await;
             self.maybe_mark_synced().await;
         }
     }
@@ -253,6 +260,7 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
         match input {
             Input::Apply(obj) => self.apply(obj),
             Input::Delete(obj) => self.delete(obj.kind(), obj.id()),
+            Input::EtcdReset => self.resync = true,
             Input::InitStart(kind) => {
                 self.relisting.insert(kind, HashSet::new());
             }
@@ -361,6 +369,29 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
         }
     }
 
+    /// After an [`Input::EtcdReset`]: has the sink write everything again and goes back to not synced, so that
+    /// [`ExportLoop::maybe_mark_synced`] flushes and writes the canaries again before reporting ready.
+    async fn maybe_resync(&mut self) {
+        if !self.resync {
+            return;
+        }
+        let cluster = self.exporter.cluster().name.clone();
+        if let Err(e) = self.sink.resync().await {
+            self.metrics.error("store_write");
+            warn!(cluster = %cluster, error = %e, "cannot re-export into the reset etcd; will retry");
+            self.retry = true;
+            return;
+        }
+        self.resync = false;
+        self.synced = false;
+        self.health.set_not_ready("etcd lost its data: re-writing every exported entry, then the synced canaries");
+        info!(
+            cluster = %cluster,
+            entries = self.exporter.entries().len(),
+            "etcd lost its data: re-writing every exported entry; canaries follow once they are flushed"
+        );
+    }
+
     /// After the first complete list of every kind, with nothing pending, flushes and writes the canaries.
     async fn maybe_mark_synced(&mut self) {
         if self.synced {
@@ -451,6 +482,39 @@ mod tests {
 
         l.handle(Input::InitDone(ObjectKind::EndpointSlice));
         l.reconcile().await;
+        l.maybe_mark_synced().await;
+        assert!(health.is_ready());
+        assert_eq!(sink.snapshot().synced, EXPORTED_KINDS.into_iter().collect());
+    }
+
+    #[tokio::test]
+    async fn etcd_reset_rewrites_everything_and_canaries_come_back_before_ready() {
+        let (mut l, sink, health) = export_loop();
+        for kind in ObjectKind::ALL {
+            l.handle(Input::InitStart(kind));
+        }
+        l.handle(Input::InitApply(Object::Namespace(NamespaceInput {
+            name: "shop".into(),
+            labels: Default::default(),
+        })));
+        l.handle(Input::InitApply(pod("a", "10.1.2.3")));
+        for kind in ObjectKind::ALL {
+            l.handle(Input::InitDone(kind));
+        }
+        l.reconcile().await;
+        l.maybe_resync().await;
+        l.maybe_mark_synced().await;
+        assert!(health.is_ready());
+
+        l.handle(Input::EtcdReset);
+        l.reconcile().await;
+        l.maybe_resync().await;
+        assert!(!health.is_ready(), "not ready while the reset etcd is re-written");
+        assert!(!l.is_synced());
+        let s = sink.snapshot();
+        assert_eq!(s.resyncs, 1);
+        assert!(s.synced.is_empty(), "canaries are forgotten until the re-export is flushed");
+
         l.maybe_mark_synced().await;
         assert!(health.is_ready());
         assert_eq!(sink.snapshot().synced, EXPORTED_KINDS.into_iter().collect());
