@@ -18,4 +18,4 @@ export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
 # binaries only for that package's own integration tests, so build every binary first (also keeps them fresh when
 # extra args narrow the test run, e.g. `-p causeway-multicluster-tests`).
 cargo build --workspace --bins --locked
-cargo test --workspace --all-targets --locked "$@"
+cargo test --workspace --all-targets --locked --no-fail-fast "$@"
