@@ -30,17 +30,55 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("loaded {keys} keys ({} B values) in {:?}", value.len(), load.elapsed());
 
-    let t = Instant::now();
-    let raw = client.get(prefix, Some(GetOptions::new().with_prefix())).await;
-    match raw {
-        Ok(r) => println!("baseline: raw single get        {:>6} keys in {:?}", r.kvs().len(), t.elapsed()),
-        Err(e) => println!("baseline: raw single get        failed after {:?}: {e}", t.elapsed()),
+    let mut kv = client.kv_client().max_decoding_message_size(64 * 1024 * 1024);
+    for _ in 0..2 {
+        let t = Instant::now();
+        match kv.get(prefix, Some(GetOptions::new().with_prefix())).await {
+            Ok(r) => println!("baseline: raw single get        {:>6} keys in {:?}", r.kvs().len(), t.elapsed()),
+            Err(e) => println!("baseline: raw single get        failed after {:?}: {e}", t.elapsed()),
+        }
     }
 
-    for page in [100, 1000, 5000] {
+    // Raw key-paginated reads at a pinned revision, plain and with the get options that
+    // might lighten a page (keys_only, serializable).
+    let end = format!("{}0", prefix.trim_end_matches('/'));
+    for page in pages() {
+        for (name, keys_only, serializable) in
+            [("plain", false, false), ("keys_only", true, false), ("serializable", false, true)]
+        {
+            let t = Instant::now();
+            let (mut start, mut rev, mut n) = (prefix.as_bytes().to_vec(), 0, 0);
+            loop {
+                let mut o = GetOptions::new().with_range(end.clone()).with_limit(page);
+                if rev > 0 {
+                    o = o.with_revision(rev);
+                }
+                if keys_only {
+                    o = o.with_keys_only();
+                }
+                if serializable {
+                    o = o.with_serializable();
+                }
+                let r = kv.get(start.clone(), Some(o)).await?;
+                if rev == 0 {
+                    rev = r.header().map(|h| h.revision()).unwrap_or(0);
+                }
+                n += r.kvs().len();
+                match r.kvs().last() {
+                    Some(last) if r.more() => {
+                        start = last.key().to_vec();
+                        start.push(0);
+                    }
+                    _ => break,
+                }
+            }
+            println!("raw paged {name:>12}, page {page:>6}: {n:>6} keys in {:?}", t.elapsed());
+        }
+    }
+
+    for page in pages() {
         let mut cfg = WatchStoreConfig::new(prefix);
         cfg.list_page_size = page;
-        cfg.channel_capacity = 100_000;
         let t = Instant::now();
         let mut w = WatchStore::start(client.clone(), cfg);
         let mut n = 0;
@@ -51,7 +89,15 @@ async fn main() -> anyhow::Result<()> {
                 other => anyhow::bail!("unexpected {other:?}"),
             }
         }
-        println!("WatchStore list, page {page:>5}: {n:>6} keys in {:?}", t.elapsed());
+        println!("WatchStore list, page {page:>6}: {n:>6} keys in {:?}", t.elapsed());
     }
     Ok(())
+}
+
+/// Page sizes to try: `PAGES=1000,10000` or a default sweep.
+fn pages() -> Vec<i64> {
+    std::env::var("PAGES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|p| p.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1000, 2000, 5000, 10000, 20000])
 }
