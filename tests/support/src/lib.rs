@@ -97,7 +97,15 @@ impl Etcd {
 
     async fn start_inner(tls: Option<(TlsState, IssuedCert)>) -> Etcd {
         let bin = etcd_binary();
-        let base = tempfile::Builder::new().prefix("causeway-etcd-").tempdir().expect("create a temp dir for etcd");
+        // CAUSEWAY_ETCD_TMPDIR puts the data dir elsewhere, e.g. on tmpfs (/dev/shm) so that benchmarks measure
+        // etcd and Causeway rather than the disk's fsync latency.
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("causeway-etcd-");
+        let base = match std::env::var_os("CAUSEWAY_ETCD_TMPDIR") {
+            Some(dir) => builder.tempdir_in(dir),
+            None => builder.tempdir(),
+        }
+        .expect("create a temp dir for etcd");
         let tls = tls.map(|(mut state, server)| {
             let paths = server.write_bundle(&base.path().join("tls")).expect("write etcd server TLS files");
             state.server_cert = paths.cert;
