@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::core::model::{Affinity, ServiceKey};
+use crate::core::model::{Affinity, Frontend, ServiceKey};
 
 pub const ANNOTATION_GLOBAL: &str = "service.cilium.io/global";
 pub const ANNOTATION_SHARED: &str = "service.cilium.io/shared";
@@ -25,6 +25,9 @@ pub struct LocalService {
     /// Ready local endpoints, counted by the kube adapter from the local EndpointSlices that identity-sync does
     /// not manage. Drives affinity: `local` drops remote backends while this is non-zero.
     pub ready_local_endpoints: u32,
+    /// The Service's ClusterIPs (both families) with its ports; empty for a headless Service. Copied into the
+    /// merged view as the global service's frontends.
+    pub frontends: Vec<Frontend>,
 }
 
 /// An annotation value the parser could not use; the service still merges with the default for that annotation.
@@ -100,7 +103,14 @@ impl LocalService {
             },
         };
         let key = ServiceKey::new(namespace, name);
-        (LocalService { key, global, shared, affinity, ready_local_endpoints }, warnings)
+        (LocalService { key, global, shared, affinity, ready_local_endpoints, frontends: Vec::new() }, warnings)
+    }
+
+    /// Sets the Service's frontends (its ClusterIPs with its ports); [`LocalService::from_annotations`] leaves
+    /// them empty.
+    pub fn with_frontends(mut self, frontends: Vec<Frontend>) -> Self {
+        self.frontends = frontends;
+        self
     }
 }
 

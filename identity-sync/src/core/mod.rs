@@ -20,8 +20,8 @@ mod tests;
 
 pub use local::{AnnotationWarning, LocalService};
 pub use model::{
-    Affinity, Backend, Change, ClusterBackends, Delta, GlobalServiceView, IdentityView, IpView, NodeView, ObjectKey,
-    Port, Protocol, ServiceKey, Snapshot, ViewObject,
+    Affinity, Backend, Change, ClusterBackends, Delta, Frontend, GlobalServiceView, IdentityView, IpView, NodeView,
+    ObjectKey, Port, Protocol, ServiceKey, Snapshot, ViewObject,
 };
 pub use remote::{KindCounts, RemoteState, RemoteStatus};
 pub use slices::{AddressType, DesiredSlice, SliceEndpoint, SlicePort};

@@ -55,6 +55,14 @@ pub struct Port {
     pub port: u16,
 }
 
+/// One ClusterIP of the local Service and the Service's ports: what agents load-balance the backends behind.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub ip: IpAddr,
+    /// In the Service's `spec.ports` order.
+    pub ports: Vec<Port>,
+}
+
 /// One remote backend of a global service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
@@ -121,6 +129,9 @@ impl fmt::Display for ServiceKey {
 pub struct GlobalServiceView {
     pub key: ServiceKey,
     pub affinity: Affinity,
+    /// The local Service's ClusterIPs with its ports (the local Service defines the frontends); empty for a
+    /// headless Service.
+    pub frontends: Vec<Frontend>,
     /// One entry per source cluster that has at least one backend in effect, sorted by cluster name.
     pub clusters: Vec<ClusterBackends>,
 }

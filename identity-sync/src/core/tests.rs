@@ -220,6 +220,31 @@ fn local_service_not_global_ignores_remote() {
 }
 
 #[test]
+fn local_frontends_reach_the_view_and_only_their_changes_emit() {
+    let fe = |addr: &str, port: u16| Frontend {
+        ip: ip(addr),
+        ports: vec![Port { name: "http".into(), protocol: Protocol::Tcp, port }],
+    };
+    let mut v = view();
+    v.entry_upsert(EAST, service(EAST, "cart", &["10.1.0.1"])).unwrap();
+    v.local_service_upsert(global("cart").with_frontends(vec![fe("10.96.0.10", 80), fe("fd00:96::10", 80)]));
+    assert_eq!(v.service(&skey("cart")).unwrap().frontends, vec![fe("10.96.0.10", 80), fe("fd00:96::10", 80)]);
+    v.take_deltas();
+
+    // Unchanged re-apply: nothing.
+    v.local_service_upsert(global("cart").with_frontends(vec![fe("10.96.0.10", 80), fe("fd00:96::10", 80)]));
+    assert!(v.take_deltas().is_empty());
+
+    // A port change: exactly one service delta, carrying the new frontends.
+    v.local_service_upsert(global("cart").with_frontends(vec![fe("10.96.0.10", 8080), fe("fd00:96::10", 8080)]));
+    let d = v.take_deltas();
+    assert_eq!(kinds(&d), vec![format!("upsert {:?}", ObjectKey::Service(skey("cart")))]);
+    let Change::Upsert(ViewObject::Service(s)) = &d[0].change else { panic!("{d:?}") };
+    assert_eq!(s.frontends, vec![fe("10.96.0.10", 8080), fe("fd00:96::10", 8080)]);
+    assert_eq!(backend_ips(&v, "cart")["east"], vec![ip("10.1.0.1")]);
+}
+
+#[test]
 fn non_shared_local_service_still_uses_remote_backends() {
     let mut v = view();
     let svc = local("cart", &[(ANNOTATION_GLOBAL, "true"), (ANNOTATION_SHARED, "false")], 3);

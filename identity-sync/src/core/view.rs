@@ -1020,5 +1020,5 @@ fn merge_service(key: &ServiceKey, slot: &ServiceSlot) -> Option<GlobalServiceVi
         }
     }
     clusters.sort_by(|a, b| a.cluster.cmp(&b.cluster));
-    Some(GlobalServiceView { key: key.clone(), affinity: local.affinity, clusters })
+    Some(GlobalServiceView { key: key.clone(), affinity: local.affinity, frontends: local.frontends.clone(), clusters })
 }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{info, instrument, warn};
 
 use crate::core::local::LocalService;
-use crate::core::model::ServiceKey;
+use crate::core::model::{Frontend, Port, Protocol, ServiceKey};
 use crate::kube::slices::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
 
 /// What the core is told about local services.
@@ -34,6 +34,7 @@ pub enum LocalChange {
 #[derive(Debug, Default)]
 struct SvcEntry {
     annotations: BTreeMap<String, String>,
+    frontends: Vec<Frontend>,
 }
 
 /// Services and local ready-endpoint counts, reduced to [`LocalService`]s. Pure.
@@ -50,6 +51,38 @@ pub struct LocalIndex {
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<ServiceKey> {
     Some(ServiceKey::new(meta.namespace.as_deref()?, meta.name.as_deref()?))
+}
+
+/// The Service's frontends: each ClusterIP (`spec.clusterIPs`, else `spec.clusterIP`; both families) with the
+/// Service's ports. Headless ("None") and unset IPs give none; an unparsable IP is skipped with a warning.
+fn frontends_of(s: &Service) -> Vec<Frontend> {
+    let Some(spec) = &s.spec else { return Vec::new() };
+    let ips: Vec<&str> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    };
+    let ports: Vec<Port> = spec
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            // The API defaults the protocol to TCP; ports outside u16 cannot pass API validation.
+            let protocol = Protocol::parse(p.protocol.as_deref().unwrap_or("TCP"))?;
+            let port = u16::try_from(p.port).ok()?;
+            Some(Port { name: p.name.as_deref().unwrap_or_default().into(), protocol, port })
+        })
+        .collect();
+    ips.into_iter()
+        .map(str::trim)
+        .filter(|ip| !ip.is_empty() && !ip.eq_ignore_ascii_case("None"))
+        .filter_map(|ip| match ip.parse() {
+            Ok(ip) => Some(Frontend { ip, ports: ports.clone() }),
+            Err(_) => {
+                warn!(service = ?key_of(&s.metadata).map(|k| k.to_string()), ip, "ignoring unparsable ClusterIP");
+                None
+            }
+        })
+        .collect()
 }
 
 /// `(service, slice name, ready endpoints)` of a local slice; None for slices we manage or that name no service.
@@ -72,6 +105,7 @@ impl LocalIndex {
             let ready: u32 =
                 self.ready.get(key).map(|m| m.values().fold(0u32, |a, b| a.saturating_add(*b))).unwrap_or(0);
             let (svc, warnings) = LocalService::from_annotations(&key.namespace, &key.name, &e.annotations, ready);
+            let svc = svc.with_frontends(e.frontends.clone());
             for w in warnings {
                 warn!(service = %key, "{w}");
             }
@@ -100,8 +134,9 @@ impl LocalIndex {
                 if let Some(seen) = &mut self.init_services {
                     seen.insert(key.clone());
                 }
+                let frontends = frontends_of(&s);
                 let annotations = s.metadata.annotations.unwrap_or_default();
-                self.services.insert(key.clone(), SvcEntry { annotations });
+                self.services.insert(key.clone(), SvcEntry { annotations, frontends });
                 self.recompute(&key, &mut out);
             }
             Event::Delete(s) => {
@@ -276,6 +311,52 @@ mod tests {
         // No longer global: delete.
         let c = idx.service_event(Event::Apply(svc("cart", &[("service.cilium.io/global", "false")])));
         assert_eq!(c, vec![LocalChange::Delete(ServiceKey::new("shop", "cart"))]);
+    }
+
+    #[test]
+    fn frontends_come_from_cluster_ips_and_ports() {
+        use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+        let with_spec = |ips: Option<Vec<&str>>, ip: Option<&str>| {
+            let mut s = svc("cart", &[("service.cilium.io/global", "true")]);
+            s.spec = Some(ServiceSpec {
+                cluster_ips: ips.map(|v| v.into_iter().map(String::from).collect()),
+                cluster_ip: ip.map(String::from),
+                ports: Some(vec![
+                    ServicePort { name: Some("http".into()), port: 80, ..Default::default() },
+                    ServicePort {
+                        name: Some("dns".into()),
+                        protocol: Some("UDP".into()),
+                        port: 53,
+                        ..Default::default()
+                    },
+                ]),
+                ..Default::default()
+            });
+            s
+        };
+        let ports = vec![
+            Port { name: "http".into(), protocol: Protocol::Tcp, port: 80 },
+            Port { name: "dns".into(), protocol: Protocol::Udp, port: 53 },
+        ];
+        let fe = |ip: &str| Frontend { ip: ip.parse().unwrap_or_else(|e| panic!("{e}")), ports: ports.clone() };
+
+        // Dual stack: both families; an unparsable IP is skipped.
+        let f = frontends_of(&with_spec(Some(vec!["10.96.0.10", "fd00:96::10", "bogus"]), Some("10.96.0.10")));
+        assert_eq!(f, vec![fe("10.96.0.10"), fe("fd00:96::10")]);
+        // Fallback to spec.clusterIP.
+        assert_eq!(frontends_of(&with_spec(None, Some("10.96.0.11"))), vec![fe("10.96.0.11")]);
+        // Headless or unset: none.
+        assert!(frontends_of(&with_spec(Some(vec!["None"]), Some("None"))).is_empty());
+        assert!(frontends_of(&with_spec(None, None)).is_empty());
+        assert!(frontends_of(&svc("cart", &[])).is_empty());
+
+        // They reach the core; unchanged re-apply emits nothing; a change emits one upsert.
+        let mut idx = LocalIndex::default();
+        let c = idx.service_event(Event::Apply(with_spec(Some(vec!["10.96.0.10"]), None)));
+        assert!(matches!(&c[..], [LocalChange::Upsert(s)] if s.frontends == vec![fe("10.96.0.10")]), "{c:?}");
+        assert!(idx.service_event(Event::Apply(with_spec(Some(vec!["10.96.0.10"]), None))).is_empty());
+        let c = idx.service_event(Event::Apply(with_spec(Some(vec!["None"]), None)));
+        assert!(matches!(&c[..], [LocalChange::Upsert(s)] if s.frontends.is_empty()), "{c:?}");
     }
 
     #[test]

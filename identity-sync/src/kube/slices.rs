@@ -300,6 +300,7 @@ mod tests {
         let v = GlobalServiceView {
             key: ServiceKey::new("shop", "cart"),
             affinity: Affinity::None,
+            frontends: Vec::new(),
             clusters: vec![ClusterBackends { cluster: "east".into(), backends }],
         };
         index_slices(crate::core::slices::desired_slices(&v))

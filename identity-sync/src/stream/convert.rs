@@ -3,7 +3,7 @@
 
 use causeway_api::v1::{self as pb, watch_event};
 
-use crate::core::{Change, Delta, GlobalServiceView, IdentityView, IpView, NodeView, ObjectKey, ViewObject};
+use crate::core::{Change, Delta, GlobalServiceView, IdentityView, IpView, NodeView, ObjectKey, Port, ViewObject};
 
 pub(crate) fn event(
     kind: watch_event::Kind,
@@ -54,11 +54,23 @@ fn key_only(k: &ObjectKey) -> watch_event::Object {
     }
 }
 
+fn ports(ports: &[Port]) -> Vec<pb::PortSpec> {
+    ports
+        .iter()
+        .map(|p| pb::PortSpec {
+            name: p.name.to_string(),
+            protocol: p.protocol.as_str().to_string(),
+            port: u32::from(p.port),
+        })
+        .collect()
+}
+
 fn service(s: &GlobalServiceView) -> pb::GlobalService {
     pb::GlobalService {
         namespace: s.key.namespace.to_string(),
         name: s.key.name.to_string(),
         affinity: s.affinity.as_str().to_string(),
+        frontends: s.frontends.iter().map(|f| pb::Frontend { ip: f.ip.to_string(), ports: ports(&f.ports) }).collect(),
         backends: s
             .clusters
             .iter()
@@ -66,15 +78,7 @@ fn service(s: &GlobalServiceView) -> pb::GlobalService {
                 c.backends.iter().map(move |b| pb::Backend {
                     ip: b.ip.to_string(),
                     cluster: c.cluster.to_string(),
-                    ports: b
-                        .ports
-                        .iter()
-                        .map(|p| pb::PortSpec {
-                            name: p.name.to_string(),
-                            protocol: p.protocol.as_str().to_string(),
-                            port: u32::from(p.port),
-                        })
-                        .collect(),
+                    ports: ports(&b.ports),
                     zone: b.zone.as_deref().unwrap_or_default().to_string(),
                     hostname: b.hostname.as_deref().unwrap_or_default().to_string(),
                 })
@@ -109,5 +113,35 @@ fn node(n: &NodeView) -> pb::Node {
         pod_cidrs: n.pod_cidrs.iter().map(ToString::to_string).collect(),
         zone: n.zone.as_deref().unwrap_or_default().to_string(),
         wireguard_pub_key: n.wireguard_pub_key.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{Affinity, Frontend, Protocol, ServiceKey};
+
+    #[test]
+    fn service_carries_frontends() {
+        let port = Port { name: "http".into(), protocol: Protocol::Tcp, port: 80 };
+        let v = GlobalServiceView {
+            key: ServiceKey::new("shop", "cart"),
+            affinity: Affinity::Local,
+            frontends: vec![
+                Frontend { ip: "10.96.0.10".parse().unwrap_or_else(|e| panic!("{e}")), ports: vec![port.clone()] },
+                Frontend { ip: "fd00:96::10".parse().unwrap_or_else(|e| panic!("{e}")), ports: vec![port] },
+            ],
+            clusters: vec![],
+        };
+        let pb = service(&v);
+        let http = pb::PortSpec { name: "http".into(), protocol: "TCP".into(), port: 80 };
+        assert_eq!(
+            pb.frontends,
+            vec![
+                pb::Frontend { ip: "10.96.0.10".into(), ports: vec![http.clone()] },
+                pb::Frontend { ip: "fd00:96::10".into(), ports: vec![http] },
+            ]
+        );
+        assert!(pb.backends.is_empty());
     }
 }
