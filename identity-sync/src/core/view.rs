@@ -207,6 +207,31 @@ fn on_removed(remotes: &mut [Option<Remote>], r: RemoteIdx, k: KindIdx, suspect:
     }
 }
 
+/// Carries out the removal of one claim on a multi-claim object (an IP or an identity): per-remote counts, then the
+/// view change. Returns whether the slot still holds a claim (false: the caller drops it).
+fn apply_removed<T>(
+    remotes: &mut [Option<Remote>],
+    log: &mut Log,
+    r: RemoteIdx,
+    k: KindIdx,
+    (removed, suspect): (Removed<T>, bool),
+    upsert: impl FnOnce(Arc<T>) -> ViewObject,
+    delete: impl FnOnce() -> ObjectKey,
+) -> bool {
+    on_removed(remotes, r, k, suspect);
+    match removed {
+        Removed::Hidden => true,
+        Removed::Promoted(v) => {
+            log.emit(Change::Upsert(upsert(v)));
+            true
+        }
+        Removed::Emptied => {
+            log.emit(Change::Delete(delete()));
+            false
+        }
+    }
+}
+
 /// The merged view. See the module docs.
 pub struct MergedView {
     cfg: CoreConfig,
@@ -509,37 +534,18 @@ impl MergedView {
         match k {
             EntryKey::Ip(ip) => {
                 let MergedView { ipcache, remotes, log, .. } = self;
-                if let Some(slot) = ipcache.get_mut(&ip) {
-                    if let Some((removed, suspect)) = slot.remove_if(r, |_| true) {
-                        on_removed(remotes, r, kind, suspect);
-                        match removed {
-                            Removed::Hidden => {}
-                            Removed::Promoted(v) => {
-                                log.emit(Change::Upsert(ViewObject::Ip(v)));
-                            }
-                            Removed::Emptied => {
-                                ipcache.remove(&ip);
-                                log.emit(Change::Delete(ObjectKey::Ip(ip)));
-                            }
-                        }
+                if let Some(outcome) = ipcache.get_mut(&ip).and_then(|slot| slot.remove_if(r, |_| true)) {
+                    if !apply_removed(remotes, log, r, kind, outcome, ViewObject::Ip, || ObjectKey::Ip(ip)) {
+                        ipcache.remove(&ip);
                     }
                 }
             }
             EntryKey::Identity(id) => {
                 let MergedView { identities, remotes, log, .. } = self;
-                if let Some(slot) = identities.get_mut(&id) {
-                    if let Some((removed, suspect)) = slot.remove_if(r, |_| true) {
-                        on_removed(remotes, r, kind, suspect);
-                        match removed {
-                            Removed::Hidden => {}
-                            Removed::Promoted(v) => {
-                                log.emit(Change::Upsert(ViewObject::Identity(v)));
-                            }
-                            Removed::Emptied => {
-                                identities.remove(&id);
-                                log.emit(Change::Delete(ObjectKey::Identity(id)));
-                            }
-                        }
+                if let Some(outcome) = identities.get_mut(&id).and_then(|slot| slot.remove_if(r, |_| true)) {
+                    if !apply_removed(remotes, log, r, kind, outcome, ViewObject::Identity, || ObjectKey::Identity(id))
+                    {
+                        identities.remove(&id);
                     }
                 }
             }
@@ -823,37 +829,13 @@ impl MergedView {
         match k {
             KindIdx::Ip => ipcache.retain(|ip, slot| match slot.remove_if(r, |c| pred(&meta(c.gen, c.suspect))) {
                 None => true,
-                Some((removed, suspect)) => {
-                    on_removed(remotes, r, k, suspect);
-                    match removed {
-                        Removed::Hidden => true,
-                        Removed::Promoted(v) => {
-                            log.emit(Change::Upsert(ViewObject::Ip(v)));
-                            true
-                        }
-                        Removed::Emptied => {
-                            log.emit(Change::Delete(ObjectKey::Ip(*ip)));
-                            false
-                        }
-                    }
-                }
+                Some(outcome) => apply_removed(remotes, log, r, k, outcome, ViewObject::Ip, || ObjectKey::Ip(*ip)),
             }),
             KindIdx::Identities => {
                 identities.retain(|id, slot| match slot.remove_if(r, |c| pred(&meta(c.gen, c.suspect))) {
                     None => true,
-                    Some((removed, suspect)) => {
-                        on_removed(remotes, r, k, suspect);
-                        match removed {
-                            Removed::Hidden => true,
-                            Removed::Promoted(v) => {
-                                log.emit(Change::Upsert(ViewObject::Identity(v)));
-                                true
-                            }
-                            Removed::Emptied => {
-                                log.emit(Change::Delete(ObjectKey::Identity(*id)));
-                                false
-                            }
-                        }
+                    Some(outcome) => {
+                        apply_removed(remotes, log, r, k, outcome, ViewObject::Identity, || ObjectKey::Identity(*id))
                     }
                 })
             }
