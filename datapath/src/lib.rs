@@ -1,0 +1,14 @@
+//! The node datapath: what runs on every node and carries out the control plane's decisions per packet.
+//!
+//! ```text
+//! identity-sync gRPC stream ─┐
+//! egress-gw assignments ─────┼─► node agent ─► eBPF maps (ipcache, egress policy, SNAT/conntrack, identity policy)
+//!                            │               └► WireGuard tunnels (boringtun on TUN) + routes to remote nodes
+//! ```
+//!
+//! - `bpf/`: the C eBPF programs, compiled by `build.rs` with clang and embedded in this crate.
+//! - [`wireguard`]: one userspace WireGuard interface per node, peers from remote node records.
+//!
+//! Nothing here talks to the kube API or etcd; the agent gets everything from identity-sync's stream.
+
+pub mod wireguard;
