@@ -1,4 +1,6 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tonic_prost_build::configure().compile_protos(&["proto/causeway/v1/mesh.proto"], &["proto"])?;
+    // Both files are package causeway.v1, so they compile into one module.
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/causeway/v1/mesh.proto", "proto/causeway/v1/egress.proto"], &["proto"])?;
     Ok(())
 }

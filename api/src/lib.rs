@@ -1,7 +1,8 @@
-//! Wire types for the stream from identity-sync to node agents.
+//! Wire types for the streams that feed node agents: the mesh view and the egress assignments.
 //!
-//! identity-sync serves `causeway.v1.MeshView`; node agents (datapath) consume it. The proto is the contract;
-//! this crate only compiles it.
+//! identity-sync serves `causeway.v1.MeshView` (mesh.proto); the egress-gw controller serves
+//! `causeway.v1.EgressAssignments` (egress.proto); node agents (datapath) consume both. The protos are the contract;
+//! this crate only compiles them.
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {
