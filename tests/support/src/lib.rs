@@ -18,6 +18,11 @@
 //!
 //! If the etcd binary is missing the fixture panics (tests must fail, not skip) and
 //! says to run `scripts/install-deps.sh`.
+//!
+//! [`netns`] builds network-namespace topologies (netns, veth, processes and threads inside them) for the datapath
+//! tests, and gates them on root with [`netns::privileged`].
+
+pub mod netns;
 
 use std::fs::{self, File};
 use std::net::TcpListener;
