@@ -122,10 +122,23 @@ struct ResetHandler {
 impl ResetHandler {
     /// Waits for etcd to lose its data, then redoes the start sequence in order: users, roles and auth → cluster
     /// config and marker → fresh leases → the export loop re-writes every key, then the canaries, then reports
-    /// ready. The heartbeat keeps going (and is written at once).
+    /// ready.
+    ///
+    /// Every lease-attached write (the sync stores and the heartbeat) waits at the lease pool's write gate from the
+    /// moment the reset is noticed, by the detector's poll or by the pool itself (a lost lease and no cluster
+    /// config), until users, roles, auth and the cluster config are back; so no peer ever finds state keys in an
+    /// etcd without a cluster config, and nobody can write into it unauthenticated meanwhile.
     async fn run(mut self) {
+        let gate = self.leases.gate().clone();
         loop {
-            let reason = self.detector.wait_for_reset().await;
+            let reason = tokio::select! {
+                reason = self.detector.wait_for_reset() => {
+                    let reason = reason.to_string();
+                    gate.close(reason.clone());
+                    reason
+                }
+                reason = gate.wait_closed() => reason,
+            };
             self.metrics.etcd_resets.inc();
             warn!(
                 cluster = %self.cluster,
@@ -145,6 +158,9 @@ impl ResetHandler {
                     }
                 }
             }
+            // The re-written marker is the detector's new baseline, not another reset.
+            self.detector.forget();
+            gate.open();
             self.heartbeat.write_now();
             if self.export.send(Input::EtcdReset).await.is_err() {
                 return;
@@ -204,6 +220,8 @@ async fn main() -> Result<()> {
     let leases = causeway_kvstore::LeasePool::grant(etcd.clone(), causeway_kvstore::LeaseConfig::default())
         .await
         .context("granting etcd leases")?;
+    // A lost lease with the cluster config gone means etcd lost its data: writes then wait for the ResetHandler.
+    leases.guard_resets(causeway_kvstore::cluster_config_key(cluster.name.as_str()));
     let heartbeat = Arc::new(causeway_kvstore::Heartbeat::start(
         etcd.clone(),
         leases.clone(),

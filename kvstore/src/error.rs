@@ -54,6 +54,14 @@ pub enum KvError {
         source: etcd_client::Error,
     },
 
+    /// A write was not sent because the [`crate::WriteGate`] is closed (etcd is being
+    /// re-created after a reset); it is retried once the gate opens.
+    #[error("write of {key:?} paused: etcd is being re-created after a reset")]
+    Paused {
+        /// The (first) key of the write.
+        key: String,
+    },
+
     /// A key given to a store is not under the store's prefix.
     #[error("key {key:?} is outside the store prefix {prefix:?}; use the store that owns it")]
     KeyOutsidePrefix {

@@ -8,6 +8,11 @@
 //! keepalive answers TTL 0) the pool grants a replacement and publishes the new ids on a
 //! [`tokio::sync::watch`] channel ([`LeasePool::subscribe`]). Re-writing the keys is the
 //! owner's job: [`crate::SyncStore`] does it for its keys.
+//!
+//! The pool also carries the writers' [`WriteGate`]. With [`LeasePool::guard_resets`], a
+//! lost lease is first checked against the owner's marker key: a lost lease *and* a missing
+//! marker mean etcd lost its data, and the gate is closed before the replacement lease is
+//! granted, so no writer can put a key on it before the owner's reset sequence has run.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -18,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
 use crate::error::is_lease_not_found;
-use crate::KvError;
+use crate::{KvError, WriteGate};
 
 /// How many leases and with which TTL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +65,9 @@ pub struct LeasePool {
     replacing: tokio::sync::Mutex<()>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stats: LeaseStats,
+    gate: WriteGate,
+    /// See [`LeasePool::guard_resets`].
+    marker: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for LeasePool {
@@ -84,6 +92,8 @@ impl LeasePool {
             replacing: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
             stats: LeaseStats::default(),
+            gate: WriteGate::new(),
+            marker: Mutex::new(None),
         });
         let mut ids = Vec::with_capacity(config.count);
         for _ in 0..config.count {
@@ -145,6 +155,41 @@ impl LeasePool {
         &self.stats
     }
 
+    /// The gate every writer on this pool passes before a lease-attached write.
+    pub fn gate(&self) -> &WriteGate {
+        &self.gate
+    }
+
+    /// From now on, a lost lease is checked against `marker` (a key the owner wrote without
+    /// a lease and never deletes, e.g. its cluster config): if the marker is gone too, etcd
+    /// lost its data, and the [`gate`](Self::gate) is closed before a replacement lease is
+    /// granted. The owner opens it again after its reset sequence.
+    pub fn guard_resets(&self, marker: impl Into<String>) {
+        *self.marker.lock().unwrap_or_else(|e| e.into_inner()) = Some(marker.into());
+    }
+
+    /// Closes the gate if the reset marker is configured and gone. Errors (etcd down) are
+    /// returned: the caller retries, and must not grant a lease meanwhile.
+    async fn check_marker(&self, lost: i64) -> Result<(), KvError> {
+        let Some(marker) = self.marker.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        let generation = self.gate.generation();
+        let resp = self
+            .client
+            .kv_client()
+            .get(marker.as_str(), Some(etcd_client::GetOptions::new().with_count_only()))
+            .await
+            .map_err(|e| KvError::request("get", &marker, e))?;
+        if resp.count() == 0 {
+            self.gate.close_if_unchanged(
+                generation,
+                format!("etcd lease {lost:x} was lost and the marker key {marker:?} is gone: etcd lost its data"),
+            );
+        }
+        Ok(())
+    }
+
     /// Replaces lease `lost` at `index` with a new one, unless that already happened;
     /// returns the current id at `index`. Called by the keepalive tasks, and by writers
     /// whose put failed with "lease not found".
@@ -156,6 +201,8 @@ impl LeasePool {
             Some(id) => return Ok(id),
             None => return Err(KvError::Config(format!("no lease at index {index}"))),
         }
+        // Before the replacement exists: once it does, writers can use it.
+        self.check_marker(lost).await?;
         let new = self.grant_one().await?;
         self.stats.lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(index, lost, new, "etcd lease lost; granted a replacement");

@@ -10,13 +10,15 @@
 //! Also here: [`connect`] (endpoints + mTLS, checked with a first request), the
 //! [`LeasePool`] behind the writes, [`ensure_auth`] to create the etcd users and roles,
 //! and the [`Heartbeat`] and [`write_cluster_config`] writers, and the [`ResetDetector`]
-//! that notices an etcd which lost its data. Keys and values are raw
+//! that notices an etcd which lost its data, and the [`WriteGate`] that pauses every write
+//! from the moment a reset is suspected until the owner re-created etcd. Keys and values are raw
 //! strings and bytes; the typed schema lives in `causeway-store`.
 
 mod auth;
 mod backoff;
 mod connect;
 mod error;
+mod gate;
 mod lease;
 mod list;
 mod mesh_keys;
@@ -27,6 +29,7 @@ mod watch_store;
 pub use auth::{ensure_auth, remote_grants, Grant, GrantKind, ADMIN_ROLE, REMOTE_ROLE, ROOT_ROLE};
 pub use connect::{connect, EtcdConfig, TlsConfig};
 pub use error::KvError;
+pub use gate::{GateState, WriteGate};
 pub use lease::{LeaseConfig, LeasePool, LeaseStats};
 pub use list::{DEFAULT_PAGE_SIZE, MAX_LIST_MESSAGE};
 pub use mesh_keys::{

@@ -61,7 +61,8 @@ impl std::fmt::Debug for Heartbeat {
 impl Heartbeat {
     /// Starts writing [`HEARTBEAT_KEY`] now and then every `interval` (normally
     /// [`HEARTBEAT_INTERVAL`]), attached to the pool's lease for that key, so that a dead
-    /// writer's heartbeat goes away with its other keys.
+    /// writer's heartbeat goes away with its other keys. Waits at the pool's
+    /// [`crate::WriteGate`] like every other writer.
     pub fn start(client: Client, leases: Arc<LeasePool>, interval: Duration) -> Heartbeat {
         let wake = Arc::new(tokio::sync::Notify::new());
         let woken = wake.clone();
@@ -74,7 +75,15 @@ impl Heartbeat {
                     _ = ticker.tick() => {}
                     _ = woken.notified() => ticker.reset(),
                 }
-                let lease = leases.lease_for_key(HEARTBEAT_KEY.as_bytes());
+                // Lease first, gate second: a lease granted after a reset was granted after
+                // the gate closed, so this cannot write on it before the reset sequence ran.
+                let lease = loop {
+                    let lease = leases.lease_for_key(HEARTBEAT_KEY.as_bytes());
+                    if leases.gate().is_open() {
+                        break lease;
+                    }
+                    leases.gate().wait_open().await;
+                };
                 let put = kv.put(HEARTBEAT_KEY, now_rfc3339(), Some(PutOptions::new().with_lease(lease))).await;
                 if let Err(e) = put {
                     // Next tick retries; a lost lease is replaced by the pool.

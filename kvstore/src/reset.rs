@@ -112,6 +112,14 @@ impl ResetDetector {
         &self.marker
     }
 
+    /// Forgets what it saw; the next look learns the state afresh. For an owner that learned
+    /// of a reset another way (the [`crate::LeasePool`] closed the [`crate::WriteGate`]) and
+    /// re-wrote the marker: without this the re-created marker would be reported as another
+    /// reset.
+    pub fn forget(&mut self) {
+        self.baseline = None;
+    }
+
     /// Looks once. `Ok(None)`: nothing changed (or the baseline was just learned).
     /// After `Ok(Some(_))` the baseline is forgotten.
     pub async fn check(&mut self) -> Result<Option<ResetReason>, KvError> {

@@ -14,7 +14,7 @@ use crate::backoff::Backoff;
 use crate::error::is_lease_not_found;
 use crate::lease::LeasePool;
 use crate::list::Pager;
-use crate::{canary_key, KvError};
+use crate::{canary_key, GateState, KvError, WriteGate};
 
 /// etcd's default `--max-txn-ops`.
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;
@@ -137,8 +137,9 @@ struct Pending {
     /// Bumped by every call; [`SyncStore::flushed`] waits for the flusher to reach it.
     seq: u64,
     sync_requested: bool,
-    /// Set by [`SyncStore::resync_all`], taken by the flusher.
-    resync_requested: bool,
+    /// Set by [`SyncStore::resync_all`] (to the gate's reset count at that moment), taken by
+    /// the flusher.
+    resync_requested: Option<u64>,
 }
 
 struct Shared {
@@ -169,12 +170,16 @@ impl Shared {
 ///   upsert are deleted, then the canary `cilium/synced/<cluster>/cilium/state/<kind>/v1`
 ///   is written with the current RFC 3339 time.
 /// * When a lease is lost, the keys on it are re-written on its replacement.
+/// * Every write waits at the pool's [`WriteGate`]. After a reset (the gate was closed and
+///   opened again) the store re-lists its prefix and re-writes what etcd no longer holds
+///   before anything else, as [`resync_all`](Self::resync_all) does.
 ///
 /// Dropping the store stops its task; unwritten changes are lost, written keys stay
 /// until their lease expires.
 pub struct SyncStore {
     shared: Arc<Shared>,
     prefix: String,
+    gate: WriteGate,
     task: JoinHandle<()>,
 }
 
@@ -196,7 +201,13 @@ impl SyncStore {
             stats: SyncStats::default(),
         });
         let prefix = config.prefix.clone();
+        let gate = leases.gate().clone();
+        let leases_gate = gate.clone();
         let flusher = Flusher {
+            gate_rx: gate.subscribe(),
+            resets_seen: gate.resets(),
+            resynced_after: None,
+            gate,
             kv: client.kv_client().max_decoding_message_size(crate::list::MAX_LIST_MESSAGE),
             lease_rx: leases.subscribe(),
             leases,
@@ -210,8 +221,9 @@ impl SyncStore {
             synced: false,
         };
         let span = tracing::info_span!("sync_store", prefix = %prefix);
+        let gate = leases_gate;
         let task = tokio::spawn(tracing::Instrument::instrument(flusher.run(), span));
-        SyncStore { shared, prefix, task }
+        SyncStore { shared, prefix, gate, task }
     }
 
     /// The prefix this store owns.
@@ -270,10 +282,15 @@ impl SyncStore {
     /// [`mark_synced`](Self::mark_synced), the stale-key cleanup and the canary are done
     /// again once those writes are applied; until then [`is_synced`](Self::is_synced) is
     /// false. [`flushed`](Self::flushed) called after this waits for the re-writes.
+    ///
+    /// After a reset seen at the [`WriteGate`] the store resyncs by itself; calling this
+    /// once the gate is open again does not list the prefix a second time for that reset
+    /// (only the canary is written again).
     pub fn resync_all(&self) {
+        let resets = self.gate_resets();
         {
             let mut p = self.shared.lock();
-            p.resync_requested = true;
+            p.resync_requested = Some(resets);
             p.seq += 1;
         }
         self.shared.synced.send_replace(false);
@@ -302,6 +319,10 @@ impl SyncStore {
     /// Counters.
     pub fn stats(&self) -> &SyncStats {
         &self.shared.stats
+    }
+
+    fn gate_resets(&self) -> u64 {
+        self.gate.resets()
     }
 }
 
@@ -332,6 +353,14 @@ struct Flusher {
     /// Keys under the prefix that existed when the store started.
     found_at_start: HashSet<String>,
     synced: bool,
+    /// The pool's gate; every write waits for it to be open.
+    gate: WriteGate,
+    gate_rx: watch::Receiver<GateState>,
+    /// Gate resets this store has resynced after.
+    resets_seen: u64,
+    /// The reset count of the last resync done because of the gate: a
+    /// [`SyncStore::resync_all`] made at that count is already satisfied.
+    resynced_after: Option<u64>,
 }
 
 fn txn_for(batch: &[Planned]) -> Txn {
@@ -356,8 +385,24 @@ impl Flusher {
     async fn run(mut self) {
         self.initial_list().await;
         loop {
-            if std::mem::take(&mut self.shared.lock().resync_requested) {
+            // Nothing is written while etcd is being re-created after a reset.
+            let gate = self.wait_gate().await;
+            let requested = self.shared.lock().resync_requested.take();
+            if gate.resets != self.resets_seen {
+                // A reset happened: etcd lost what we wrote. One resync covers any
+                // resync_all requested meanwhile too.
+                self.resets_seen = gate.resets;
                 self.resync().await;
+                self.resynced_after = Some(gate.resets);
+            } else if let Some(at) = requested {
+                if self.resynced_after == Some(at) {
+                    // Already re-listed and re-written after this reset; only the canary is
+                    // due again (resync_all un-marked the store).
+                    self.resynced_after = None;
+                    self.synced = false;
+                } else {
+                    self.resync().await;
+                }
             }
             let (ops, seq, sync_requested) = {
                 let mut p = self.shared.lock();
@@ -373,6 +418,7 @@ impl Flusher {
                 self.shared.flushed.send_replace(seq);
                 tokio::select! {
                     _ = self.shared.wake.notified() => {}
+                    _ = self.gate_rx.changed() => {}
                     changed = self.lease_rx.changed() => {
                         if changed.is_err() {
                             // The lease pool is gone; nothing can be written any more.
@@ -391,18 +437,41 @@ impl Flusher {
                 Ok(()) => {}
                 Err(remaining) => {
                     self.requeue(remaining);
-                    tokio::time::sleep(self.backoff.next_delay()).await;
+                    self.pause_after_failure().await;
                     continue;
                 }
             }
             if needs_sync && self.finish_initial_sync().await.is_err() {
-                tokio::time::sleep(self.backoff.next_delay()).await;
+                self.pause_after_failure().await;
                 continue;
             }
             self.backoff.reset();
             // Only what was taken at `seq` is done; later calls have bumped seq and
             // will be picked up on the next turn.
             self.shared.flushed.send_replace(seq);
+        }
+    }
+
+    /// Waits until the gate is open; logs when that means waiting.
+    async fn wait_gate(&mut self) -> GateState {
+        let state = self.gate_rx.borrow_and_update().clone();
+        if state.open {
+            return state;
+        }
+        tracing::info!(
+            cluster = %self.config.cluster,
+            kind = %self.config.kind,
+            reason = state.reason.as_deref().unwrap_or(""),
+            "writes paused: etcd is being re-created after a reset"
+        );
+        self.gate.wait_open().await
+    }
+
+    /// After a failed or paused write: backs off, unless the gate is closed, in which case
+    /// the wait for it at the top of the loop is the pause.
+    async fn pause_after_failure(&mut self) {
+        if self.gate.is_open() {
+            tokio::time::sleep(self.backoff.next_delay()).await;
         }
     }
 
@@ -554,8 +623,15 @@ impl Flusher {
         let mut in_flight = FuturesUnordered::new();
         let mut failed: Vec<Planned> = Vec::new();
         let mut lease_lost = false;
+        let mut paused = false;
         loop {
-            while failed.is_empty() && in_flight.len() < self.config.txns_in_flight.max(1) {
+            while failed.is_empty() && !paused && in_flight.len() < self.config.txns_in_flight.max(1) {
+                // Checked after the plan took its lease ids: a lease granted after a reset
+                // was granted after the gate closed, so a txn using it sees the gate shut.
+                if !self.gate.is_open() {
+                    paused = true;
+                    break;
+                }
                 let Some(batch) = batches.next() else { break };
                 let mut kv = self.kv.clone();
                 let txn = txn_for(&batch);
@@ -576,7 +652,7 @@ impl Flusher {
                 }
             }
         }
-        if failed.is_empty() {
+        if failed.is_empty() && !paused {
             return Ok(());
         }
         if lease_lost {
@@ -614,6 +690,9 @@ impl Flusher {
 
     async fn write_batch(&mut self, batch: &[Planned]) -> Result<(), KvError> {
         let first = batch.first().map(|p| p.key.clone()).unwrap_or_default();
+        if !self.gate.is_open() {
+            return Err(KvError::Paused { key: first });
+        }
         self.kv.txn(txn_for(batch)).await.map_err(|e| KvError::request("txn", first, e))?;
         self.record_written(batch);
         Ok(())
@@ -683,9 +762,14 @@ impl Flusher {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         self.owned.insert(canary.clone());
         let written = self.write_batch(&[Planned { key: canary.clone(), op: Op::Put(now.into_bytes()), lease }]).await;
-        if let Err(e) = written {
-            self.count_error(&e, "synced canary write");
-            return Err(());
+        match written {
+            Ok(()) => {}
+            // Not an error: written once the gate opens again.
+            Err(KvError::Paused { .. }) => return Err(()),
+            Err(e) => {
+                self.count_error(&e, "synced canary write");
+                return Err(());
+            }
         }
         self.synced = true;
         self.shared.synced.send_replace(true);
