@@ -15,6 +15,16 @@ pub const REMOTE_ROLE: &str = "remote";
 pub const ADMIN_ROLE: &str = "admin";
 /// etcd's built-in superuser role.
 pub const ROOT_ROLE: &str = "root";
+/// The user (and its role of the same name) external workloads (VMs) connect as, as in
+/// Cilium: they read the whole store and register themselves under
+/// [`NODE_REGISTER_PREFIX`].
+pub const EXTERNAL_WORKLOAD_USER: &str = "externalworkload";
+/// Role of [`EXTERNAL_WORKLOAD_USER`]; see [`external_workload_grants`].
+pub const EXTERNAL_WORKLOAD_ROLE: &str = "externalworkload";
+/// Where an external workload writes its node registration.
+pub const NODE_REGISTER_PREFIX: &str = "cilium/state/noderegister/v1/";
+/// Cilium's kvstore lock prefix: an external workload's agent takes its locks there.
+pub const INIT_LOCK_PREFIX: &str = "cilium/.initlock/";
 
 /// One permission, as etcd stores it (key and range end are raw bytes).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -52,6 +62,16 @@ impl Grant {
         Self { kind: GrantKind::ReadWrite, key: vec![0], range_end: vec![0] }
     }
 
+    /// Read access to every key (etcd's `--from-key ''`: key `\0`, range end `\0`).
+    pub fn read_all() -> Self {
+        Self { kind: GrantKind::Read, key: vec![0], range_end: vec![0] }
+    }
+
+    /// Read-write access to every key under `prefix`.
+    pub fn read_write_prefix(prefix: &str) -> Self {
+        Self { kind: GrantKind::ReadWrite, key: prefix.as_bytes().to_vec(), range_end: prefix_end(prefix.as_bytes()) }
+    }
+
     fn perm_type(&self) -> PermissionType {
         match self.kind {
             GrantKind::Read => PermissionType::Read,
@@ -86,12 +106,21 @@ pub fn remote_grants(local_cluster: &str) -> Vec<Grant> {
     ]
 }
 
+/// What [`EXTERNAL_WORKLOAD_USER`] may do, as Cilium grants it: read every key, and read-write
+/// under [`NODE_REGISTER_PREFIX`] (its registration) and [`INIT_LOCK_PREFIX`] (its locks).
+/// Nothing else: it cannot touch the exported state, the cluster config or the canaries.
+pub fn external_workload_grants() -> Vec<Grant> {
+    vec![Grant::read_all(), Grant::read_write_prefix(NODE_REGISTER_PREFIX), Grant::read_write_prefix(INIT_LOCK_PREFIX)]
+}
+
 /// Creates (or converges) the users and roles of the etcd of cluster `local_cluster`,
 /// then enables auth:
 ///
 /// * `root` with the `root` role;
 /// * `admin-<local_cluster>` with role [`ADMIN_ROLE`] (read-write on every key);
-/// * `remote-<peer>` for every peer, with role [`REMOTE_ROLE`] ([`remote_grants`]).
+/// * `remote-<peer>` for every peer, with role [`REMOTE_ROLE`] ([`remote_grants`]);
+/// * [`EXTERNAL_WORKLOAD_USER`] with role [`EXTERNAL_WORKLOAD_ROLE`]
+///   ([`external_workload_grants`]).
 ///
 /// Idempotent: existing users and roles are kept, missing permissions granted and
 /// permissions no longer wanted revoked. Works before and after auth is enabled, as
@@ -100,8 +129,10 @@ pub fn remote_grants(local_cluster: &str) -> Vec<Grant> {
 pub async fn ensure_auth<S: AsRef<str>>(client: &mut Client, local_cluster: &str, peers: &[S]) -> Result<(), KvError> {
     ensure_role(client, REMOTE_ROLE, &remote_grants(local_cluster)).await?;
     ensure_role(client, ADMIN_ROLE, &[Grant::read_write_all()]).await?;
+    ensure_role(client, EXTERNAL_WORKLOAD_ROLE, &external_workload_grants()).await?;
     ensure_user(client, "root", ROOT_ROLE).await?;
     ensure_user(client, &format!("admin-{local_cluster}"), ADMIN_ROLE).await?;
+    ensure_user(client, EXTERNAL_WORKLOAD_USER, EXTERNAL_WORKLOAD_ROLE).await?;
     for peer in peers {
         ensure_user(client, &format!("remote-{}", peer.as_ref()), REMOTE_ROLE).await?;
     }

@@ -26,7 +26,10 @@ mod reset;
 mod sync_store;
 mod watch_store;
 
-pub use auth::{ensure_auth, remote_grants, Grant, GrantKind, ADMIN_ROLE, REMOTE_ROLE, ROOT_ROLE};
+pub use auth::{
+    ensure_auth, external_workload_grants, remote_grants, Grant, GrantKind, ADMIN_ROLE, EXTERNAL_WORKLOAD_ROLE,
+    EXTERNAL_WORKLOAD_USER, INIT_LOCK_PREFIX, NODE_REGISTER_PREFIX, REMOTE_ROLE, ROOT_ROLE,
+};
 pub use connect::{connect, EtcdConfig, TlsConfig};
 pub use error::KvError;
 pub use gate::{GateState, WriteGate};

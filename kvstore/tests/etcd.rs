@@ -4,8 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use causeway_kvstore::{
-    canary_key, connect, ensure_auth, Client, EtcdConfig, KvError, LeaseConfig, LeasePool, SyncStore, SyncStoreConfig,
-    TlsConfig, WatchEvent, WatchStore, WatchStoreConfig,
+    canary_key, connect, ensure_auth, external_workload_grants, Client, EtcdConfig, KvError, LeaseConfig, LeasePool,
+    SyncStore, SyncStoreConfig, TlsConfig, WatchEvent, WatchStore, WatchStoreConfig, EXTERNAL_WORKLOAD_ROLE,
+    EXTERNAL_WORKLOAD_USER, INIT_LOCK_PREFIX, NODE_REGISTER_PREFIX,
 };
 use causeway_pki::{Pki, ServerNames};
 use causeway_testsupport::{wait_until, Etcd, TcpProxy};
@@ -647,4 +648,55 @@ async fn remote_user_reads_allowed_keys_but_cannot_write() {
     let stranger_cfg = EtcdConfig::new(etcd.endpoints()).with_tls(tls_config(&etcd, "stranger"));
     let mut stranger = connect(&stranger_cfg).await.unwrap();
     assert!(stranger.get("cilium/.heartbeat", None).await.is_err());
+}
+
+#[tokio::test]
+async fn externalworkload_reads_everything_and_writes_only_its_registration() {
+    init_tracing();
+    let pki = Pki::loopback().unwrap();
+    let etcd = Etcd::start_tls(&pki).await;
+    let root_cfg = EtcdConfig::new(etcd.endpoints()).with_tls(tls_config(&etcd, "root"));
+    let mut root = connect(&root_cfg).await.unwrap();
+    let protected = [
+        "cilium/state/nodes/v1/east/n1",
+        "cilium/state/ip/v1/default/10.1.2.3",
+        "cilium/cluster-config/east",
+        "cilium/synced/east/cilium/state/nodes/v1",
+        "cilium/.heartbeat",
+        "cilium/.has-cluster-config",
+        "secret/thing",
+    ];
+    for key in protected {
+        root.put(key, "x", None).await.unwrap();
+    }
+    ensure_auth(&mut root, "east", &["west"]).await.unwrap();
+    // Converges: a second run keeps the role as it is (and works with auth on).
+    ensure_auth(&mut root, "east", &["west"]).await.unwrap();
+    let role = root.role_get(EXTERNAL_WORKLOAD_ROLE).await.unwrap();
+    assert_eq!(role.permissions().len(), external_workload_grants().len(), "{:?}", role.permissions());
+
+    let vm_cfg = EtcdConfig::new(etcd.endpoints()).with_tls(tls_config(&etcd, EXTERNAL_WORKLOAD_USER));
+    let mut vm = connect(&vm_cfg).await.expect("externalworkload connects with its certificate");
+    // Reads everything.
+    let all = vm.get("", Some(GetOptions::new().with_all_keys())).await.expect("read every key");
+    assert_eq!(all.kvs().len(), protected.len());
+    for key in protected {
+        assert_eq!(vm.get(key, None).await.unwrap().kvs().len(), 1, "{key}");
+    }
+    // Registers itself, with a lease as an agent does, and takes its lock.
+    let lease = vm.lease_grant(60, None).await.expect("grant a lease").id();
+    let reg = format!("{NODE_REGISTER_PREFIX}vm-1");
+    vm.put(reg.as_str(), "{\"Name\":\"vm-1\"}", Some(etcd_client::PutOptions::new().with_lease(lease)))
+        .await
+        .expect("write its registration");
+    vm.put(format!("{INIT_LOCK_PREFIX}vm-1"), "lock", None).await.expect("take its lock");
+    vm.delete(reg.as_str(), None).await.expect("delete its registration");
+    // Writes nothing else, and deletes nothing else.
+    for key in protected.iter().copied().chain(["cilium/state/noderegister/v2/vm-1", "cilium/state/noderegisterx"]) {
+        let err = vm.put(key, "evil", None).await.expect_err(key);
+        assert!(err.to_string().contains("permission denied"), "{key}: {err}");
+    }
+    let err = vm.delete("cilium/state/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    assert_eq!(dump(&mut root, "cilium/state/nodes/").await.get("cilium/state/nodes/v1/east/n1"), Some(&b"x".to_vec()));
 }
