@@ -8,8 +8,10 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
+pub mod egress;
 pub mod identity;
 
+pub use egress::{EgressGatewayPolicy, EgressGatewayPolicySpec, EgressGatewayPolicyStatus};
 pub use identity::{CausewayIdentity, CausewayIdentitySpec, CausewayIdentityStatus};
 
 /// API group of every Causeway CRD.
@@ -18,7 +20,7 @@ pub const GROUP: &str = "causeway.io";
 /// Every CRD Causeway installs, in the order they appear in the generated YAML. A new CRD is added here and
 /// nowhere else; `crdgen` and the drift test pick it up.
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![CausewayIdentity::crd()]
+    vec![CausewayIdentity::crd(), EgressGatewayPolicy::crd()]
 }
 
 /// Error from rendering the CRDs to YAML.
