@@ -6,9 +6,11 @@
 //!                            │               └► WireGuard tunnels (boringtun on TUN) + routes to remote nodes
 //! ```
 //!
-//! - `bpf/`: the C eBPF programs, compiled by `build.rs` with clang and embedded in this crate.
+//! - `bpf/`: the C eBPF programs, compiled by `build.rs` with clang and embedded in this crate; [`bpf`] loads them,
+//!   pins their maps under `/sys/fs/bpf/causeway`, attaches them, and wraps every map in typed handles.
 //! - [`wireguard`]: one userspace WireGuard interface per node, peers from remote node records.
 //!
 //! Nothing here talks to the kube API or etcd; the agent gets everything from identity-sync's stream.
 
+pub mod bpf;
 pub mod wireguard;
