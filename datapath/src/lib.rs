@@ -9,8 +9,11 @@
 //! - `bpf/`: the C eBPF programs, compiled by `build.rs` with clang and embedded in this crate; [`bpf`] loads them,
 //!   pins their maps under `/sys/fs/bpf/causeway`, attaches them, and wraps every map in typed handles.
 //! - [`wireguard`]: one userspace WireGuard interface per node, peers from remote node records.
+//! - [`agent`]: the node agent's sans-IO core (streams → desired state → ordered map ops) and its gRPC inputs; the
+//!   `causeway-node-agent` binary runs it.
 //!
 //! Nothing here talks to the kube API or etcd; the agent gets everything from identity-sync's stream.
 
+pub mod agent;
 pub mod bpf;
 pub mod wireguard;
