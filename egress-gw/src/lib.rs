@@ -1,0 +1,12 @@
+//! causeway-egress-gw: the egress gateway controller.
+//!
+//! Where it sits in the flow: kube API (EgressGatewayPolicy, Pods, Namespaces, Nodes) and gateway probe reports →
+//! **selection** → per-policy assignments (source pod IPs, destination and excluded CIDRs, egress IPs, ordered
+//! gateway node IPs) streamed to node agents, which program the datapath; and status written back to each policy.
+//!
+//! - [`core`]: the sans-IO selection core. Objects and probe results in, assignments, status and problems out;
+//!   no kube types, an injected clock, no sleeps.
+//! - [`spec`]: turns the `causeway-crds` policy type into the core's parsed [`core::PolicySpec`].
+
+pub mod core;
+pub mod spec;
