@@ -8,9 +8,11 @@
 //! - [`kube`]: the adapter. Watches the kube API, feeds the core, carries out its requests, marks kinds synced.
 //! - [`sink`]: the traits the adapter writes through (store writer, identity resolver), with in-memory versions.
 //! - [`metrics`]: Prometheus counters and gauges.
+//! - [`readiness`]: `/readyz`, combining the export's state and etcd's.
 
 pub mod export;
 pub mod identity;
 pub mod kube;
 pub mod metrics;
+pub mod readiness;
 pub mod sink;

@@ -14,6 +14,7 @@ use clustermesh_apiserver::export::Exporter;
 use clustermesh_apiserver::identity::KubeIdentityStore;
 use clustermesh_apiserver::kube::{spawn_watchers, ExportLoop, Input, EXPORTED_KINDS};
 use clustermesh_apiserver::metrics::Metrics;
+use clustermesh_apiserver::readiness::Readiness;
 use clustermesh_apiserver::sink::EtcdSink;
 use tracing::{info, warn};
 
@@ -105,6 +106,10 @@ async fn prepare_etcd(
     Ok(())
 }
 
+/// Failed looks at etcd in a row (one every `RESET_CHECK_INTERVAL`) before the process reports not ready: one
+/// slow answer is not an outage.
+const UNREACHABLE_AFTER: u32 = 2;
+
 /// What re-creating a reset etcd needs.
 struct ResetHandler {
     detector: causeway_kvstore::ResetDetector,
@@ -114,7 +119,7 @@ struct ResetHandler {
     config: Vec<u8>,
     leases: Arc<causeway_kvstore::LeasePool>,
     heartbeat: Arc<causeway_kvstore::Heartbeat>,
-    health: Health,
+    readiness: Readiness,
     metrics: Metrics,
     export: tokio::sync::mpsc::Sender<Input>,
 }
@@ -131,14 +136,7 @@ impl ResetHandler {
     async fn run(mut self) {
         let gate = self.leases.gate().clone();
         loop {
-            let reason = tokio::select! {
-                reason = self.detector.wait_for_reset() => {
-                    let reason = reason.to_string();
-                    gate.close(reason.clone());
-                    reason
-                }
-                reason = gate.wait_closed() => reason,
-            };
+            let reason = self.wait_for_reset(&gate).await;
             self.metrics.etcd_resets.inc();
             warn!(
                 cluster = %self.cluster,
@@ -146,7 +144,10 @@ impl ResetHandler {
                 "etcd lost its data (restarted empty or restored from an older backup): re-creating users, roles, \
                  cluster config and every exported key"
             );
-            self.health.set_not_ready(format!("etcd lost its data ({reason}); re-creating it"));
+            // Both: etcd is back once re-created, but the export is complete only when the export loop has written
+            // the canaries again.
+            self.readiness.set_etcd_not_ok(format!("etcd lost its data ({reason}); re-creating it"));
+            self.readiness.set_export_not_ready("etcd lost its data: re-exporting once it is re-created");
             let mut delay = Duration::from_millis(200);
             loop {
                 match self.recreate().await {
@@ -161,11 +162,51 @@ impl ResetHandler {
             // The re-written marker is the detector's new baseline, not another reset.
             self.detector.forget();
             gate.open();
+            self.readiness.set_etcd_ok();
             self.heartbeat.write_now();
             if self.export.send(Input::EtcdReset).await.is_err() {
                 return;
             }
             info!(cluster = %self.cluster, "reset etcd re-created (users, roles, auth, cluster config, leases); re-exporting");
+        }
+    }
+
+    /// Looks at etcd every [`causeway_kvstore::RESET_CHECK_INTERVAL`] until it lost its data, or until the lease
+    /// pool closed the gate (a lost lease and no cluster config). Meanwhile, etcd not answering for
+    /// [`UNREACHABLE_AFTER`] looks in a row makes the process not ready until it answers again.
+    async fn wait_for_reset(&mut self, gate: &causeway_kvstore::WriteGate) -> String {
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                reason = gate.wait_closed() => return reason,
+                checked = self.detector.check() => match checked {
+                    Ok(Some(reason)) => {
+                        let reason = reason.to_string();
+                        gate.close(reason.clone());
+                        return reason;
+                    }
+                    Ok(None) => {
+                        if failures >= UNREACHABLE_AFTER {
+                            info!(cluster = %self.cluster, "etcd answers again");
+                        }
+                        failures = 0;
+                        self.readiness.set_etcd_ok();
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures == UNREACHABLE_AFTER {
+                            warn!(cluster = %self.cluster, error = %e, "etcd does not answer; not ready until it does");
+                        }
+                        if failures >= UNREACHABLE_AFTER {
+                            self.readiness.set_etcd_not_ok(format!("etcd does not answer: {e}"));
+                        }
+                    }
+                },
+            }
+            tokio::select! {
+                reason = gate.wait_closed() => return reason,
+                _ = tokio::time::sleep(causeway_kvstore::RESET_CHECK_INTERVAL) => {}
+            }
         }
     }
 
@@ -194,6 +235,7 @@ async fn main() -> Result<()> {
     health.with_registry(|r| metrics.register(r));
     let bound = causeway_runtime::serve(args.metrics_addr, health.router()).await?;
     info!(addr = %bound, "serving /metrics, /healthz, /readyz");
+    let readiness = Readiness::new(health.clone());
 
     let mut etcd = causeway_kvstore::connect(&etcd_config(&args)?)
         .await
@@ -258,14 +300,14 @@ async fn main() -> Result<()> {
             config,
             leases: leases.clone(),
             heartbeat,
-            health: health.clone(),
+            readiness: readiness.clone(),
             metrics: metrics.clone(),
             export: tx.clone(),
         }
         .run(),
     );
     let watchers = spawn_watchers(client, tx, metrics.clone());
-    let export = ExportLoop::new(Exporter::new(cluster.clone(), metrics.clone()), sink, identities, health, metrics);
+    let export = ExportLoop::new(Exporter::new(cluster.clone(), metrics.clone()), sink, identities, readiness, metrics);
     info!("exporting");
     tokio::select! {
         _ = export.run(rx) => bail!("the export loop stopped"),

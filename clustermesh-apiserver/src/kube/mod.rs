@@ -19,7 +19,6 @@ use ::kube::api::Api;
 use ::kube::runtime::watcher::{self, watcher};
 use ::kube::runtime::WatchStreamExt;
 use ::kube::{Client, Resource};
-use causeway_runtime::Health;
 use causeway_store::Kind;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -32,6 +31,7 @@ use tracing::{info, instrument, warn};
 use crate::export::model::{EndpointSliceInput, NamespaceInput, NodeInput, PodInput, ServiceInput};
 use crate::export::{Change, Exporter, IdentityRequest};
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::sink::{ExportSink, IdentityResolver};
 
 /// The store kinds this exporter writes and marks synced.
@@ -186,7 +186,7 @@ pub struct ExportLoop<S, R> {
     exporter: Exporter,
     sink: Arc<S>,
     resolver: Arc<R>,
-    health: Health,
+    health: Readiness,
     metrics: Metrics,
     /// Objects applied and not deleted, per kind: what a relist must account for.
     known: HashMap<ObjectKind, HashSet<ObjectId>>,
@@ -201,8 +201,10 @@ pub struct ExportLoop<S, R> {
 }
 
 impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
-    pub fn new(exporter: Exporter, sink: Arc<S>, resolver: Arc<R>, health: Health, metrics: Metrics) -> Self {
-        health.set_not_ready("waiting for the initial list of namespaces, pods, nodes, services and endpointslices");
+    pub fn new(exporter: Exporter, sink: Arc<S>, resolver: Arc<R>, health: Readiness, metrics: Metrics) -> Self {
+        health.set_export_not_ready(
+            "waiting for the initial list of namespaces, pods, nodes, services and endpointslices",
+        );
         ExportLoop {
             exporter,
             sink,
@@ -384,7 +386,8 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
         }
         self.resync = false;
         self.synced = false;
-        self.health.set_not_ready("etcd lost its data: re-writing every exported entry, then the synced canaries");
+        self.health
+            .set_export_not_ready("etcd lost its data: re-writing every exported entry, then the synced canaries");
         info!(
             cluster = %cluster,
             entries = self.exporter.entries().len(),
@@ -400,12 +403,13 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
         let waiting: Vec<&str> =
             ObjectKind::ALL.iter().filter(|k| !self.listed.contains(k)).map(|k| k.as_str()).collect();
         if !waiting.is_empty() {
-            self.health.set_not_ready(format!("waiting for the initial list of {}", waiting.join(", ")));
+            self.health.set_export_not_ready(format!("waiting for the initial list of {}", waiting.join(", ")));
             return;
         }
         if !self.exporter.pending_identities().is_empty() || self.retry || self.exporter.has_changes() {
-            self.health
-                .set_not_ready("initial export incomplete: identity allocations or store writes are being retried");
+            self.health.set_export_not_ready(
+                "initial export incomplete: identity allocations or store writes are being retried",
+            );
             return;
         }
         if let Err(e) = self.sink.flush().await {
@@ -423,7 +427,7 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
             }
         }
         self.synced = true;
-        self.health.set_ready();
+        self.health.set_export_ready();
         info!(cluster = %self.exporter.cluster().name, entries = self.exporter.entries().len(), "initial export synced; ready");
     }
 }
@@ -435,12 +439,12 @@ mod tests {
     use crate::sink::{LocalAllocator, MemorySink};
     use causeway_store::{ClusterInfo, MaxConnectedClusters};
 
-    fn export_loop() -> (ExportLoop<MemorySink, LocalAllocator>, Arc<MemorySink>, Health) {
+    fn export_loop() -> (ExportLoop<MemorySink, LocalAllocator>, Arc<MemorySink>, Readiness) {
         let cluster = ClusterInfo::new("east", 7, MaxConnectedClusters::C255).expect("valid cluster");
         let metrics = Metrics::default();
         let sink = Arc::new(MemorySink::default());
         let resolver = Arc::new(LocalAllocator::new(cluster.identity_range()));
-        let health = Health::new();
+        let health = Readiness::new(causeway_runtime::Health::new());
         let l =
             ExportLoop::new(Exporter::new(cluster, metrics.clone()), sink.clone(), resolver, health.clone(), metrics);
         (l, sink, health)
