@@ -463,7 +463,7 @@ fn egress_ip_on_no_selected_node_is_reported_until_a_node_has_it() {
     assert_eq!(reason(&out, CONDITION_INVALID_SPEC), (true, "EgressIPNotOnAnyNode".into()));
     assert!(out.problems[0].message.contains("192.0.2.77") && out.problems[0].message.contains("gw-a, gw-b, gw-c"));
     assert!(out.assignment.as_ref().is_some_and(|a| a.groups[0].gateways.is_empty()), "fails closed");
-    assert_eq!(reason(&out, CONDITION_READY).0, false);
+    assert!(!reason(&out, CONDITION_READY).0);
 
     // The agent on gw-b reports the address configured: gw-b alone serves the group.
     fx.idx.apply_node(gw_node("gw-b", "z2", "172.18.0.12", &["192.0.2.10", "192.0.2.77"]));
