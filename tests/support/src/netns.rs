@@ -392,6 +392,185 @@ fn check(what: &str, out: Output) -> Result<Output, NetnsError> {
     }
 }
 
+/// Two "nodes" joined by an underlay veth, each with a "pod" behind it, the shape of the datapath tests:
+///
+/// ```text
+/// pod_a 10.244.1.2 ─ pod0 10.244.1.1 [node_a] eth0 192.168.50.1 ══ 192.168.50.2 eth0 [node_b] pod0 10.244.2.1 ─ 10.244.2.2 pod_b
+/// ```
+///
+/// Nodes forward (ip_forward=1, rp_filter off); each pod has a default route via its node. Nothing routes
+/// 10.244.2.0/24 on node_a (or 10.244.1.0/24 on node_b) yet: that is the tunnel's job.
+#[derive(Debug)]
+pub struct TwoNodes {
+    pub node_a: Netns,
+    pub node_b: Netns,
+    pub pod_a: Netns,
+    pub pod_b: Netns,
+}
+
+impl TwoNodes {
+    /// Node A's underlay address.
+    pub const NODE_A_IP: &'static str = "192.168.50.1";
+    pub const NODE_B_IP: &'static str = "192.168.50.2";
+    pub const POD_A_CIDR: &'static str = "10.244.1.0/24";
+    pub const POD_B_CIDR: &'static str = "10.244.2.0/24";
+    pub const POD_A_IP: &'static str = "10.244.1.2";
+    pub const POD_B_IP: &'static str = "10.244.2.2";
+    /// The nodes' addresses on their pod networks (the pods' gateways).
+    pub const ROUTER_A_IP: &'static str = "10.244.1.1";
+    pub const ROUTER_B_IP: &'static str = "10.244.2.1";
+    /// The underlay interface's name in both nodes.
+    pub const UNDERLAY_IF: &'static str = "eth0";
+
+    pub fn new() -> Result<TwoNodes, NetnsError> {
+        let t = TwoNodes {
+            node_a: Netns::new("nodea")?,
+            node_b: Netns::new("nodeb")?,
+            pod_a: Netns::new("poda")?,
+            pod_b: Netns::new("podb")?,
+        };
+        veth(&t.node_a, "eth0", "192.168.50.1/24", &t.node_b, "eth0", "192.168.50.2/24")?;
+        for (node, pod, router, pod_ip) in
+            [(&t.node_a, &t.pod_a, "10.244.1.1", "10.244.1.2"), (&t.node_b, &t.pod_b, "10.244.2.1", "10.244.2.2")]
+        {
+            node.router()?;
+            veth(node, "pod0", &format!("{router}/24"), pod, "eth0", &format!("{pod_ip}/24"))?;
+            pod.exec(&["ip", "route", "add", "default", "via", router])?;
+        }
+        Ok(t)
+    }
+}
+
+/// Debian's `wireguard-go` (configured with `wg`) on an interface inside a netns: the independent WireGuard
+/// implementation the interop tests and the benchmark baseline use. Killed, and its socket removed, on drop.
+#[derive(Debug)]
+pub struct WireguardGo {
+    ifname: String,
+    ns_name: String,
+    process: Option<NsChild>,
+    public_key: String,
+}
+
+impl WireguardGo {
+    /// Starts `wireguard-go -f <ifname>` in `ns`, gives it a key made by `wg genkey`, listens on `port`, sets MTU
+    /// 1420 and brings the link up. `ifname` must be unique on the machine (see [`unique_ifname`]).
+    pub fn start(ns: &Netns, ifname: &str, port: u16) -> Result<WireguardGo, NetnsError> {
+        let process = ns.spawn(&["wireguard-go", "-f", ifname])?;
+        let mut wg = WireguardGo {
+            ifname: ifname.to_owned(),
+            ns_name: ns.name().to_owned(),
+            process: Some(process),
+            public_key: String::new(),
+        };
+        let sock = PathBuf::from("/var/run/wireguard").join(format!("{ifname}.sock"));
+        if !wait_for(Duration::from_secs(10), || std::os::unix::net::UnixStream::connect(&sock).is_ok()) {
+            return Err(NetnsError::new(format!("wireguard-go did not open {} within 10 s", sock.display())));
+        }
+        let private = run_checked(Command::new("wg").arg("genkey"))?;
+        let private = String::from_utf8_lossy(&private.stdout).trim().to_owned();
+        let keyfile = tempfile::NamedTempFile::new().map_err(|e| NetnsError::new(format!("temp key file: {e}")))?;
+        std::fs::write(keyfile.path(), format!("{private}\n")).map_err(|e| NetnsError::new(format!("{e}")))?;
+        let path = keyfile.path().to_string_lossy().into_owned();
+        ns.exec(&["wg", "set", ifname, "private-key", &path, "listen-port", &port.to_string()])?;
+        let public = ns.exec(&["wg", "show", ifname, "public-key"])?;
+        wg.public_key = String::from_utf8_lossy(&public.stdout).trim().to_owned();
+        ns.exec(&["ip", "link", "set", "dev", ifname, "mtu", "1420", "up"])?;
+        Ok(wg)
+    }
+
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    /// Its public key, base64 as `wg` prints it.
+    pub fn public_key(&self) -> &str {
+        &self.public_key
+    }
+
+    /// `wg <args...>` on this interface's netns.
+    pub fn wg(&self, args: &[&str]) -> Result<Output, NetnsError> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns_name, "wg"]).args(args);
+        run_checked(&mut cmd)
+    }
+
+    /// Adds or updates a peer (`wg set <if> peer <key> endpoint <endpoint> allowed-ips <a,b>`).
+    pub fn set_peer(&self, public_key: &str, endpoint: &str, allowed_ips: &[&str]) -> Result<(), NetnsError> {
+        let ips = allowed_ips.join(",");
+        self.wg(&["set", &self.ifname, "peer", public_key, "endpoint", endpoint, "allowed-ips", &ips]).map(drop)
+    }
+
+    pub fn remove_peer(&self, public_key: &str) -> Result<(), NetnsError> {
+        self.wg(&["set", &self.ifname, "peer", public_key, "remove"]).map(drop)
+    }
+
+    /// `wg show <if> latest-handshakes` as (peer key, unix seconds; 0 = never).
+    pub fn latest_handshakes(&self) -> Result<Vec<(String, u64)>, NetnsError> {
+        let out = self.wg(&["show", &self.ifname, "latest-handshakes"])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                Some((it.next()?.to_owned(), it.next()?.parse().ok()?))
+            })
+            .collect())
+    }
+}
+
+impl Drop for WireguardGo {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        let _ = std::fs::remove_file(PathBuf::from("/var/run/wireguard").join(format!("{}.sock", self.ifname)));
+    }
+}
+
+/// Named nftables counters on a device's ingress (table `netdev causeway_test`), to prove what crosses a wire:
+/// `NftCounters::ingress(&ns, "eth0", &[("wg_udp", "udp dport 51820"), ("plain", "ip saddr 10.244.0.0/16")])`.
+#[derive(Debug)]
+pub struct NftCounters<'a> {
+    ns: &'a Netns,
+}
+
+impl<'a> NftCounters<'a> {
+    /// Installs one counter per `(name, match expression)`; the table is removed with the netns.
+    pub fn ingress(ns: &'a Netns, device: &str, counters: &[(&str, &str)]) -> Result<Self, NetnsError> {
+        let mut script = String::from("table netdev causeway_test {\n");
+        for (name, _) in counters {
+            script.push_str(&format!("  counter {name} {{}}\n"));
+        }
+        script.push_str(&format!(
+            "  chain ingress {{\n    type filter hook ingress device \"{device}\" priority 0; policy accept;\n"
+        ));
+        for (name, expr) in counters {
+            script.push_str(&format!("    {expr} counter name \"{name}\"\n"));
+        }
+        script.push_str("  }\n}\n");
+        let file = tempfile::NamedTempFile::new().map_err(|e| NetnsError::new(format!("temp nft file: {e}")))?;
+        std::fs::write(file.path(), script).map_err(|e| NetnsError::new(format!("{e}")))?;
+        ns.exec(&["nft", "-f", &file.path().to_string_lossy()])?;
+        Ok(NftCounters { ns })
+    }
+
+    /// (packets, bytes) of counter `name`.
+    pub fn read(&self, name: &str) -> Result<(u64, u64), NetnsError> {
+        let out = self.ns.exec(&["nft", "list", "counter", "netdev", "causeway_test", name])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |key: &str| -> Option<u64> {
+            let mut words = text.split_whitespace();
+            while let Some(w) = words.next() {
+                if w == key {
+                    return words.next()?.parse().ok();
+                }
+            }
+            None
+        };
+        match (field("packets"), field("bytes")) {
+            (Some(p), Some(b)) => Ok((p, b)),
+            _ => Err(NetnsError::new(format!("no packets/bytes in nft output: {text}"))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

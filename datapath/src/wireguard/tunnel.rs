@@ -1,0 +1,429 @@
+//! The node's WireGuard interface: thin I/O around the sans-IO [`PeerSet`] reconciler.
+//!
+//! Userspace: a boringtun `DeviceHandle` on a TUN device in this process (its UAPI socket is
+//! `/var/run/wireguard/<ifname>.sock`), configured through wireguard-control's `Backend::Userspace`.
+//! Kernel: an `ip link add type wireguard` interface configured through wireguard-control's netlink backend.
+//! Link state, addresses and routes go through `ip` (iproute2), which every node has.
+//!
+//! The tunnel remembers the network namespace of the thread that created it and runs every later kernel-facing
+//! command there, so the agent (or a test) may call it from any thread.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use boringtun::device::{DeviceConfig, DeviceHandle};
+use ipnet::IpNet;
+use nix::sched::{setns, CloneFlags};
+use tracing::{debug, info, warn};
+use wireguard_control::{DeviceUpdate, InterfaceName};
+
+use super::backend::{choose_backend, probe_kernel_wireguard, BackendKind, BackendPreference, KernelSupport};
+use super::keys::{PrivateKey, PublicKey};
+use super::peers::{device_updates, route_changes, NodeRecord, PeerChange, PeerSet, PeerSetError, UpdateStyle};
+use super::Error;
+
+/// Where userspace WireGuard implementations put their UAPI sockets (shared by every netns on the machine).
+pub const UAPI_DIR: &str = "/var/run/wireguard";
+
+/// WireGuard's overhead is 60 bytes over IPv4 and 80 over IPv6; 1420 fits a 1500-byte underlay either way.
+pub const DEFAULT_MTU: u32 = 1420;
+
+/// How to build a [`Tunnel`].
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// Interface name, at most 15 bytes and unique on the machine (UAPI sockets are global).
+    pub ifname: String,
+    pub private_key: PrivateKey,
+    /// UDP port; 0 picks a free one (see [`Tunnel::listen_port`]).
+    pub listen_port: u16,
+    /// Addresses on the interface (e.g. the node's router IP), optional.
+    pub addresses: Vec<IpNet>,
+    pub mtu: u32,
+    pub backend: BackendPreference,
+    /// Persistent keepalive given to every peer (None = off); needed only behind NAT.
+    pub keepalive: Option<u16>,
+    /// boringtun worker threads (each with its own TUN queue).
+    pub threads: usize,
+}
+
+impl TunnelConfig {
+    pub fn new(ifname: impl Into<String>, private_key: PrivateKey, listen_port: u16) -> Self {
+        TunnelConfig {
+            ifname: ifname.into(),
+            private_key,
+            listen_port,
+            addresses: Vec::new(),
+            mtu: DEFAULT_MTU,
+            backend: BackendPreference::Auto,
+            keepalive: None,
+            // Measured by bench/src/bin/wireguard-throughput.rs on 2 cores: see docs/benchmarks.md.
+            threads: 2,
+        }
+    }
+}
+
+/// What one [`Tunnel::apply_nodes`] / [`Tunnel::apply`] did.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyReport {
+    pub changes: Vec<PeerChange>,
+    pub routes_added: Vec<IpNet>,
+    pub routes_removed: Vec<IpNet>,
+    /// Node records that were left out (bad key, conflicting allowed IPs...).
+    pub rejected: Vec<PeerSetError>,
+}
+
+/// One WireGuard interface, up, with its routes. Removed on [`Tunnel::shutdown`] (or, best effort, on drop).
+pub struct Tunnel {
+    ifname: String,
+    wg_name: InterfaceName,
+    kind: BackendKind,
+    device: Option<DeviceHandle>,
+    netns: File,
+    private_key: PrivateKey,
+    listen_port: u16,
+    keepalive: Option<u16>,
+    routes: BTreeSet<IpNet>,
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("ifname", &self.ifname)
+            .field("backend", &self.kind)
+            .field("public_key", &self.private_key.public_key())
+            .field("listen_port", &self.listen_port)
+            .finish()
+    }
+}
+
+impl Tunnel {
+    /// Creates the interface in the calling thread's network namespace, sets key and port, brings it up.
+    pub fn create(cfg: TunnelConfig) -> Result<Tunnel, Error> {
+        let span = tracing::info_span!("wireguard_tunnel", ifname = %cfg.ifname);
+        let _enter = span.enter();
+        let wg_name: InterfaceName = cfg
+            .ifname
+            .parse()
+            .map_err(|e| Error::InterfaceName { name: cfg.ifname.clone(), reason: format!("{e}") })?;
+        let netns = File::open("/proc/thread-self/ns/net").map_err(|e| Error::Netns(e.to_string()))?;
+        let support = match cfg.backend {
+            BackendPreference::Userspace => KernelSupport::Unavailable("userspace requested".into()),
+            _ => probe_kernel_wireguard(),
+        };
+        let kind = choose_backend(cfg.backend, &support)?;
+        info!(?kind, ?support, "creating WireGuard interface");
+
+        let device = match kind {
+            BackendKind::Userspace => {
+                let sock = uapi_socket(&cfg.ifname);
+                // boringtun would silently unlink and take over another live device's socket.
+                if UnixStream::connect(&sock).is_ok() {
+                    return Err(Error::InterfaceInUse(cfg.ifname.clone()));
+                }
+                let config = DeviceConfig {
+                    n_threads: cfg.threads.max(1),
+                    use_connected_socket: true,
+                    use_multi_queue: true,
+                    uapi_fd: -1,
+                };
+                Some(start_boringtun(&cfg.ifname, config)?)
+            }
+            BackendKind::Kernel => {
+                run_ip(&["link", "add", &cfg.ifname, "type", "wireguard"])?;
+                None
+            }
+        };
+        let mut tunnel = Tunnel {
+            ifname: cfg.ifname.clone(),
+            wg_name,
+            kind,
+            device,
+            netns,
+            private_key: cfg.private_key.clone(),
+            listen_port: cfg.listen_port,
+            keepalive: cfg.keepalive,
+            routes: BTreeSet::new(),
+        };
+        // From here on a failure drops `tunnel`, which removes the interface again.
+        tunnel
+            .configure(DeviceUpdate::new().set_private_key(cfg.private_key.to_wg()).set_listen_port(cfg.listen_port))?;
+        if cfg.listen_port == 0 {
+            tunnel.listen_port = tunnel.device_info()?.listen_port.unwrap_or(0);
+        }
+        let mtu = cfg.mtu.to_string();
+        tunnel.ip(&["link", "set", "dev", &cfg.ifname, "mtu", &mtu])?;
+        for addr in &cfg.addresses {
+            tunnel.ip(&["addr", "replace", &addr.to_string(), "dev", &cfg.ifname])?;
+        }
+        tunnel.ip(&["link", "set", "dev", &cfg.ifname, "up"])?;
+        Ok(tunnel)
+    }
+
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    pub fn backend(&self) -> BackendKind {
+        self.kind
+    }
+
+    /// The key remote nodes must configure for this node (publish it in the node record).
+    pub fn public_key(&self) -> PublicKey {
+        self.private_key.public_key()
+    }
+
+    pub fn listen_port(&self) -> u16 {
+        self.listen_port
+    }
+
+    /// Routes currently installed through the interface by this tunnel.
+    pub fn routes(&self) -> &BTreeSet<IpNet> {
+        &self.routes
+    }
+
+    /// The device as the implementation reports it (peers, endpoints, handshakes, byte counters).
+    pub fn device_info(&self) -> Result<wireguard_control::Device, Error> {
+        self.check_alive()?;
+        let (name, backend) = (self.wg_name, self.kind.wg_backend());
+        self.in_netns(move || wireguard_control::Device::get(&name, backend))?.map_err(|e| Error::Uapi {
+            ifname: self.ifname.clone(),
+            op: "get",
+            source: e,
+        })
+    }
+
+    /// The peers the device has now.
+    pub fn peers(&self) -> Result<PeerSet, Error> {
+        Ok(PeerSet::from_device(&self.device_info()?))
+    }
+
+    /// Reconciles peers and routes with the remote node records. Bad records are skipped and reported (see
+    /// [`PeerSet::from_nodes_lenient`]); the rest is applied.
+    pub fn apply_nodes(&mut self, nodes: &[NodeRecord]) -> Result<ApplyReport, Error> {
+        let (desired, rejected) = PeerSet::from_nodes_lenient(&self.public_key(), nodes, self.keepalive);
+        for err in &rejected {
+            warn!(ifname = %self.ifname, error = %err, "node record not configured as a WireGuard peer");
+        }
+        let mut report = self.apply(&desired)?;
+        report.rejected = rejected;
+        Ok(report)
+    }
+
+    /// Makes the device's peers equal to `desired` with the minimal change (nothing when they already are), then
+    /// the routes through the interface equal to `desired.routes()`.
+    pub fn apply(&mut self, desired: &PeerSet) -> Result<ApplyReport, Error> {
+        let span = tracing::info_span!("wireguard_apply", ifname = %self.ifname);
+        let _enter = span.enter();
+        let current = self.peers()?;
+        let changes = current.diff(desired);
+        if !changes.is_empty() {
+            let style = match self.kind {
+                BackendKind::Userspace => UpdateStyle::RemoveThenAdd,
+                BackendKind::Kernel => UpdateStyle::InPlace,
+            };
+            info!(changes = changes.len(), "updating WireGuard peers");
+            for update in device_updates(&changes, style) {
+                self.configure(update)?;
+            }
+        }
+        let (add, del) = route_changes(&self.routes, &desired.routes());
+        for net in &del {
+            // Already gone (e.g. removed by hand) is fine: the goal is that it is not there.
+            let _ = self.ip(&["route", "del", &net.to_string(), "dev", &self.ifname]);
+            self.routes.remove(net);
+        }
+        for net in &add {
+            self.ip(&["route", "replace", &net.to_string(), "dev", &self.ifname])?;
+            self.routes.insert(*net);
+        }
+        debug!(added = add.len(), removed = del.len(), "routes through the tunnel");
+        Ok(ApplyReport { changes, routes_added: add, routes_removed: del, rejected: Vec::new() })
+    }
+
+    /// Replaces the private key without taking the interface down and returns the new public key, which must be
+    /// published so that peers update their view of this node. Peers and routes stay; packets sent before the
+    /// peers know the new key are lost and retransmitted by TCP once the next handshake succeeds.
+    pub fn rotate_key(&mut self) -> Result<PublicKey, Error> {
+        let new = PrivateKey::generate();
+        self.configure(DeviceUpdate::new().set_private_key(new.to_wg()))?;
+        self.private_key = new;
+        let public = self.public_key();
+        info!(ifname = %self.ifname, %public, "rotated WireGuard key");
+        Ok(public)
+    }
+
+    /// Removes the interface (and, for boringtun, its UAPI socket and worker threads) and waits until it is gone.
+    pub fn shutdown(mut self) -> Result<(), Error> {
+        self.teardown(true)
+    }
+
+    fn teardown(&mut self, wait: bool) -> Result<(), Error> {
+        match self.kind {
+            BackendKind::Userspace => {
+                if let Some(mut device) = self.device.take() {
+                    if wait {
+                        // boringtun's workers exit when they see their UAPI socket gone (checked every second);
+                        // joining them guarantees the TUN is closed and the interface removed before we return.
+                        let _ = std::fs::remove_file(uapi_socket(&self.ifname));
+                        device.wait();
+                    }
+                    // Dropping tells any worker still running to exit and removes the socket.
+                    drop(device);
+                }
+            }
+            BackendKind::Kernel => {
+                let _ = self.ip(&["link", "del", "dev", &self.ifname]);
+            }
+        }
+        if !wait {
+            return Ok(());
+        }
+        // A process forked while boringtun's TUN queues were still inheritable may hold one open, which keeps
+        // the interface alive after our side closed it; deleting the link ends it for everyone.
+        if self.link_exists() {
+            let _ = self.ip(&["link", "del", "dev", &self.ifname]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.link_exists() {
+            if Instant::now() > deadline {
+                return Err(Error::Shutdown(self.ifname.clone()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn link_exists(&self) -> bool {
+        self.ip(&["link", "show", "dev", &self.ifname]).is_ok()
+    }
+
+    fn check_alive(&self) -> Result<(), Error> {
+        // If the UAPI socket is gone, wireguard-control would try to start `wireguard-go <ifname>` in its place.
+        if self.kind == BackendKind::Userspace && UnixStream::connect(uapi_socket(&self.ifname)).is_err() {
+            return Err(Error::DeviceGone(self.ifname.clone()));
+        }
+        Ok(())
+    }
+
+    fn configure(&self, update: DeviceUpdate) -> Result<(), Error> {
+        self.check_alive()?;
+        let (name, backend) = (self.wg_name, self.kind.wg_backend());
+        self.in_netns(move || update.apply(&name, backend))?.map_err(|e| Error::Uapi {
+            ifname: self.ifname.clone(),
+            op: "set",
+            source: e,
+        })
+    }
+
+    /// Runs `ip <args>` in the tunnel's network namespace.
+    fn ip(&self, args: &[&str]) -> Result<(), Error> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        self.in_netns(move || run_ip(&args.iter().map(String::as_str).collect::<Vec<_>>()))?
+    }
+
+    /// Runs `f` on a short-lived thread inside the tunnel's network namespace: processes it starts and netlink
+    /// sockets it opens belong there, whatever namespace the caller's thread is in.
+    fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, Error> {
+        let ns = &self.netns;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                setns(ns, CloneFlags::CLONE_NEWNET).map_err(|e| Error::Netns(format!("setns: {e}")))?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        if self.device.is_some() || self.kind == BackendKind::Kernel && self.link_exists() {
+            // Not shut down explicitly: remove without waiting, errors are only logged.
+            if let Err(e) = self.teardown(false) {
+                warn!(ifname = %self.ifname, error = %e, "WireGuard interface teardown on drop");
+            }
+        }
+    }
+}
+
+/// Starts boringtun on its own thread (which inherits the caller's network namespace) because boringtun blocks
+/// SIGINT/SIGTERM in the thread that creates the device (to read them from a signalfd); done on the caller's
+/// thread, that would swallow the agent's own shutdown signal. The worker threads are spawned from there.
+fn start_boringtun(ifname: &str, config: DeviceConfig) -> Result<DeviceHandle, Error> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let before = tun_fds().len();
+            let handle = DeviceHandle::new(ifname, config)
+                .map_err(|e| Error::Boringtun { ifname: ifname.to_owned(), reason: e.to_string() })?;
+            // boringtun opens its TUN queues (one per worker, the workers open theirs as they start) and event fds
+            // without O_CLOEXEC, so every process the node later starts would inherit them. Mark them
+            // close-on-exec as soon as they exist.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while tun_fds().len() < before + config.n_threads && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            set_cloexec_on_inherited_fds();
+            Ok(handle)
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+fn fd_targets() -> Vec<(i32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+        let target = std::fs::read_link(e.path()).ok()?;
+        Some((fd, target.to_string_lossy().into_owned()))
+    })
+    .collect()
+}
+
+fn tun_fds() -> Vec<i32> {
+    fd_targets().into_iter().filter(|(_, t)| t == "/dev/net/tun").map(|(fd, _)| fd).collect()
+}
+
+/// Sets FD_CLOEXEC on TUN and anonymous-inode (epoll, eventfd, timerfd, signalfd) descriptors. Rust's own
+/// descriptors already have it, so this only changes boringtun's.
+fn set_cloexec_on_inherited_fds() {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use std::os::fd::BorrowedFd;
+    for (fd, target) in fd_targets() {
+        if fd > 2 && (target == "/dev/net/tun" || target.starts_with("anon_inode:")) {
+            // SAFETY: the descriptor was listed as open a moment ago; if it was closed since, fcntl fails with
+            // EBADF, which is ignored. F_SETFD only changes the descriptor's close-on-exec flag.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            let _ = fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+        }
+    }
+}
+
+/// `/var/run/wireguard/<ifname>.sock`.
+pub fn uapi_socket(ifname: &str) -> PathBuf {
+    PathBuf::from(UAPI_DIR).join(format!("{ifname}.sock"))
+}
+
+fn run_ip(args: &[&str]) -> Result<(), Error> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::Command { command: format!("ip {}", args.join(" ")), stderr: e.to_string() })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Command {
+            command: format!("ip {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
