@@ -273,9 +273,19 @@ async fn main() -> Result<()> {
 
     let client = kube_client(&args).await?;
     let identities = Arc::new(KubeIdentityStore::new(client.clone(), cluster.clone(), args.identity_gc_grace));
-    identities.start().await.context("restoring identities from CausewayIdentity objects (is the CRD installed?)")?;
+    let restored = identities
+        .start()
+        .await
+        .context("restoring identities from CausewayIdentity objects (is the CRD installed?)")?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    // Restored identities are live (peers may still see traffic from them) until the GC collects them; they are in
+    // the initial export, before the canaries.
+    tx.send(Input::IdentitiesRestored(restored)).await.context("the export loop's channel is closed")?;
     let gc = identities.clone();
-    let gc_every = (args.identity_gc_grace / 4).max(Duration::from_secs(10));
+    // A GC pass is an in-memory scan (kube calls only for garbage), so it can run often; a quarter of the grace
+    // keeps an identity's lifetime within 1.25 × grace.
+    let gc_every = (args.identity_gc_grace / 4).max(Duration::from_secs(1));
+    let gc_tx = tx.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(gc_every);
         loop {
@@ -287,10 +297,12 @@ async fn main() -> Result<()> {
             for e in report.failed {
                 warn!(error = %e, "identity garbage collection failed for one identity");
             }
+            if !report.deleted.is_empty() && gc_tx.send(Input::IdentitiesCollected(report.deleted)).await.is_err() {
+                return;
+            }
         }
     });
 
-    let (tx, rx) = tokio::sync::mpsc::channel(4096);
     let resets = tokio::spawn(
         ResetHandler {
             detector,

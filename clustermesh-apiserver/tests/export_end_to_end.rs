@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use causeway_crds::CausewayIdentity;
+use causeway_crds::{CausewayIdentity, CausewayIdentitySpec};
 use causeway_testsupport::{wait_until, Etcd};
 use fake_kube_apiserver::FakeApiServer;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -208,13 +208,109 @@ async fn exports_cluster_state_into_etcd() -> anyhow::Result<()> {
     assert_eq!(keys(&mut c, "cilium/state/identities/v1/id/").await.len(), 1);
     assert!(get(&mut c, "cilium/state/ip/v1/default/10.1.2.33").await.is_some());
 
-    // Deleting the last pod withdraws the identity too.
+    // Deleting the last pod withdraws its entry; the identity is idle but live within its GC grace period (15
+    // minutes here), so it stays exported.
     pods.delete("cart-7f9c-x2", &DeleteParams::default()).await?;
-    let gone = wait_until(WAIT, || async {
-        keys(&mut etcd.client().await, "cilium/state/identities/v1/id/").await.is_empty()
+    let withdrawn = wait_until(WAIT, || async {
+        get(&mut etcd.client().await, "cilium/state/ip/v1/default/10.1.2.33").await.is_none()
     })
     .await;
-    assert!(gone, "identity still exported after its last pod was deleted");
+    assert!(withdrawn, "ipcache entry of the last pod is still there");
+    assert_eq!(keys(&mut c, "cilium/state/identities/v1/id/").await, ids, "the idle identity stays exported");
     drop(exporter);
+    Ok(())
+}
+
+fn start_exporter(
+    etcd: &Etcd,
+    kubeconfig: &std::path::Path,
+    metrics_port: u16,
+    gc_grace: &str,
+) -> anyhow::Result<Exporter> {
+    Ok(Exporter(
+        Command::new(env!("CARGO_BIN_EXE_clustermesh-apiserver"))
+            .env("CAUSEWAY_CLUSTER_NAME", "east")
+            .env("CAUSEWAY_CLUSTER_ID", "7")
+            .arg("--etcd-endpoints")
+            .arg(etcd.endpoint())
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .arg(format!("--identity-gc-grace={gc_grace}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting clustermesh-apiserver")?,
+    ))
+}
+
+/// Identities persisted as CausewayIdentity objects but used by no pod are live until the GC collects them: the
+/// apiserver exports them from its first export on (they are there when it reports ready), and withdraws them
+/// once they are collected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_identities_are_exported_until_collected() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await;
+    let server = FakeApiServer::start("127.0.0.1:0".parse()?).await?;
+    let kubeconfig = Kubeconfig::from_yaml(&server.kubeconfig_yaml())?;
+    let client =
+        kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?)?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig_path = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig_path)?;
+    let pp = PostParams::default();
+    Api::<CustomResourceDefinition>::all(client.clone()).create(&pp, &CausewayIdentity::crd()).await?;
+    let identities = Api::<CausewayIdentity>::all(client.clone());
+    let restored = (7 << 16) + 42;
+    let labels = "k8s:app=batch;k8s:io.cilium.k8s.policy.cluster=east;k8s:io.kubernetes.pod.namespace=jobs;";
+    identities
+        .create(
+            &pp,
+            &CausewayIdentity::new(
+                &restored.to_string(),
+                CausewayIdentitySpec { labels: labels.into(), cluster: "east".into() },
+            ),
+        )
+        .await?;
+    // Another cluster's identity in the same kube API is not ours to export.
+    identities
+        .create(
+            &pp,
+            &CausewayIdentity::new(
+                &((8 << 16) + 1).to_string(),
+                CausewayIdentitySpec {
+                    labels: "k8s:app=x;k8s:io.cilium.k8s.policy.cluster=west;".into(),
+                    cluster: "west".into(),
+                },
+            ),
+        )
+        .await?;
+    let key = format!("cilium/state/identities/v1/id/{restored}");
+
+    // A long grace period: the identity is live, so it is in the initial export, before the canary and /readyz.
+    let port = free_port()?;
+    let exporter = start_exporter(&etcd, &kubeconfig_path, port, "15m")?;
+    assert!(wait_until(WAIT, || async { http_status(port, "/readyz").await == Some(200) }).await, "never ready");
+    let mut c = etcd.client().await;
+    assert_eq!(keys(&mut c, "cilium/state/identities/v1/id/").await, vec![(key.clone(), labels.to_string())]);
+    drop(exporter);
+
+    // Restarted with a short grace period: the unused identity is collected (object deleted) and withdrawn.
+    let port = free_port()?;
+    let _exporter = start_exporter(&etcd, &kubeconfig_path, port, "1s")?;
+    let collected = wait_until(WAIT, || async {
+        let object_gone = matches!(identities.get_opt(&restored.to_string()).await, Ok(None));
+        object_gone && get(&mut etcd.client().await, &key).await.is_none()
+    })
+    .await;
+    assert!(
+        collected,
+        "the unused identity was not collected and withdrawn: {:?}",
+        keys(&mut c, "cilium/state/identities/").await
+    );
+    assert!(
+        identities.get_opt(&((8 << 16) + 1).to_string()).await?.is_some(),
+        "another cluster's identity is left alone"
+    );
     Ok(())
 }

@@ -9,6 +9,11 @@
 //! Changes are computed lazily from a set of dirty keys, so a burst of events on one object yields one write, and
 //! resolving identities before taking changes means a pod's ipcache entry is written once, with its ID.
 //! Every change is scoped: a namespace touches its pods, a slice its service; nothing rescans the whole cluster.
+//!
+//! Identities are exported for as long as they exist in the allocator, not only while a pod uses them: one restored
+//! at start-up ([`Exporter::identities_restored`]) or idle within its GC grace period is still live (a peer may
+//! still see traffic from it, and a pod coming back gets the same ID), so it stays in the store until the allocator
+//! collects it ([`Exporter::identities_collected`]). This is what Cilium does: the store mirrors the allocator.
 
 pub mod model;
 pub mod node;
@@ -90,7 +95,10 @@ pub struct Exporter {
     pods: HashMap<PodKey, PodState>,
     pods_by_ns: HashMap<String, BTreeSet<String>>,
     identities: HashMap<LabelSet, IdentityState>,
+    /// IDs in use by pods.
     ids: HashMap<u32, LabelSet>,
+    /// Every ID that exists in the allocator (persisted, not yet collected), used or not: what is exported.
+    allocated: BTreeMap<u32, LabelSet>,
     ip_claims: HashMap<IpAddr, BTreeSet<Claim>>,
     nodes: HashMap<String, Node>,
     services: HashMap<NsName, ServiceInput>,
@@ -115,6 +123,7 @@ impl Exporter {
             pods_by_ns: HashMap::new(),
             identities: HashMap::new(),
             ids: HashMap::new(),
+            allocated: BTreeMap::new(),
             ip_claims: HashMap::new(),
             nodes: HashMap::new(),
             services: HashMap::new(),
@@ -349,6 +358,7 @@ impl Exporter {
             self.dirty.insert(StoreKey::Identity { id: old });
         }
         let users: Vec<PodKey> = state.users.iter().cloned().collect();
+        self.allocated.insert(id, labels.clone());
         if let Some(other) = self.ids.insert(id, labels.clone()) {
             if &other != labels {
                 self.metrics.error("identity_allocation");
@@ -359,6 +369,42 @@ impl Exporter {
         for pod in users {
             if let Some(p) = self.pods.get(&pod) {
                 self.dirty.extend(p.ips.iter().map(|ip| StoreKey::Ip { ip: *ip }));
+            }
+        }
+    }
+
+    /// Identities that exist in the allocator although no pod may use them (restored from their persisted records
+    /// at start-up): exported until [`Exporter::identities_collected`]. IDs outside this cluster's range are
+    /// refused.
+    #[instrument(level = "debug", skip_all, fields(cluster = %self.cluster.name))]
+    pub fn identities_restored(&mut self, restored: impl IntoIterator<Item = (u32, LabelSet)>) {
+        for (id, labels) in restored {
+            if !self.cluster.identity_range().contains(id) {
+                self.metrics.error("identity_allocation");
+                tracing::warn!(id, labels = %labels, "restored identity is outside this cluster's range; not exporting it");
+                continue;
+            }
+            if labels.cluster() != Some(self.cluster.name.as_str()) {
+                self.metrics.error("identity_allocation");
+                tracing::warn!(id, labels = %labels, "restored identity does not carry this cluster's label; not exporting it");
+                continue;
+            }
+            self.allocated.insert(id, labels);
+            self.dirty.insert(StoreKey::Identity { id });
+        }
+    }
+
+    /// The allocator garbage-collected these identities (idle past the grace period, records deleted): withdraw
+    /// them, unless a pod uses one again (then it was not garbage and stays).
+    #[instrument(level = "debug", skip_all, fields(cluster = %self.cluster.name))]
+    pub fn identities_collected(&mut self, collected: impl IntoIterator<Item = u32>) {
+        for id in collected {
+            if self.ids.contains_key(&id) {
+                tracing::warn!(id, "identity reported collected while pods use it; keeping it exported");
+                continue;
+            }
+            if self.allocated.remove(&id).is_some() {
+                self.dirty.insert(StoreKey::Identity { id });
             }
         }
     }
@@ -462,7 +508,7 @@ impl Exporter {
                 };
                 to_json(&entry, key, &self.metrics)
             }
-            StoreKey::Identity { id } => Some(self.ids.get(id)?.to_string()),
+            StoreKey::Identity { id } => Some(self.ids.get(id).or_else(|| self.allocated.get(id))?.to_string()),
             StoreKey::Node { name, .. } => to_json(self.nodes.get(name)?, key, &self.metrics),
             StoreKey::Service { namespace, name, .. } => {
                 let svc_id = (namespace.clone(), name.clone());

@@ -119,14 +119,20 @@ fn pod_exports_identity_and_ipcache_for_both_families() {
     h.ex.apply_pod(pod("shop", "cart-7f9c-x2", "cart", &["10.1.2.33", "fd00::21"], 100));
     assert_eq!(h.sync(), vec![]);
 
-    // Deleting withdraws everything, and releases the identity.
+    // Deleting withdraws the pod's entries and releases the identity, which stays exported while it is live in
+    // the allocator (idle within its grace period: peers may still see traffic from it)...
     h.ex.delete_pod("shop", "cart-7f9c-x2");
     let changes = h.sync();
-    assert_eq!(changes.len(), 3);
-    assert!(changes.iter().all(|c| matches!(c, Change::Delete { .. })));
-    assert!(h.ex.entries().is_empty());
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert!(changes.iter().all(|c| matches!(c, Change::Delete { key: StoreKey::Ip { .. } })));
     assert_eq!(h.released.len(), 1);
     assert_eq!(h.released[0].to_string(), CART_IDENTITY);
+    assert_eq!(h.get("cilium/state/identities/v1/id/458771"), Some(CART_IDENTITY));
+    // ...until the allocator's GC collects it.
+    h.ex.identities_collected([458771]);
+    let changes = h.sync();
+    assert_eq!(changes, vec![Change::Delete { key: StoreKey::Identity { id: 458771 } }]);
+    assert!(h.ex.entries().is_empty());
 }
 
 #[test]
@@ -178,7 +184,8 @@ fn host_network_ipless_and_terminal_pods_are_skipped() {
     failed.phase = Some("Failed".into());
     h.ex.apply_pod(failed);
     h.sync();
-    assert!(h.ex.entries().is_empty(), "{:?}", h.ex.entries());
+    assert_eq!(h.keys("cilium/state/ip/"), Vec::<String>::new(), "the failed pod's entry is withdrawn");
+    assert_eq!(h.keys("cilium/state/identities/").len(), 1, "its identity lives on until the allocator collects it");
 }
 
 #[test]
@@ -197,8 +204,12 @@ fn pods_with_one_label_set_share_an_identity() {
     assert!(h.released.is_empty());
     h.ex.delete_pod("shop", "b");
     h.sync();
-    assert_eq!(h.keys("cilium/state/identities/").len(), 1);
+    assert_eq!(h.keys("cilium/state/identities/").len(), 2, "released, but live until collected");
     assert_eq!(h.released.len(), 1);
+    let cart = h.ids[&h.released[0]];
+    h.ex.identities_collected([cart]);
+    h.sync();
+    assert_eq!(h.keys("cilium/state/identities/").len(), 1);
 }
 
 #[test]
@@ -212,14 +223,19 @@ fn namespace_label_change_moves_its_pods_only() {
     let before_other = h.get("cilium/state/ip/v1/default/10.1.3.1").map(str::to_string);
     h.ex.apply_namespace(ns("shop", &[("team", "b")]));
     let changes = h.sync();
-    // New identity, old identity withdrawn, the shop pod's entry rewritten; nothing else.
-    assert_eq!(changes.len(), 3, "{changes:?}");
+    // New identity and the shop pod's entry rewritten; nothing else (the old identity is released, and stays
+    // exported until the allocator collects it).
+    assert_eq!(changes.len(), 2, "{changes:?}");
     assert_eq!(h.released.len(), 1);
     assert!(h.released[0].to_string().contains("team=a"));
     assert_eq!(h.get("cilium/state/ip/v1/default/10.1.3.1").map(str::to_string), before_other);
+    let old = h.ids[&h.released[0]];
+    h.ex.identities_collected([old]);
+    h.sync();
     let ids = h.keys("cilium/state/identities/");
     assert_eq!(ids.len(), 2);
     assert!(ids.iter().any(|k| h.get(k).is_some_and(|v| v.contains("team=b"))));
+    assert!(!ids.iter().any(|k| h.get(k).is_some_and(|v| v.contains("team=a"))));
 }
 
 #[test]
@@ -498,4 +514,39 @@ fn every_exported_value_passes_the_readers_validation() {
     for (k, v) in h.ex.entries() {
         ctx.decode(&k.to_string(), v.as_bytes()).unwrap_or_else(|e| panic!("{k}: {e}"));
     }
+}
+
+#[test]
+fn restored_identities_are_exported_until_collected() {
+    let mut h = Harness::new();
+    let cart = LabelSet::parse(CART_IDENTITY).expect("labels");
+    let foreign = LabelSet::parse("k8s:app=x;k8s:io.cilium.k8s.policy.cluster=west;").expect("labels");
+    let restored_id = (7 << 16) + 3;
+    h.ex.identities_restored([
+        (restored_id, cart.clone()),
+        ((7 << 16) + 4, LabelSet::parse("k8s:app=idle;k8s:io.cilium.k8s.policy.cluster=east;").expect("labels")),
+        // Another cluster's range, or another cluster's labels: never exported from here.
+        ((8 << 16) + 1, LabelSet::parse("k8s:app=y;k8s:io.cilium.k8s.policy.cluster=east;").expect("labels")),
+        ((7 << 16) + 5, foreign),
+    ]);
+    let changes = h.sync();
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert_eq!(h.get(&format!("cilium/state/identities/v1/id/{restored_id}")), Some(CART_IDENTITY));
+    assert_eq!(h.metrics.error_count("identity_allocation"), 2);
+
+    // A pod with the restored labels gets the same ID back from the allocator: nothing to rewrite but its entry.
+    h.ids.insert(cart.clone(), restored_id);
+    h.ex.apply_namespace(ns("shop", &[("team", "payments")]));
+    h.ex.apply_pod(pod("shop", "cart-1", "cart", &["10.1.2.33"], 1));
+    let changes = h.sync();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(h
+        .get("cilium/state/ip/v1/default/10.1.2.33")
+        .is_some_and(|v| v.contains(&format!("\"ID\":{restored_id}"))));
+
+    // A collection report for an ID in use is not acted on; the unused restored one goes.
+    h.ex.identities_collected([restored_id, (7 << 16) + 4]);
+    let changes = h.sync();
+    assert_eq!(changes, vec![Change::Delete { key: StoreKey::Identity { id: (7 << 16) + 4 } }]);
+    assert_eq!(h.keys("cilium/state/identities/"), vec![format!("cilium/state/identities/v1/id/{restored_id}")]);
 }

@@ -114,6 +114,10 @@ pub enum Input {
     /// etcd lost its data and its users, roles and cluster config were re-created: write every entry again, then
     /// the canaries, and report not ready meanwhile.
     EtcdReset,
+    /// Identities the allocator restored from their persisted records at start-up: exported until collected.
+    IdentitiesRestored(Vec<(u32, causeway_store::LabelSet)>),
+    /// Identities the allocator's GC deleted: withdraw them from the store.
+    IdentitiesCollected(Vec<u32>),
 }
 
 /// Starts one watcher per kind, all cluster-wide, sending into `tx`. The tasks run until `tx` closes.
@@ -263,6 +267,11 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
             Input::Apply(obj) => self.apply(obj),
             Input::Delete(obj) => self.delete(obj.kind(), obj.id()),
             Input::EtcdReset => self.resync = true,
+            Input::IdentitiesRestored(restored) => {
+                info!(cluster = %self.exporter.cluster().name, count = restored.len(), "exporting restored identities");
+                self.exporter.identities_restored(restored);
+            }
+            Input::IdentitiesCollected(ids) => self.exporter.identities_collected(ids),
             Input::InitStart(kind) => {
                 self.relisting.insert(kind, HashSet::new());
             }
