@@ -114,9 +114,13 @@ int cw_from_pod(struct __sk_buff *skb)
 	} else {
 		/* New flow, or its gateway left the group (failed over), or the flow moved to another group. */
 		__u32 idx = cw_hash_tuple(&ck) % n;
-		if (idx >= CW_MAX_GATEWAYS)
-			idx = 0;
-		gw = g->gateways[idx];
+		/* Constant-index reads: the verifier cannot bound a variable index into the map value. */
+		gw = g->gateways[0];
+#pragma unroll
+		for (int i = 1; i < CW_MAX_GATEWAYS; i++) {
+			if ((__u32)i == idx)
+				gw = g->gateways[i];
+		}
 		struct cw_egress_ct_value nv = {.gateway = gw, .group_id = group_id, .last_seen_ns = now};
 		bpf_map_update_elem(&cw_egress_ct, &ck, &nv, BPF_ANY);
 	}
