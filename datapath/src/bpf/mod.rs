@@ -13,6 +13,7 @@
 
 pub mod loader;
 pub mod maps;
+pub mod snat;
 pub mod types;
 
 pub use loader::{BpfLoader, BpfPrograms, Hook, PRODUCTION_PIN_DIR};
