@@ -7,6 +7,9 @@
 //! - [`core`]: the sans-IO selection core. Objects and probe results in, assignments, status and problems out;
 //!   no kube types, an injected clock, no sleeps.
 //! - [`spec`]: turns the `causeway-crds` policy type into the core's parsed [`core::PolicySpec`].
+//! - [`kube`]: the adapter. Watchers feed the index; the controller writes status, records Events and publishes
+//!   the assignments.
 
 pub mod core;
+pub mod kube;
 pub mod spec;

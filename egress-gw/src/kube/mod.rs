@@ -1,0 +1,427 @@
+//! The kube adapter: watchers on EgressGatewayPolicy, Pods, Namespaces and Nodes feed the core [`Index`]; after each
+//! batch the controller computes, publishes the assignments (for the node-agent stream), patches each policy's
+//! status when it changed, and records Kubernetes Events when a policy's conditions or active gateways change.
+//!
+//! Gateway probe results arrive as [`Input::Probe`] from whatever collects them (the agents' probe reports); the
+//! adapter's timer drives [`Index::tick`] at the core's [`Index::next_deadline`].
+
+pub mod convert;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use causeway_crds::egress::{EgressGatewayPolicyStatus, EgressGroupStatus, PolicyCondition};
+use causeway_crds::EgressGatewayPolicy;
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace as KNamespace, Node as KNode, ObjectReference, Pod as KPod};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, watcher};
+use kube::runtime::WatchStreamExt;
+use kube::{Client, Resource};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, instrument, warn};
+
+use crate::core::{HealthConfig, Index, Namespace, Node, Pod, PolicyAssignment, PolicyOutput, PolicySpec};
+
+/// Field manager and event reporter name.
+pub const CONTROLLER_NAME: &str = "causeway-egress-gw";
+/// Inputs taken per batch before computing.
+const BATCH: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Policy,
+    Pod,
+    Namespace,
+    Node,
+}
+
+const ALL_KINDS: [Kind; 4] = [Kind::Policy, Kind::Pod, Kind::Namespace, Kind::Node];
+
+/// A policy as the adapter needs it: the parsed spec, plus what it needs to write status and events.
+#[derive(Debug, Clone)]
+pub struct PolicyInput {
+    pub spec: PolicySpec,
+    pub uid: Option<String>,
+    pub status: Option<EgressGatewayPolicyStatus>,
+}
+
+#[derive(Debug)]
+pub enum Input {
+    Policy(Box<PolicyInput>),
+    Pod(Pod),
+    Namespace(Namespace),
+    Node(Node),
+    /// An object of `kind` is gone; the key is `namespace/name` for pods, else the name.
+    Delete(Kind, String),
+    /// A (re-)list of `kind` finished with these keys; everything else of the kind is gone.
+    Listed(Kind, BTreeSet<String>),
+    /// One probe round's verdict for a gateway node.
+    Probe {
+        node: String,
+        ok: bool,
+    },
+}
+
+fn pod_key(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
+}
+
+/// Starts one cluster-wide watcher per kind, sending into `tx`; the tasks end when `tx` closes.
+pub fn spawn_watchers(client: Client, tx: mpsc::Sender<Input>) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(watch_kind(Api::<EgressGatewayPolicy>::all(client.clone()), tx.clone(), Kind::Policy, |p| {
+            let spec = convert::policy(p)?;
+            let key = spec.name.clone();
+            let input = PolicyInput { spec, uid: p.metadata.uid.clone(), status: p.status.clone() };
+            Some((key, Some(Input::Policy(Box::new(input)))))
+        })),
+        tokio::spawn(watch_kind(Api::<KPod>::all(client.clone()), tx.clone(), Kind::Pod, |p| {
+            let key = pod_key(p.metadata.namespace.as_deref()?, p.metadata.name.as_deref()?);
+            // A pod that sends no traffic (host network, finished) is reported as absent.
+            Some((key, convert::pod(p).map(Input::Pod)))
+        })),
+        tokio::spawn(watch_kind(Api::<KNamespace>::all(client.clone()), tx.clone(), Kind::Namespace, |n| {
+            Some((n.metadata.name.clone()?, convert::namespace(n).map(Input::Namespace)))
+        })),
+        tokio::spawn(watch_kind(Api::<KNode>::all(client), tx, Kind::Node, |n| {
+            Some((n.metadata.name.clone()?, convert::node(n).map(Input::Node)))
+        })),
+    ]
+}
+
+/// Returns an object's key and its input, or `None` as input when the object counts as absent.
+type Converter<K> = fn(&K) -> Option<(String, Option<Input>)>;
+
+/// `convert` returns the object's key and its input, or `None` as input when the object counts as absent.
+async fn watch_kind<K>(api: Api<K>, tx: mpsc::Sender<Input>, kind: Kind, convert: Converter<K>)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    let mut listing: Option<BTreeSet<String>> = None;
+    while let Some(event) = stream.next().await {
+        let inputs: Vec<Input> = match event {
+            Ok(watcher::Event::Init) => {
+                listing = Some(BTreeSet::new());
+                vec![]
+            }
+            Ok(watcher::Event::InitApply(o)) | Ok(watcher::Event::Apply(o)) => match convert(&o) {
+                Some((key, Some(input))) => {
+                    if let Some(l) = listing.as_mut() {
+                        l.insert(key);
+                    }
+                    vec![input]
+                }
+                Some((key, None)) => vec![Input::Delete(kind, key)],
+                None => vec![],
+            },
+            Ok(watcher::Event::Delete(o)) => convert(&o).map(|(key, _)| Input::Delete(kind, key)).into_iter().collect(),
+            Ok(watcher::Event::InitDone) => vec![Input::Listed(kind, listing.take().unwrap_or_default())],
+            Err(e) => {
+                warn!(?kind, error = %e, "watch failed; retrying with backoff");
+                vec![]
+            }
+        };
+        for input in inputs {
+            if tx.send(input).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The reconcile loop around the core index.
+pub struct Controller {
+    index: Index,
+    api: Api<EgressGatewayPolicy>,
+    recorder: Recorder,
+    listed: BTreeSet<Kind>,
+    known: BTreeMap<Kind, BTreeSet<String>>,
+    policies: BTreeMap<String, PolicyInput>,
+    /// Last active gateway IPs per policy and group, for change events.
+    last_active: BTreeMap<String, Vec<BTreeSet<String>>>,
+    assignments: watch::Sender<BTreeMap<String, PolicyAssignment>>,
+    wall_clock: Box<dyn Fn() -> DateTime<Utc> + Send>,
+}
+
+impl Controller {
+    pub fn new(client: Client, health: HealthConfig) -> Self {
+        let reporter = Reporter { controller: CONTROLLER_NAME.into(), instance: None };
+        Controller {
+            index: Index::new(health),
+            api: Api::all(client.clone()),
+            recorder: Recorder::new(client, reporter),
+            listed: BTreeSet::new(),
+            known: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            last_active: BTreeMap::new(),
+            assignments: watch::channel(BTreeMap::new()).0,
+            wall_clock: Box::new(Utc::now),
+        }
+    }
+
+    /// The current assignments of every programmable policy, for the EgressAssignments stream.
+    pub fn assignments(&self) -> watch::Receiver<BTreeMap<String, PolicyAssignment>> {
+        self.assignments.subscribe()
+    }
+
+    /// Whether every kind has been listed once (before that, status would be computed from a partial view).
+    pub fn is_synced(&self) -> bool {
+        ALL_KINDS.iter().all(|k| self.listed.contains(k))
+    }
+
+    /// Runs until the input channel closes.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+        loop {
+            let deadline = self.index.next_deadline().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                input = rx.recv() => {
+                    let Some(input) = input else { return };
+                    self.handle(input, Instant::now());
+                    // Drain what is queued (up to a batch) so one compute covers a burst of changes.
+                    for _ in 1..BATCH {
+                        let Ok(more) = rx.try_recv() else { break };
+                        self.handle(more, Instant::now());
+                    }
+                }
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                    for change in self.index.tick(Instant::now()) {
+                        info!(node = %change.node, healthy = change.healthy, why = change.why, "gateway health changed");
+                    }
+                }
+            }
+            if self.is_synced() {
+                self.reconcile().await;
+            }
+        }
+    }
+
+    pub fn handle(&mut self, input: Input, now: Instant) {
+        match input {
+            Input::Policy(p) => {
+                let name = p.spec.name.clone();
+                self.known.entry(Kind::Policy).or_default().insert(name.clone());
+                self.index.apply_policy(p.spec.clone());
+                self.policies.insert(name, *p);
+            }
+            Input::Pod(p) => {
+                self.known.entry(Kind::Pod).or_default().insert(pod_key(&p.namespace, &p.name));
+                self.index.apply_pod(p);
+            }
+            Input::Namespace(n) => {
+                self.known.entry(Kind::Namespace).or_default().insert(n.name.clone());
+                self.index.apply_namespace(n);
+            }
+            Input::Node(n) => {
+                self.known.entry(Kind::Node).or_default().insert(n.name.clone());
+                self.index.apply_node(n);
+            }
+            Input::Delete(kind, key) => self.delete(kind, &key),
+            Input::Listed(kind, keys) => {
+                let gone: Vec<String> =
+                    self.known.get(&kind).into_iter().flatten().filter(|k| !keys.contains(*k)).cloned().collect();
+                for key in gone {
+                    self.delete(kind, &key);
+                }
+                self.listed.insert(kind);
+            }
+            Input::Probe { node, ok } => {
+                if let Some(change) = self.index.probe(&node, ok, now) {
+                    info!(node = %change.node, healthy = change.healthy, why = change.why, "gateway health changed");
+                }
+            }
+        }
+    }
+
+    fn delete(&mut self, kind: Kind, key: &str) {
+        self.known.entry(kind).or_default().remove(key);
+        match kind {
+            Kind::Policy => {
+                self.index.delete_policy(key);
+                self.policies.remove(key);
+                self.last_active.remove(key);
+            }
+            Kind::Pod => {
+                if let Some((ns, name)) = key.split_once('/') {
+                    self.index.delete_pod(ns, name);
+                }
+            }
+            Kind::Namespace => self.index.delete_namespace(key),
+            Kind::Node => self.index.delete_node(key),
+        }
+    }
+
+    /// Computes, publishes assignments, and writes status and events for what changed.
+    pub async fn reconcile(&mut self) {
+        let outputs = self.index.compute();
+        let assignments: BTreeMap<String, PolicyAssignment> =
+            outputs.iter().filter_map(|(n, o)| Some((n.clone(), o.assignment.clone()?))).collect();
+        self.assignments.send_if_modified(|current| {
+            let changed = *current != assignments;
+            *current = assignments;
+            changed
+        });
+        for (name, out) in &outputs {
+            self.write_status(name, out).await;
+        }
+    }
+
+    #[instrument(skip_all, fields(policy = %name))]
+    async fn write_status(&mut self, name: &str, out: &PolicyOutput) {
+        let Some(input) = self.policies.get(name) else { return };
+        let previous = input.status.clone().unwrap_or_default();
+        let desired = self.status(out, &previous);
+        let active: Vec<BTreeSet<String>> = out
+            .assignment
+            .iter()
+            .flat_map(|a| &a.groups)
+            .map(|g| g.gateways.iter().chain(g.by_zone.values().flatten()).map(|gw| gw.node.clone()).collect())
+            .collect();
+        let reference = ObjectReference {
+            api_version: Some(EgressGatewayPolicy::api_version(&()).into_owned()),
+            kind: Some(EgressGatewayPolicy::kind(&()).into_owned()),
+            name: Some(name.to_string()),
+            uid: input.uid.clone(),
+            ..Default::default()
+        };
+        let events = condition_events(&previous, &desired, self.last_active.get(name), &active);
+        self.last_active.insert(name.to_string(), active);
+        if desired != previous {
+            let patch = serde_json::json!({ "status": desired });
+            match self
+                .api
+                .patch_status(
+                    name,
+                    &PatchParams { field_manager: Some(CONTROLLER_NAME.into()), ..Default::default() },
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    debug!("status written");
+                    if let Some(p) = self.policies.get_mut(name) {
+                        p.status = Some(desired);
+                    }
+                }
+                // Deleted meanwhile: its watch event will follow. Otherwise retried on the next reconcile.
+                Err(e) => warn!(error = %e, "could not write status"),
+            }
+        }
+        for ev in events {
+            if let Err(e) = self.recorder.publish(&ev, &reference).await {
+                warn!(error = %e, reason = %ev.reason, "could not record event");
+            }
+        }
+    }
+
+    /// The status for `out`, keeping each condition's transition time while its status stays the same.
+    fn status(&self, out: &PolicyOutput, previous: &EgressGatewayPolicyStatus) -> EgressGatewayPolicyStatus {
+        let now = (self.wall_clock)().to_rfc3339_opts(SecondsFormat::Secs, true);
+        let conditions = out
+            .conditions
+            .iter()
+            .map(|c| {
+                let status = if c.status { "True" } else { "False" };
+                let last_transition_time = previous
+                    .conditions
+                    .iter()
+                    .find(|p| p.type_ == c.type_ && p.status == status)
+                    .map(|p| p.last_transition_time.clone())
+                    .unwrap_or_else(|| now.clone());
+                PolicyCondition {
+                    type_: c.type_.to_string(),
+                    status: status.to_string(),
+                    reason: c.reason.clone(),
+                    message: c.message.clone(),
+                    observed_generation: Some(out.generation),
+                    last_transition_time,
+                }
+            })
+            .collect();
+        let ips = |v: &[std::net::IpAddr]| v.iter().map(|ip| ip.to_string()).collect::<Vec<_>>();
+        EgressGatewayPolicyStatus {
+            observed_generation: Some(out.generation),
+            group_statuses: out
+                .groups
+                .iter()
+                .map(|g| EgressGroupStatus {
+                    active_gateway_ips: ips(&g.active),
+                    active_gateway_ips_by_az: g.active_by_zone.iter().map(|(z, v)| (z.clone(), ips(v))).collect(),
+                    healthy_gateway_ips: ips(&g.healthy),
+                })
+                .collect(),
+            conditions,
+        }
+    }
+}
+
+/// Events for a policy: a Warning when InvalidSpec turns true or changes reason, a Normal/Warning when Ready
+/// flips, a Normal per gateway node that joins or leaves a group's active set.
+fn condition_events(
+    previous: &EgressGatewayPolicyStatus,
+    desired: &EgressGatewayPolicyStatus,
+    last_active: Option<&Vec<BTreeSet<String>>>,
+    active: &[BTreeSet<String>],
+) -> Vec<Event> {
+    let find = |s: &EgressGatewayPolicyStatus, t: &str| s.conditions.iter().find(|c| c.type_ == t).cloned();
+    let mut out = Vec::new();
+    let note = |m: &str| Some(m.chars().take(1000).collect::<String>());
+    let (old_invalid, new_invalid) = (find(previous, "InvalidSpec"), find(desired, "InvalidSpec"));
+    if let Some(n) = &new_invalid {
+        let was = old_invalid.as_ref().map(|o| (o.status.as_str(), o.reason.as_str()));
+        if n.status == "True" && was != Some(("True", n.reason.as_str())) {
+            out.push(Event {
+                type_: EventType::Warning,
+                reason: n.reason.clone(),
+                note: note(&n.message),
+                action: "Validate".into(),
+                secondary: None,
+            });
+        }
+    }
+    let (old_ready, new_ready) = (find(previous, "Ready"), find(desired, "Ready"));
+    if let Some(n) = &new_ready {
+        if old_ready.as_ref().map(|o| o.status.as_str()) != Some(n.status.as_str()) {
+            out.push(Event {
+                type_: if n.status == "True" { EventType::Normal } else { EventType::Warning },
+                reason: if n.status == "True" { "Ready".into() } else { "NotReady".into() },
+                note: note(&format!("{}: {}", n.reason, n.message)),
+                action: "Reconcile".into(),
+                secondary: None,
+            });
+        }
+    }
+    // One event per gateway joining or leaving, with the node as the related object: the recorder folds events
+    // with the same reason and objects into a series, so a per-node key keeps each change visible.
+    if let Some(last) = last_active {
+        for (i, now) in active.iter().enumerate() {
+            let before = last.get(i).cloned().unwrap_or_default();
+            let changes = now
+                .difference(&before)
+                .map(|n| (n, "GatewayActivated", "is now an active gateway"))
+                .chain(before.difference(now).map(|n| (n, "GatewayDeactivated", "is no longer an active gateway")));
+            for (node, reason, what) in changes {
+                out.push(Event {
+                    type_: EventType::Normal,
+                    reason: reason.into(),
+                    note: note(&format!("egressGroups[{i}]: node {node} {what}")),
+                    action: "SelectGateways".into(),
+                    secondary: Some(ObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Node".into()),
+                        name: Some(node.clone()),
+                        ..Default::default()
+                    }),
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
