@@ -12,19 +12,24 @@ use super::gc::{CtEntry, CtKey};
 use super::model::{MapContents, MapKind};
 use super::plan::Op;
 
-/// Why the datapath dropped packets (the `reason` label of the drop metric).
+/// Why the datapath dropped packets (the `reason` label of the drop metric). The same reasons, and labels, as the
+/// BPF programs' drop counters (`enum cw_drop_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DropReason {
-    /// Denied by the identity policy map.
-    Policy,
-    /// An egress policy matched but its group has no gateway.
-    NoEgressGateway,
-    /// The chosen gateway has no egress IP of the packet's family.
-    NoEgressIp,
-    /// No free SNAT port toward the destination.
-    SnatPortsExhausted,
     /// Short, truncated or otherwise malformed packet.
     Malformed,
+    /// Denied by the identity policy map.
+    PolicyDenied,
+    /// An egress policy matched but its group has no gateway (or none for the packet's family).
+    NoGateway,
+    /// No free SNAT port toward the destination.
+    SnatPortsExhausted,
+    /// A reply or later packet with no SNAT state.
+    SnatNoState,
+    /// The tunnel could not take the packet.
+    TunnelError,
+    /// An L4 protocol the SNAT path does not handle.
+    UnsupportedL4,
     /// Any other code the programs report.
     Other(u32),
 }
@@ -32,11 +37,13 @@ pub enum DropReason {
 impl DropReason {
     pub fn label(&self) -> String {
         match self {
-            DropReason::Policy => "policy".into(),
-            DropReason::NoEgressGateway => "no_egress_gateway".into(),
-            DropReason::NoEgressIp => "no_egress_ip".into(),
-            DropReason::SnatPortsExhausted => "snat_ports_exhausted".into(),
             DropReason::Malformed => "malformed".into(),
+            DropReason::PolicyDenied => "policy_denied".into(),
+            DropReason::NoGateway => "no_gateway".into(),
+            DropReason::SnatPortsExhausted => "snat_ports_exhausted".into(),
+            DropReason::SnatNoState => "snat_no_state".into(),
+            DropReason::TunnelError => "tunnel_error".into(),
+            DropReason::UnsupportedL4 => "unsupported_l4".into(),
             DropReason::Other(c) => format!("code_{c}"),
         }
     }

@@ -77,14 +77,23 @@ pub struct EgressGroup {
 /// Most gateways one group entry holds (the BPF value is a fixed array; Isovalent also caps at 64).
 pub const MAX_GATEWAYS: usize = 64;
 
-/// Key of the identity policy map (traffic arriving from remote clusters). Filled by the cross-cluster policy work;
-/// the agent only carries it through the planner so that map is programmed like the others.
+/// Direction of an identity policy rule, seen from the local endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+/// Key of the identity policy map (traffic to and from remote clusters). Filled by the cross-cluster policy work;
+/// the agent only carries it through the planner so that map is programmed like the others. `None` port or protocol
+/// is the wildcard (the same shape as the BPF map's rules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyKey {
-    /// The remote (source) identity.
-    pub src_identity: u32,
-    /// The local (destination) identity; 0 means any.
-    pub dst_identity: u32,
+    /// The remote peer's security identity.
+    pub remote_identity: u32,
+    pub dport: Option<u16>,
+    pub proto: Option<u8>,
+    pub direction: Direction,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

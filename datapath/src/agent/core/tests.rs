@@ -313,10 +313,30 @@ fn gc_deletes_expired_entries_and_counts_snat_ports() {
         snat: Some((ip("192.0.2.10"), 30_000 + port)),
     };
     dp.set_conntrack(vec![e(1, Proto::Tcp, 9_000 * S), e(2, Proto::Udp, 9_000 * S), e(3, Proto::Udp, 9_999 * S)]);
-    dp.add_drops(DropReason::NoEgressGateway, 4);
+    dp.add_drops(DropReason::NoGateway, 4);
     let r = core.gc(&mut dp, &GcPolicy::default()).unwrap();
     assert_eq!((r.scanned, r.deleted), (3, 1));
     assert_eq!(r.snat.in_use[&(ip("192.0.2.10"), ip("203.0.113.5"))], 2);
     assert_eq!(dp.conntrack().unwrap().len(), 2);
-    assert_eq!(dp.drop_counters().unwrap()[&DropReason::NoEgressGateway], 4);
+    assert_eq!(dp.drop_counters().unwrap()[&DropReason::NoGateway], 4);
+}
+
+#[test]
+fn identity_policy_is_carried_through_the_planner() {
+    use crate::agent::model::{Direction, PolicyKey, PolicyVerdict};
+    let mut dp = InMemoryDatapath::new();
+    let mut core = AgentCore::new(local(), false);
+    feed_mesh_snapshot(&mut core, 1, vec![]);
+    core.reconcile(&mut dp).unwrap();
+    let key = PolicyKey { remote_identity: 70001, dport: Some(443), proto: Some(6), direction: Direction::Ingress };
+    core.set_identity_policy(BTreeMap::from([(key, PolicyVerdict::Allow)]));
+    let r = core.reconcile(&mut dp).unwrap();
+    assert_eq!(r.applied, BTreeMap::from([((MapKind::IdentityPolicy, false), 1)]));
+    assert_eq!(dp.contents().identity_policy[&key], PolicyVerdict::Allow);
+    // Setting the same rules again is no work.
+    core.set_identity_policy(BTreeMap::from([(key, PolicyVerdict::Allow)]));
+    assert!(!core.dirty());
+    core.set_identity_policy(BTreeMap::new());
+    let r = core.reconcile(&mut dp).unwrap();
+    assert_eq!(r.applied, BTreeMap::from([((MapKind::IdentityPolicy, true), 1)]));
 }
