@@ -57,6 +57,10 @@ struct Args {
     /// How long an unused identity is kept before it is garbage-collected (e.g. `15m`).
     #[arg(long, env = "CAUSEWAY_IDENTITY_GC_GRACE", default_value = "15m", value_parser = humantime::parse_duration)]
     identity_gc_grace: Duration,
+    /// Also export every Service that has an MCS-API ServiceExport (multicluster.x-k8s.io/v1alpha1) of the same
+    /// namespace and name, as if it were global and shared. The ServiceExport CRD must be installed.
+    #[arg(long, env = "CAUSEWAY_ENABLE_MCS_API")]
+    enable_mcs_api: bool,
 }
 
 fn cluster_info(args: &Args) -> Result<ClusterInfo> {
@@ -318,8 +322,13 @@ async fn main() -> Result<()> {
         }
         .run(),
     );
-    let watchers = spawn_watchers(client, tx, metrics.clone());
-    let export = ExportLoop::new(Exporter::new(cluster.clone(), metrics.clone()), sink, identities, readiness, metrics);
+    let watchers = spawn_watchers(client, tx, metrics.clone(), args.enable_mcs_api);
+    let mut export =
+        ExportLoop::new(Exporter::new(cluster.clone(), metrics.clone()), sink, identities, readiness, metrics);
+    if args.enable_mcs_api {
+        info!("MCS API on: services with a ServiceExport are exported too");
+        export = export.with_service_exports();
+    }
     info!("exporting");
     tokio::select! {
         _ = export.run(rx) => bail!("the export loop stopped"),

@@ -7,11 +7,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use causeway_crds::{CausewayIdentity, CausewayIdentitySpec};
 use causeway_testsupport::{wait_until, Etcd};
+use clustermesh_apiserver::kube::service_export_resource;
 use fake_kube_apiserver::FakeApiServer;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::CustomResourceExt;
 use serde_json::json;
@@ -227,6 +228,15 @@ fn start_exporter(
     metrics_port: u16,
     gc_grace: &str,
 ) -> anyhow::Result<Exporter> {
+    start_exporter_with(etcd, kubeconfig, metrics_port, &[&format!("--identity-gc-grace={gc_grace}")])
+}
+
+fn start_exporter_with(
+    etcd: &Etcd,
+    kubeconfig: &std::path::Path,
+    metrics_port: u16,
+    extra: &[&str],
+) -> anyhow::Result<Exporter> {
     Ok(Exporter(
         Command::new(env!("CARGO_BIN_EXE_clustermesh-apiserver"))
             .env("CAUSEWAY_CLUSTER_NAME", "east")
@@ -237,7 +247,7 @@ fn start_exporter(
             .arg(kubeconfig)
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{metrics_port}"))
-            .arg(format!("--identity-gc-grace={gc_grace}"))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -311,6 +321,109 @@ async fn restored_identities_are_exported_until_collected() -> anyhow::Result<()
     assert!(
         identities.get_opt(&((8 << 16) + 1).to_string()).await?.is_some(),
         "another cluster's identity is left alone"
+    );
+    Ok(())
+}
+
+/// The MCS-API ServiceExport CRD as the Kubernetes multicluster SIG ships it (namespaced, v1alpha1); its schema is
+/// not what this test is about.
+fn service_export_crd() -> anyhow::Result<CustomResourceDefinition> {
+    from_json(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "serviceexports.multicluster.x-k8s.io"},
+        "spec": {
+            "group": "multicluster.x-k8s.io",
+            "scope": "Namespaced",
+            "names": {"plural": "serviceexports", "singular": "serviceexport", "kind": "ServiceExport",
+                      "shortNames": ["svcex"]},
+            "versions": [{"name": "v1alpha1", "served": true, "storage": true,
+                          "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}},
+                          "subresources": {"status": {}}}]
+        }
+    }))
+}
+
+/// With `--enable-mcs-api`, a Service without any Cilium annotation is exported once a ServiceExport of the same
+/// namespace and name exists (and withdrawn when it goes); a Service without one stays local; annotated global
+/// services are exported as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_exports_export_plain_services() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await;
+    let server = FakeApiServer::start("127.0.0.1:0".parse()?).await?;
+    let kubeconfig = Kubeconfig::from_yaml(&server.kubeconfig_yaml())?;
+    let client =
+        kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?)?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig_path = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig_path)?;
+    let pp = PostParams::default();
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    crds.create(&pp, &CausewayIdentity::crd()).await?;
+    crds.create(&pp, &service_export_crd()?).await?;
+    Api::<Namespace>::all(client.clone()).create(&pp, &from_json(json!({"metadata": {"name": "shop"}}))?).await?;
+    let services = Api::<Service>::namespaced(client.clone(), "shop");
+    for (name, ip, annotations) in [
+        ("cart", "10.96.12.4", json!({})),
+        ("local", "10.96.12.5", json!({})),
+        ("web", "10.96.12.6", json!({"service.cilium.io/global": "true"})),
+    ] {
+        services
+            .create(
+                &pp,
+                &from_json(json!({
+                    "metadata": {"name": name, "namespace": "shop", "annotations": annotations},
+                    "spec": {"clusterIP": ip, "clusterIPs": [ip], "selector": {"app": name},
+                             "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+                }))?,
+            )
+            .await?;
+    }
+    Api::<EndpointSlice>::namespaced(client.clone(), "shop")
+        .create(
+            &pp,
+            &from_json(json!({
+                "metadata": {"name": "cart-abc", "namespace": "shop", "labels": {"kubernetes.io/service-name": "cart"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.1.2.33"], "conditions": {"ready": true}}],
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+            }))?,
+        )
+        .await?;
+    let exports = Api::<DynamicObject>::namespaced_with(client.clone(), "shop", &service_export_resource());
+    let export = |name: &str| -> anyhow::Result<DynamicObject> {
+        from_json(json!({
+            "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+            "metadata": {"name": name, "namespace": "shop"}
+        }))
+    };
+    exports.create(&pp, &export("cart")?).await?;
+
+    let port = free_port()?;
+    let _exporter = start_exporter_with(&etcd, &kubeconfig_path, port, &["--enable-mcs-api"])?;
+    assert!(wait_until(WAIT, || async { http_status(port, "/readyz").await == Some(200) }).await, "never ready");
+    let mut c = etcd.client().await;
+    let names = |keys: Vec<(String, String)>| keys.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    // At ready, the initial export holds the ServiceExport'ed service and the annotated one, not the local one.
+    assert_eq!(
+        names(keys(&mut c, "cilium/state/services/v1/").await),
+        ["cilium/state/services/v1/east/shop/cart", "cilium/state/services/v1/east/shop/web"]
+    );
+    let cart = get(&mut c, "cilium/state/services/v1/east/shop/cart").await.unwrap_or_default();
+    assert!(cart.contains(r#""backends":{"10.1.2.33":"#) && cart.contains(r#""shared":true"#), "{cart}");
+
+    // Exporting the local service later, and un-exporting cart.
+    exports.create(&pp, &export("local")?).await?;
+    exports.delete("cart", &DeleteParams::default()).await?;
+    let followed = wait_until(WAIT, || async {
+        names(keys(&mut etcd.client().await, "cilium/state/services/v1/").await)
+            == ["cilium/state/services/v1/east/shop/local", "cilium/state/services/v1/east/shop/web"]
+    })
+    .await;
+    assert!(
+        followed,
+        "exports did not follow the ServiceExports: {:?}",
+        keys(&mut c, "cilium/state/services/v1/").await
     );
     Ok(())
 }

@@ -29,7 +29,7 @@ use causeway_store::{ClusterInfo, IpCacheEntry, Kind, LabelSet, NamedPort, Node,
 use tracing::instrument;
 
 use crate::metrics::Metrics;
-use model::{EndpointSliceInput, Labels, NamespaceInput, NodeInput, PodInput, ServiceInput};
+use model::{EndpointSliceInput, Labels, NamespaceInput, NodeInput, PodInput, ServiceExportInput, ServiceInput};
 
 /// What the adapter must ask the identity allocator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +102,9 @@ pub struct Exporter {
     ip_claims: HashMap<IpAddr, BTreeSet<Claim>>,
     nodes: HashMap<String, Node>,
     services: HashMap<NsName, ServiceInput>,
+    /// `(namespace, name)` of every MCS ServiceExport: the Service of that name is exported even without the
+    /// global annotation.
+    service_exports: HashSet<NsName>,
     slices: HashMap<NsName, EndpointSliceInput>,
     slices_by_service: HashMap<NsName, BTreeSet<String>>,
     requests: Vec<IdentityRequest>,
@@ -127,6 +130,7 @@ impl Exporter {
             ip_claims: HashMap::new(),
             nodes: HashMap::new(),
             services: HashMap::new(),
+            service_exports: HashSet::new(),
             slices: HashMap::new(),
             slices_by_service: HashMap::new(),
             requests: Vec::new(),
@@ -449,6 +453,23 @@ impl Exporter {
         }
     }
 
+    /// An MCS-API `ServiceExport` (multicluster.x-k8s.io/v1alpha1) exists: export the Service of the same
+    /// namespace and name, as if it were global and shared. Without that Service nothing is exported.
+    #[instrument(level = "debug", skip_all, fields(cluster = %self.cluster.name, export = %format!("{}/{}", export.namespace, export.name)))]
+    pub fn apply_service_export(&mut self, export: ServiceExportInput) {
+        let key = self.service_key(&export.namespace, &export.name);
+        if self.service_exports.insert((export.namespace, export.name)) {
+            self.dirty.insert(key);
+        }
+    }
+
+    #[instrument(level = "debug", skip(self), fields(cluster = %self.cluster.name))]
+    pub fn delete_service_export(&mut self, namespace: &str, name: &str) {
+        if self.service_exports.remove(&(namespace.to_string(), name.to_string())) {
+            self.dirty.insert(self.service_key(namespace, name));
+        }
+    }
+
     #[instrument(level = "debug", skip_all, fields(cluster = %self.cluster.name, slice = %format!("{}/{}", slice.namespace, slice.name)))]
     pub fn apply_slice(&mut self, slice: EndpointSliceInput) {
         self.delete_slice(&slice.namespace, &slice.name);
@@ -519,7 +540,8 @@ impl Exporter {
                     .into_iter()
                     .flatten()
                     .filter_map(|s| self.slices.get(&(namespace.clone(), s.clone())));
-                to_json(&service::cluster_service(&self.cluster, svc, slices)?, key, &self.metrics)
+                let mcs_exported = self.service_exports.contains(&svc_id);
+                to_json(&service::cluster_service(&self.cluster, svc, mcs_exported, slices)?, key, &self.metrics)
             }
             _ => None,
         }

@@ -77,6 +77,14 @@ pub struct ServiceInput {
     pub ports: Vec<ServicePortInput>,
 }
 
+/// An MCS-API `ServiceExport` (multicluster.x-k8s.io/v1alpha1): only its namespace and name matter, they name the
+/// Service to export.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceExportInput {
+    pub namespace: String,
+    pub name: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SlicePortInput {
     pub name: Option<String>,

@@ -1,5 +1,9 @@
-//! Global services: which services are exported, and the `ClusterService` value built from a service and all of
+//! Exported services: which services are exported, and the `ClusterService` value built from a service and all of
 //! its EndpointSlices.
+//!
+//! A service is exported when it is global and shared (the `service.cilium.io/*` annotations), or when an MCS-API
+//! `ServiceExport` of the same namespace and name exists: the ServiceExport is the Kubernetes-standard way to say
+//! "export this", so it exports the service as shared whatever its annotations say.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -44,13 +48,15 @@ pub(crate) fn port_number(p: i32) -> Option<u16> {
     u16::try_from(p).ok().filter(|p| *p != 0)
 }
 
-/// The value exported for `svc`, or `None` when the service is not both global and shared.
+/// The value exported for `svc`, or `None` when the service is neither global and shared nor the subject of a
+/// ServiceExport (`mcs_exported`).
 pub fn cluster_service<'a>(
     cluster: &ClusterInfo,
     svc: &ServiceInput,
+    mcs_exported: bool,
     slices: impl IntoIterator<Item = &'a EndpointSliceInput>,
 ) -> Option<ClusterService> {
-    if !is_shared(svc) {
+    if !is_shared(svc) && !mcs_exported {
         return None;
     }
     let mut frontend_ports = PortMap::new();

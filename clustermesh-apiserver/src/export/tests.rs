@@ -550,3 +550,49 @@ fn restored_identities_are_exported_until_collected() {
     assert_eq!(changes, vec![Change::Delete { key: StoreKey::Identity { id: (7 << 16) + 4 } }]);
     assert_eq!(h.keys("cilium/state/identities/"), vec![format!("cilium/state/identities/v1/id/{restored_id}")]);
 }
+
+#[test]
+fn a_service_export_exports_a_plain_service_until_it_is_deleted() {
+    let mut h = Harness::new();
+    let mut plain = global_service();
+    plain.annotations.clear();
+    h.ex.apply_service(plain.clone());
+    h.ex.apply_slice(slice("cart-abc", vec![ep("10.1.3.17", Some(true), None)]));
+    assert_eq!(h.sync(), vec![], "a plain service stays local");
+
+    h.ex.apply_service_export(ServiceExportInput { namespace: "shop".into(), name: "cart".into() });
+    let changes = h.sync();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    // The same value an annotated global service gets: frontends, ready backends, shared.
+    assert_eq!(
+        h.get(CART_KEY),
+        Some(
+            r#"{"cluster":"east","namespace":"shop","name":"cart","frontends":{"10.96.12.4":{"http":{"Protocol":"TCP","Port":80}}},"backends":{"10.1.3.17":{"http":{"Protocol":"TCP","Port":8080}}},"labels":{"app":"cart"},"selector":{"app":"cart"},"includeExternal":false,"shared":true,"clusterID":7}"#
+        )
+    );
+    // Re-applying it changes nothing; backends still follow the slices.
+    h.ex.apply_service_export(ServiceExportInput { namespace: "shop".into(), name: "cart".into() });
+    assert_eq!(h.sync(), vec![]);
+    h.ex.apply_slice(slice("cart-abc", vec![ep("10.1.3.17", Some(true), None), ep("10.1.3.18", None, None)]));
+    assert!(h.sync().len() == 1 && h.get(CART_KEY).is_some_and(|v| v.contains("10.1.3.18")));
+
+    // An export of a service in another namespace, or of a service that does not exist, exports nothing.
+    h.ex.apply_service_export(ServiceExportInput { namespace: "other".into(), name: "cart".into() });
+    h.ex.apply_service_export(ServiceExportInput { namespace: "shop".into(), name: "missing".into() });
+    assert_eq!(h.sync(), vec![]);
+
+    // A ServiceExport also exports a global service whose annotations say it is not shared: it is the explicit ask.
+    let mut not_shared = global_service();
+    not_shared.annotations.insert("service.cilium.io/shared".into(), "false".into());
+    h.ex.apply_service(not_shared);
+    assert_eq!(h.sync(), vec![]);
+
+    // Deleting the ServiceExport withdraws the plain service; deleting the Service withdraws it too.
+    h.ex.apply_service(plain);
+    h.ex.delete_service_export("shop", "cart");
+    assert_eq!(h.sync(), vec![Change::Delete { key: StoreKey::parse(CART_KEY).expect("key") }]);
+    h.ex.apply_service_export(ServiceExportInput { namespace: "shop".into(), name: "cart".into() });
+    assert_eq!(h.sync().len(), 1);
+    h.ex.delete_service("shop", "cart");
+    assert_eq!(h.sync(), vec![Change::Delete { key: StoreKey::parse(CART_KEY).expect("key") }]);
+}

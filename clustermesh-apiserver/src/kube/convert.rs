@@ -137,6 +137,14 @@ pub fn slice_input(slice: &EndpointSlice) -> EndpointSliceInput {
     }
 }
 
+/// A ServiceExport names the Service to export; nothing else of it is read.
+pub fn service_export_input(o: &::kube::api::DynamicObject) -> ServiceExportInput {
+    ServiceExportInput {
+        namespace: o.metadata.namespace.clone().unwrap_or_default(),
+        name: o.metadata.name.clone().unwrap_or_default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

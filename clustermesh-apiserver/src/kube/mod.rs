@@ -15,7 +15,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::kube::api::Api;
+use ::kube::api::{Api, ApiResource, DynamicObject};
 use ::kube::runtime::watcher::{self, watcher};
 use ::kube::runtime::WatchStreamExt;
 use ::kube::{Client, Resource};
@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, instrument, warn};
 
-use crate::export::model::{EndpointSliceInput, NamespaceInput, NodeInput, PodInput, ServiceInput};
+use crate::export::model::{EndpointSliceInput, NamespaceInput, NodeInput, PodInput, ServiceExportInput, ServiceInput};
 use crate::export::{Change, Exporter, IdentityRequest};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
@@ -49,9 +49,12 @@ pub enum ObjectKind {
     Node,
     Service,
     EndpointSlice,
+    /// MCS-API `ServiceExport` (multicluster.x-k8s.io/v1alpha1), watched only with `--enable-mcs-api`.
+    ServiceExport,
 }
 
 impl ObjectKind {
+    /// The kinds always watched.
     pub const ALL: [ObjectKind; 5] =
         [ObjectKind::Namespace, ObjectKind::Pod, ObjectKind::Node, ObjectKind::Service, ObjectKind::EndpointSlice];
 
@@ -62,6 +65,7 @@ impl ObjectKind {
             ObjectKind::Node => "nodes",
             ObjectKind::Service => "services",
             ObjectKind::EndpointSlice => "endpointslices",
+            ObjectKind::ServiceExport => "serviceexports",
         }
     }
 }
@@ -74,6 +78,7 @@ pub enum Object {
     Node(NodeInput),
     Service(ServiceInput),
     EndpointSlice(EndpointSliceInput),
+    ServiceExport(ServiceExportInput),
 }
 
 /// `(namespace, name)`; the namespace is empty for cluster-scoped kinds.
@@ -87,6 +92,7 @@ impl Object {
             Object::Node(_) => ObjectKind::Node,
             Object::Service(_) => ObjectKind::Service,
             Object::EndpointSlice(_) => ObjectKind::EndpointSlice,
+            Object::ServiceExport(_) => ObjectKind::ServiceExport,
         }
     }
 
@@ -97,6 +103,7 @@ impl Object {
             Object::Node(o) => (String::new(), o.name.clone()),
             Object::Service(o) => (o.namespace.clone(), o.name.clone()),
             Object::EndpointSlice(o) => (o.namespace.clone(), o.name.clone()),
+            Object::ServiceExport(o) => (o.namespace.clone(), o.name.clone()),
         }
     }
 }
@@ -120,9 +127,31 @@ pub enum Input {
     IdentitiesCollected(Vec<u32>),
 }
 
-/// Starts one watcher per kind, all cluster-wide, sending into `tx`. The tasks run until `tx` closes.
-pub fn spawn_watchers(client: Client, tx: mpsc::Sender<Input>, metrics: Metrics) -> Vec<JoinHandle<()>> {
-    vec![
+/// The MCS-API ServiceExport resource (the CRD comes from the Kubernetes multicluster SIG; no Rust type for it here).
+pub fn service_export_resource() -> ApiResource {
+    ApiResource {
+        group: "multicluster.x-k8s.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "multicluster.x-k8s.io/v1alpha1".into(),
+        kind: "ServiceExport".into(),
+        plural: "serviceexports".into(),
+    }
+}
+
+/// Starts one watcher per kind, all cluster-wide, sending into `tx`; with `mcs_api`, ServiceExports too (their CRD
+/// must be installed, or the apiserver stays not ready waiting for their list). The tasks run until `tx` closes.
+pub fn spawn_watchers(client: Client, tx: mpsc::Sender<Input>, metrics: Metrics, mcs_api: bool) -> Vec<JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    if mcs_api {
+        tasks.push(tokio::spawn(watch_kind(
+            Api::<DynamicObject>::all_with(client.clone(), &service_export_resource()),
+            ObjectKind::ServiceExport,
+            tx.clone(),
+            metrics.clone(),
+            |o| Object::ServiceExport(convert::service_export_input(o)),
+        )));
+    }
+    tasks.extend([
         tokio::spawn(watch_kind(
             Api::<Namespace>::all(client.clone()),
             ObjectKind::Namespace,
@@ -150,7 +179,8 @@ pub fn spawn_watchers(client: Client, tx: mpsc::Sender<Input>, metrics: Metrics)
         tokio::spawn(watch_kind(Api::<EndpointSlice>::all(client), ObjectKind::EndpointSlice, tx, metrics, |o| {
             Object::EndpointSlice(convert::slice_input(o))
         })),
-    ]
+    ]);
+    tasks
 }
 
 #[instrument(skip_all, fields(kind = kind.as_str()))]
@@ -198,6 +228,8 @@ pub struct ExportLoop<S, R> {
     relisting: HashMap<ObjectKind, HashSet<ObjectId>>,
     /// Kinds whose first list is complete.
     listed: BTreeSet<ObjectKind>,
+    /// Kinds whose first list must be complete before the export is synced.
+    watched: Vec<ObjectKind>,
     synced: bool,
     retry: bool,
     /// An [`Input::EtcdReset`] not yet carried out.
@@ -218,10 +250,19 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
             known: HashMap::new(),
             relisting: HashMap::new(),
             listed: BTreeSet::new(),
+            watched: ObjectKind::ALL.to_vec(),
             synced: false,
             retry: false,
             resync: false,
         }
+    }
+
+    /// ServiceExports are watched too (`--enable-mcs-api`): their first list is part of the initial export.
+    pub fn with_service_exports(mut self) -> Self {
+        if !self.watched.contains(&ObjectKind::ServiceExport) {
+            self.watched.push(ObjectKind::ServiceExport);
+        }
+        self
     }
 
     pub fn is_synced(&self) -> bool {
@@ -310,6 +351,7 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
             Object::Node(o) => self.exporter.apply_node(o),
             Object::Service(o) => self.exporter.apply_service(o),
             Object::EndpointSlice(o) => self.exporter.apply_slice(o),
+            Object::ServiceExport(o) => self.exporter.apply_service_export(o),
         }
     }
 
@@ -323,6 +365,7 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
             ObjectKind::Node => self.exporter.delete_node(&name),
             ObjectKind::Service => self.exporter.delete_service(&ns, &name),
             ObjectKind::EndpointSlice => self.exporter.delete_slice(&ns, &name),
+            ObjectKind::ServiceExport => self.exporter.delete_service_export(&ns, &name),
         }
     }
 
@@ -409,8 +452,7 @@ impl<S: ExportSink, R: IdentityResolver> ExportLoop<S, R> {
         if self.synced {
             return;
         }
-        let waiting: Vec<&str> =
-            ObjectKind::ALL.iter().filter(|k| !self.listed.contains(k)).map(|k| k.as_str()).collect();
+        let waiting: Vec<&str> = self.watched.iter().filter(|k| !self.listed.contains(k)).map(|k| k.as_str()).collect();
         if !waiting.is_empty() {
             self.health.set_export_not_ready(format!("waiting for the initial list of {}", waiting.join(", ")));
             return;
@@ -531,6 +573,46 @@ mod tests {
         l.maybe_mark_synced().await;
         assert!(health.is_ready());
         assert_eq!(sink.snapshot().synced, EXPORTED_KINDS.into_iter().collect());
+    }
+
+    #[tokio::test]
+    async fn with_mcs_api_ready_waits_for_the_service_export_list_and_exports_follow_it() {
+        let (l, sink, health) = export_loop();
+        let mut l = l.with_service_exports();
+        for kind in ObjectKind::ALL {
+            l.handle(Input::InitStart(kind));
+            l.handle(Input::InitDone(kind));
+        }
+        l.handle(Input::Apply(Object::Service(ServiceInput {
+            namespace: "shop".into(),
+            name: "cart".into(),
+            cluster_ips: vec!["10.96.0.10".into()],
+            ..Default::default()
+        })));
+        l.reconcile().await;
+        l.maybe_mark_synced().await;
+        assert!(!health.is_ready(), "the ServiceExport list is part of the initial export");
+
+        let export = || Object::ServiceExport(ServiceExportInput { namespace: "shop".into(), name: "cart".into() });
+        l.handle(Input::InitStart(ObjectKind::ServiceExport));
+        l.handle(Input::InitApply(export()));
+        l.handle(Input::InitDone(ObjectKind::ServiceExport));
+        l.reconcile().await;
+        l.maybe_mark_synced().await;
+        assert!(health.is_ready());
+        assert!(sink.snapshot().entries.contains_key("cilium/state/services/v1/east/shop/cart"));
+
+        // The ServiceExport's watch restarts and the export is gone from the new list: withdrawn.
+        l.handle(Input::InitStart(ObjectKind::ServiceExport));
+        l.handle(Input::InitDone(ObjectKind::ServiceExport));
+        l.reconcile().await;
+        assert!(!sink.snapshot().entries.contains_key("cilium/state/services/v1/east/shop/cart"));
+        l.handle(Input::Apply(export()));
+        l.reconcile().await;
+        assert!(sink.snapshot().entries.contains_key("cilium/state/services/v1/east/shop/cart"));
+        l.handle(Input::Delete(export()));
+        l.reconcile().await;
+        assert!(!sink.snapshot().entries.contains_key("cilium/state/services/v1/east/shop/cart"));
     }
 
     #[tokio::test]
