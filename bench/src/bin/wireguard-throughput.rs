@@ -168,9 +168,9 @@ fn iperf(path: &Path, secs: u32, udp: bool) -> Result<f64> {
 /// The benchmark must have measured the tunnel: its peer counters carried the traffic.
 fn check_tunnel_carried(path: &Path, min_bytes: u64) -> Result<()> {
     if let Some((a, _)) = &path.causeway {
-        let info = a.device_info()?;
-        let peer = info.peers.first().context("Causeway tunnel has its peer")?;
-        ensure!(peer.stats.tx_bytes >= min_bytes, "Causeway tunnel carried only {} bytes", peer.stats.tx_bytes);
+        let status = a.status()?;
+        let peer = status.peers.first().context("Causeway tunnel has its peer")?;
+        ensure!(peer.tx_bytes >= min_bytes, "Causeway tunnel carried only {} bytes", peer.tx_bytes);
     }
     if let Some((a, _)) = &path.wggo {
         let out = a.wg(&["show", a.ifname(), "transfer"])?;

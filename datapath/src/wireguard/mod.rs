@@ -12,16 +12,19 @@
 //! - [`backend`]: kernel WireGuard when the kernel has it, else boringtun in userspace.
 //! - [`tunnel`]: the one interface per node (boringtun `DeviceHandle` on TUN, or a kernel `wireguard` link),
 //!   configured through wireguard-control; key rotation; clean shutdown.
+//! - [`uapi`]: reading a userspace device's state (`get=1`), parsed without I/O.
 
 pub mod backend;
 pub mod keys;
 pub mod peers;
 pub mod tunnel;
+pub mod uapi;
 
 pub use backend::{choose_backend, probe_kernel_wireguard, BackendKind, BackendPreference, KernelSupport};
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use peers::{NodeRecord, PeerChange, PeerSet, PeerSetError, PeerSpec, UpdateStyle};
 pub use tunnel::{uapi_socket, ApplyReport, Tunnel, TunnelConfig, DEFAULT_MTU, UAPI_DIR};
+pub use uapi::{DeviceStatus, PeerStatus, UapiError};
 
 /// Errors of the WireGuard tunnel.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,12 @@ pub enum Error {
         op: &'static str,
         #[source]
         source: std::io::Error,
+    },
+    #[error("WireGuard UAPI get on {ifname}: {source}")]
+    UapiReply {
+        ifname: String,
+        #[source]
+        source: UapiError,
     },
     #[error("WireGuard device {0} is gone (its UAPI socket does not answer)")]
     DeviceGone(String),

@@ -175,6 +175,12 @@ impl PeerSet {
         PeerSet { peers }
     }
 
+    /// A set from already-validated specs (e.g. what a device reports); a later duplicate key replaces an
+    /// earlier one.
+    pub fn from_specs(specs: impl IntoIterator<Item = PeerSpec>) -> Self {
+        PeerSet { peers: specs.into_iter().map(|s| (s.public_key, s)).collect() }
+    }
+
     pub fn get(&self, key: &PublicKey) -> Option<&PeerSpec> {
         self.peers.get(key)
     }

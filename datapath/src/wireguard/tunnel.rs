@@ -24,6 +24,7 @@ use wireguard_control::{DeviceUpdate, InterfaceName};
 use super::backend::{choose_backend, probe_kernel_wireguard, BackendKind, BackendPreference, KernelSupport};
 use super::keys::{PrivateKey, PublicKey};
 use super::peers::{device_updates, route_changes, NodeRecord, PeerChange, PeerSet, PeerSetError, UpdateStyle};
+use super::uapi::{self, DeviceStatus, PeerStatus};
 use super::Error;
 
 /// Where userspace WireGuard implementations put their UAPI sockets (shared by every netns on the machine).
@@ -152,7 +153,7 @@ impl Tunnel {
         tunnel
             .configure(DeviceUpdate::new().set_private_key(cfg.private_key.to_wg()).set_listen_port(cfg.listen_port))?;
         if cfg.listen_port == 0 {
-            tunnel.listen_port = tunnel.device_info()?.listen_port.unwrap_or(0);
+            tunnel.listen_port = tunnel.status()?.listen_port.unwrap_or(0);
         }
         let mtu = cfg.mtu.to_string();
         tunnel.ip(&["link", "set", "dev", &cfg.ifname, "mtu", &mtu])?;
@@ -185,20 +186,25 @@ impl Tunnel {
         &self.routes
     }
 
-    /// The device as the implementation reports it (peers, endpoints, handshakes, byte counters).
-    pub fn device_info(&self) -> Result<wireguard_control::Device, Error> {
-        self.check_alive()?;
-        let (name, backend) = (self.wg_name, self.kind.wg_backend());
-        self.in_netns(move || wireguard_control::Device::get(&name, backend))?.map_err(|e| Error::Uapi {
-            ifname: self.ifname.clone(),
-            op: "get",
-            source: e,
-        })
+    /// The device as the implementation reports it (listen port, peers, handshakes, byte counters).
+    pub fn status(&self) -> Result<DeviceStatus, Error> {
+        match self.kind {
+            BackendKind::Userspace => uapi::get(&uapi_socket(&self.ifname))
+                .map_err(|e| Error::Uapi { ifname: self.ifname.clone(), op: "get", source: e })?
+                .map_err(|e| Error::UapiReply { ifname: self.ifname.clone(), source: e }),
+            BackendKind::Kernel => {
+                let name = self.wg_name;
+                let device = self
+                    .in_netns(move || wireguard_control::Device::get(&name, wireguard_control::Backend::Kernel))?
+                    .map_err(|e| Error::Uapi { ifname: self.ifname.clone(), op: "get", source: e })?;
+                Ok(status_from_device(&device))
+            }
+        }
     }
 
     /// The peers the device has now.
     pub fn peers(&self) -> Result<PeerSet, Error> {
-        Ok(PeerSet::from_device(&self.device_info()?))
+        Ok(PeerSet::from_specs(self.status()?.peers.into_iter().map(|p| p.spec)))
     }
 
     /// Reconciles peers and routes with the remote node records. Bad records are skipped and reported (see
@@ -405,6 +411,23 @@ fn set_cloexec_on_inherited_fds() {
             let _ = fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
         }
     }
+}
+
+fn status_from_device(device: &wireguard_control::Device) -> DeviceStatus {
+    let peers = device
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let spec = PeerSet::from_peer_configs([&p.config]).iter().next().cloned()?;
+            let last_handshake_sec = p
+                .stats
+                .last_handshake_time
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            Some(PeerStatus { spec, last_handshake_sec, rx_bytes: p.stats.rx_bytes, tx_bytes: p.stats.tx_bytes })
+        })
+        .collect();
+    DeviceStatus { listen_port: device.listen_port, peers }
 }
 
 /// `/var/run/wireguard/<ifname>.sock`.
