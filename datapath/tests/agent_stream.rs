@@ -507,3 +507,69 @@ async fn a_restarted_agent_reads_back_the_maps_and_applies_nothing() -> Result<(
     second.stop().await?;
     Ok(())
 }
+
+/// Kills the child process on drop, even when the test panics.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+#[tokio::test]
+async fn the_binary_runs_the_pipeline_in_dry_run_and_refuses_without_it() -> Result<()> {
+    let bin = env!("CARGO_BIN_EXE_causeway-node-agent");
+    // Without --dry-run it must not pretend to program the kernel.
+    let out = std::process::Command::new(bin)
+        .args(["--node-name", "node-a", "--node-ip", "192.168.0.1", "--identity-sync-addr", "127.0.0.1:1"])
+        .env_remove("CAUSEWAY_DRY_RUN")
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--dry-run"), "{err}");
+
+    let hub = mesh_hub()?;
+    put_pod(&hub, 5, 100)?;
+    put_node(&hub, "w1", "192.168.1.1", "10.2.1.0/24", 1)?;
+    let egress = TestEgressServer::new(5);
+    egress.upsert(policy("billing", &["203.0.113.0/24"], &[], &["10.1.0.5", "10.1.0.6"], "192.168.0.7"));
+    let mesh_addr = serve!(hub.server());
+    let egress_addr = serve!(EgressAssignmentsServer::new(egress.clone()));
+    let port = free_port()?;
+    let _child = Child(
+        std::process::Command::new(bin)
+            .args(["--dry-run", "--node-name", "node-a", "--node-ip", "192.168.0.1"])
+            .args(["--identity-sync-addr", &mesh_addr.to_string(), "--egress-addr", &egress_addr.to_string()])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--log-format", "json"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut metrics = String::new();
+    for _ in 0..2000 {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            if r.status().is_success() {
+                metrics = http.get(format!("{base}/metrics")).send().await?.text().await?;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!metrics.is_empty(), "the agent never became ready");
+    assert!(metrics.contains(r#"causeway_node_agent_map_entries{map="ipcache"} 3"#), "{metrics}");
+    assert!(metrics.contains(r#"causeway_node_agent_map_entries{map="egress_src"} 2"#), "{metrics}");
+    assert!(metrics.contains(r#"causeway_node_agent_map_entries{map="wireguard_peers"} 1"#), "{metrics}");
+    assert!(metrics.contains("causeway_node_agent_egress_classes 1"), "{metrics}");
+    assert!(metrics.contains(r#"causeway_node_agent_ops_applied_total{map="egress_lpm",op="upsert"} 1"#), "{metrics}");
+    let health = http.get(format!("{base}/healthz")).send().await?;
+    assert!(health.status().is_success());
+    Ok(())
+}
