@@ -459,6 +459,39 @@ fn icmp_port_unreachable_for_translated_flow_reaches_the_pod() {
 }
 
 #[test]
+fn icmpv6_packet_too_big_for_translated_flow_reaches_the_pod() {
+    let Some(fx) = Fixture::new("icmpv6_packet_too_big_for_translated_flow_reaches_the_pod") else { return };
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(POD6.octets(), REMOTE6.octets(), 64)
+        .udp(7000, 9999)
+        .write(&mut v, &[0x55; 200])
+        .expect("v6 udp");
+    let (ret, out) = fx.run(PROG_OUT, &v, MARK6);
+    assert_eq!(ret, TC_ACT_OK);
+    let sent = parse(&out).expect("translated");
+    assert_ne!(sent.sport, 7000);
+    // A router on the way reports Packet Too Big, quoting the start of the translated datagram.
+    let quoted = &out[14..14 + 40 + 8 + 32];
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2(MAC_B, MAC_A)
+        .ipv6(REMOTE6.octets(), EGRESS6.octets(), 64)
+        .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+        .write(&mut err, quoted)
+        .expect("icmpv6 error");
+    let (ret, back) = fx.run(PROG_IN, &err, 0);
+    assert_eq!(ret, TC_ACT_OK);
+    // parse() checks the ICMPv6 checksum over the new pseudo header and the rewritten quote.
+    let seen = parse(&back).expect("ICMPv6 checksum valid after the rewrite");
+    assert_eq!(seen.dst, IpAddr::V6(POD6));
+    let inner = etherparse::Ipv6HeaderSlice::from_slice(&seen.payload).expect("quoted IPv6 header");
+    assert_eq!(inner.source_addr(), POD6);
+    assert_eq!(inner.destination_addr(), REMOTE6);
+    assert_eq!(u16::from_be_bytes([seen.payload[40], seen.payload[41]]), 7000);
+    assert_eq!(fx.stat(SnatStat::InIcmpError), 1);
+}
+
+#[test]
 fn unmarked_and_unknown_traffic() {
     let Some(fx) = Fixture::new("unmarked_and_unknown_traffic") else { return };
     // Not marked: the gateway's own traffic, untouched.
