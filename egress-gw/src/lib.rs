@@ -9,7 +9,9 @@
 //! - [`spec`]: turns the `causeway-crds` policy type into the core's parsed [`core::PolicySpec`].
 //! - [`kube`]: the adapter. Watchers feed the index; the controller writes status, records Events and publishes
 //!   the assignments.
+//! - [`metrics`]: Prometheus gauges and counters.
 
 pub mod core;
 pub mod kube;
+pub mod metrics;
 pub mod spec;

@@ -24,7 +24,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, instrument, warn};
 
-use crate::core::{HealthConfig, Index, Namespace, Node, Pod, PolicyAssignment, PolicyOutput, PolicySpec};
+use crate::metrics::{Metrics, PolicyGroupLabels, PolicyLabels, ReasonLabels};
+
+use crate::core::{
+    ClusterNetworks, HealthConfig, Index, Namespace, Node, Pod, PolicyAssignment, PolicyOutput, PolicySpec,
+};
 
 /// Field manager and event reporter name.
 pub const CONTROLLER_NAME: &str = "causeway-egress-gw";
@@ -64,6 +68,8 @@ pub enum Input {
         node: String,
         ok: bool,
     },
+    /// This cluster's and the meshed clusters' pod and service CIDRs (never sent to a gateway).
+    Networks(ClusterNetworks),
 }
 
 fn pod_key(ns: &str, name: &str) -> String {
@@ -146,6 +152,8 @@ pub struct Controller {
     last_active: BTreeMap<String, Vec<BTreeSet<String>>>,
     assignments: watch::Sender<BTreeMap<String, PolicyAssignment>>,
     wall_clock: Box<dyn Fn() -> DateTime<Utc> + Send>,
+    metrics: Metrics,
+    health: Option<causeway_runtime::Health>,
 }
 
 impl Controller {
@@ -161,7 +169,22 @@ impl Controller {
             last_active: BTreeMap::new(),
             assignments: watch::channel(BTreeMap::new()).0,
             wall_clock: Box::new(Utc::now),
+            metrics: Metrics::default(),
+            health: None,
         }
+    }
+
+    /// Reports ready on `health` once every kind has been listed and the first status computed.
+    pub fn with_health(mut self, health: causeway_runtime::Health) -> Self {
+        health.set_not_ready("waiting for the first list of policies, pods, namespaces and nodes");
+        self.health = Some(health);
+        self
+    }
+
+    /// Counts into `metrics` (register them with the process registry first).
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The current assignments of every programmable policy, for the EgressAssignments stream.
@@ -190,12 +213,17 @@ impl Controller {
                 }
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                     for change in self.index.tick(Instant::now()) {
+                        self.metrics.health_change(change.healthy);
                         info!(node = %change.node, healthy = change.healthy, why = change.why, "gateway health changed");
                     }
                 }
             }
             if self.is_synced() {
                 self.reconcile().await;
+                if let Some(h) = self.health.as_ref().filter(|h| !h.is_ready()) {
+                    info!("every kind listed; ready");
+                    h.set_ready();
+                }
             }
         }
     }
@@ -221,6 +249,7 @@ impl Controller {
                 self.index.apply_node(n);
             }
             Input::Delete(kind, key) => self.delete(kind, &key),
+            Input::Networks(n) => self.index.set_cluster_networks(n),
             Input::Listed(kind, keys) => {
                 let gone: Vec<String> =
                     self.known.get(&kind).into_iter().flatten().filter(|k| !keys.contains(*k)).cloned().collect();
@@ -231,6 +260,7 @@ impl Controller {
             }
             Input::Probe { node, ok } => {
                 if let Some(change) = self.index.probe(&node, ok, now) {
+                    self.metrics.health_change(change.healthy);
                     info!(node = %change.node, healthy = change.healthy, why = change.why, "gateway health changed");
                 }
             }
@@ -265,8 +295,30 @@ impl Controller {
             *current = assignments;
             changed
         });
+        self.record_metrics(&outputs);
         for (name, out) in &outputs {
             self.write_status(name, out).await;
+        }
+    }
+
+    fn record_metrics(&self, outputs: &BTreeMap<String, PolicyOutput>) {
+        // Families are rebuilt so that deleted policies and groups disappear from /metrics.
+        self.metrics.active_gateways.clear();
+        self.metrics.healthy_gateways.clear();
+        self.metrics.source_ips.clear();
+        self.metrics.invalid_policies.clear();
+        for (name, out) in outputs {
+            for (i, g) in out.groups.iter().enumerate() {
+                let labels = PolicyGroupLabels { policy: name.clone(), group: i.to_string() };
+                let active = out.assignment.as_ref().and_then(|a| a.groups.get(i)).map_or(0, |g| g.gateways.len());
+                self.metrics.active_gateways.get_or_create(&labels).set(active as i64);
+                self.metrics.healthy_gateways.get_or_create(&labels).set(g.healthy.len() as i64);
+            }
+            let sources = out.assignment.as_ref().map_or(0, |a| a.source_ips.len());
+            self.metrics.source_ips.get_or_create(&PolicyLabels { policy: name.clone() }).set(sources as i64);
+            if let Some(p) = out.problems.first() {
+                self.metrics.invalid_policies.get_or_create(&ReasonLabels { reason: p.reason.as_str().into() }).inc();
+            }
         }
     }
 
@@ -302,13 +354,17 @@ impl Controller {
                 .await
             {
                 Ok(_) => {
+                    self.metrics.status_writes.inc();
                     debug!("status written");
                     if let Some(p) = self.policies.get_mut(name) {
                         p.status = Some(desired);
                     }
                 }
                 // Deleted meanwhile: its watch event will follow. Otherwise retried on the next reconcile.
-                Err(e) => warn!(error = %e, "could not write status"),
+                Err(e) => {
+                    self.metrics.status_write_errors.inc();
+                    warn!(error = %e, "could not write status");
+                }
             }
         }
         for ev in events {

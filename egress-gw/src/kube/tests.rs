@@ -138,7 +138,11 @@ async fn status_events_and_assignments_follow_the_cluster() -> Result<()> {
 
     let (tx, rx) = mpsc::channel(1024);
     let health = HealthConfig { stale_after: Duration::from_secs(3600), ..HealthConfig::default() };
-    let controller = Controller::new(client.clone(), health);
+    let process = causeway_runtime::Health::new();
+    let metrics = crate::metrics::Metrics::default();
+    process.with_registry(|r| metrics.register(r));
+    let controller = Controller::new(client.clone(), health).with_metrics(metrics).with_health(process.clone());
+    assert!(!process.is_ready());
     let mut assignments = controller.assignments();
     let watchers = spawn_watchers(client.clone(), tx.clone());
     let run = tokio::spawn(controller.run(rx));
@@ -171,6 +175,15 @@ async fn status_events_and_assignments_follow_the_cluster() -> Result<()> {
     );
     assert_eq!(s.group_statuses[0].healthy_gateway_ips, vec!["172.18.0.11", "172.18.0.12"]);
     assert_eq!(condition(&p, "InvalidSpec"), Some(("False".into(), "Valid".into())));
+    assert!(process.is_ready());
+    let text = process.render_metrics();
+    for line in [
+        r#"causeway_egress_active_gateways{policy="partner-api",group="0"} 2"#,
+        r#"causeway_egress_healthy_gateways{policy="partner-api",group="0"} 2"#,
+        r#"causeway_egress_source_ips{policy="partner-api"} 1"#,
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
 
     let a = assignments
         .wait_for(|a| a.get("partner-api").is_some_and(|a| !a.groups[0].gateways.is_empty()))

@@ -1,0 +1,100 @@
+//! `egress-gw`: the egress gateway controller. Watches EgressGatewayPolicies, Pods, Namespaces and Nodes, selects
+//! gateways, and writes each policy's status and Events.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use causeway_egress_gw::core::{ClusterNetworks, HealthConfig};
+use causeway_egress_gw::kube::{spawn_watchers, Controller, Input};
+use causeway_egress_gw::metrics::Metrics;
+use causeway_runtime::{Health, LogFormat};
+use clap::Parser;
+use ipnet::IpNet;
+use tracing::info;
+
+#[derive(Debug, Parser)]
+#[command(name = "egress-gw", version, about)]
+struct Args {
+    /// Kubeconfig to use; without it, the default kubeconfig or the in-cluster config.
+    #[arg(long, env = "CAUSEWAY_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "CAUSEWAY_METRICS_ADDR", default_value = "0.0.0.0:9963")]
+    metrics_addr: SocketAddr,
+    /// `text` or `json`.
+    #[arg(long, env = "CAUSEWAY_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+    /// This cluster's pod CIDRs, comma-separated; traffic to them never goes to a gateway.
+    #[arg(long, env = "CAUSEWAY_POD_CIDRS", value_delimiter = ',')]
+    pod_cidrs: Vec<IpNet>,
+    /// This cluster's service CIDRs, comma-separated.
+    #[arg(long, env = "CAUSEWAY_SERVICE_CIDRS", value_delimiter = ',')]
+    service_cidrs: Vec<IpNet>,
+    /// Meshed clusters' pod CIDRs as `cluster=cidr`, comma-separated.
+    #[arg(long, env = "CAUSEWAY_MESH_POD_CIDRS", value_delimiter = ',', value_parser = parse_mesh_cidr)]
+    mesh_pod_cidrs: Vec<(String, IpNet)>,
+    /// Consecutive good probe rounds before a gateway is used.
+    #[arg(long, env = "CAUSEWAY_EGRESS_PROBE_RISE", default_value_t = 3)]
+    probe_rise: u32,
+    /// Consecutive failed probe rounds before a gateway is dropped.
+    #[arg(long, env = "CAUSEWAY_EGRESS_PROBE_FALL", default_value_t = 3)]
+    probe_fall: u32,
+    /// How long a gateway that failed must pass probes before it is used again.
+    #[arg(long, env = "CAUSEWAY_EGRESS_HOLD_DOWN", default_value = "5s", value_parser = humantime::parse_duration)]
+    hold_down: Duration,
+    /// A gateway without probe reports for this long is dropped.
+    #[arg(long, env = "CAUSEWAY_EGRESS_STALE_AFTER", default_value = "600ms", value_parser = humantime::parse_duration)]
+    stale_after: Duration,
+}
+
+fn parse_mesh_cidr(s: &str) -> Result<(String, IpNet), String> {
+    let (cluster, cidr) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected cluster=cidr"))?;
+    let cidr = cidr.parse::<IpNet>().map_err(|e| format!("{s:?}: {e}"))?;
+    Ok((cluster.to_string(), cidr))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    causeway_runtime::init_logging(args.log_format.parse::<LogFormat>()?);
+
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("read {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer().await.context("no kubeconfig and not running in a cluster")?,
+    };
+    let client = kube::Client::try_from(config)?;
+
+    let health = Health::new();
+    let metrics = Metrics::default();
+    health.with_registry(|r| metrics.register(r));
+    let bound = causeway_runtime::serve(args.metrics_addr, health.router()).await?;
+    info!(%bound, "serving /metrics, /healthz, /readyz");
+
+    let mut mesh: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
+    for (cluster, cidr) in &args.mesh_pod_cidrs {
+        mesh.entry(cluster.clone()).or_default().push(*cidr);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    tx.send(Input::Networks(ClusterNetworks {
+        pod_cidrs: args.pod_cidrs.clone(),
+        service_cidrs: args.service_cidrs.clone(),
+        remote_pod_cidrs: mesh,
+    }))
+    .await?;
+    let probe = HealthConfig {
+        rise: args.probe_rise,
+        fall: args.probe_fall,
+        hold_down: args.hold_down,
+        stale_after: args.stale_after,
+    };
+    let controller = Controller::new(client.clone(), probe).with_metrics(metrics).with_health(health);
+    let _watchers = spawn_watchers(client, tx);
+    controller.run(rx).await;
+    Ok(())
+}
