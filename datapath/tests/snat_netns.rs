@@ -30,7 +30,7 @@ impl Drop for PinDir {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        let _ = std::fs::remove_dir(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -51,11 +51,9 @@ fn counter(ns: &Netns, name: &str) -> Result<u64> {
     bail!("no packet count in {text}")
 }
 
-#[test]
-fn pod_traffic_leaves_with_the_egress_ip_and_replies_return() -> Result<()> {
-    if !netns::privileged("pod_traffic_leaves_with_the_egress_ip_and_replies_return") {
-        return Ok(());
-    }
+/// pod (10.244.1.5) -> gateway (pod0 | ext0 with the egress IP) -> external host (192.0.2.1, no route to pods), with
+/// the test's stand-in egress mark in the gateway and the leak counters in the external host.
+fn topology() -> Result<(Netns, Netns, Netns)> {
     let pod = Netns::new("snpod")?;
     let gw = Netns::new("sngw")?;
     let ext = Netns::new("snext")?;
@@ -88,6 +86,15 @@ fn pod_traffic_leaves_with_the_egress_ip_and_replies_return() -> Result<()> {
     ])?;
 
     netns::ping(&gw, SERVER_IP)?;
+    Ok((pod, gw, ext))
+}
+
+#[test]
+fn pod_traffic_leaves_with_the_egress_ip_and_replies_return() -> Result<()> {
+    if !netns::privileged("pod_traffic_leaves_with_the_egress_ip_and_replies_return") {
+        return Ok(());
+    }
+    let (pod, gw, ext) = topology()?;
 
     // Load and attach SNAT in the gateway.
     let pin = PinDir(PathBuf::from("/sys/fs/bpf").join(netns::unique_name("cw-snat-netns")));
@@ -193,4 +200,50 @@ fn spawn_servers(
             }
         }
     }))
+}
+
+#[test]
+fn snat_survives_an_agent_restart() -> Result<()> {
+    if !netns::privileged("snat_survives_an_agent_restart") {
+        return Ok(());
+    }
+    let (pod, gw, ext) = topology()?;
+    let pin = PinDir(PathBuf::from("/sys/fs/bpf").join(netns::unique_name("cw-snat-restart")));
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Mutex<Vec<IpAddr>>> = Arc::default();
+    let tcp = ext.run_in(|| TcpListener::bind((SERVER_IP, 8080)))??;
+    let udp = ext.run_in(|| UdpSocket::bind((SERVER_IP, 9000)))??;
+    let _stop = StopOnDrop(stop.clone(), Some(spawn_servers(tcp, udp, stop, seen.clone())?));
+    let curl = || -> Result<String> {
+        Ok(stdout(&pod.exec(&["curl", "-sS", "--max-time", "5", &format!("http://{SERVER_IP}:8080/")])?))
+    };
+
+    // First agent: load, configure, attach through pinned links.
+    {
+        let mut snat = Snat::load(&LoadOptions::new(&pin.0))?;
+        snat.set_config(&SnatConfig { port_min: 20000, port_max: 29999, ..Default::default() })?;
+        EgressGroupsMap::open(&pin.0)?
+            .upsert(GroupId(GROUP), &EgressGroup { egress_ip: EGRESS_IP.parse()?, gateways: vec![] })?;
+        gw.run_in(|| snat.attach_pinned("ext0"))??;
+        assert_eq!(curl()?, format!("peer={EGRESS_IP}"));
+        assert!(!snat.table().flows()?.is_empty());
+        // The agent exits: its Ebpf object and file descriptors go away.
+    }
+    // Nothing of ours runs, yet the pinned links keep translating.
+    assert_eq!(curl()?, format!("peer={EGRESS_IP}"), "translated while no agent runs");
+
+    // Second agent: same pin directory, the flows are still there, the programs are replaced in place.
+    let mut snat = Snat::load(&LoadOptions::new(&pin.0))?;
+    let before = snat.table().flows()?.len();
+    assert!(before >= 2, "flows of the first agent survived in the pinned maps: {before}");
+    gw.run_in(|| snat.attach_pinned("ext0"))??;
+    assert_eq!(curl()?, format!("peer={EGRESS_IP}"));
+    assert_eq!(counter(&ext, "from_pod")?, 0, "no pod IP leaked across the restart");
+
+    // Uninstall: unpinning the links detaches; the pod IP then leaks, which shows the check above could fail.
+    assert!(gw.run_in(|| Snat::detach_pinned(&pin.0, "ext0"))??);
+    let _ = pod.exec_unchecked(&["ping", "-n", "-c", "1", "-W", "1", SERVER_IP]);
+    assert!(counter(&ext, "from_pod")? > 0, "after detach the pod IP leaks");
+    assert!(!gw.run_in(|| Snat::detach_pinned(&pin.0, "ext0"))??, "second detach finds nothing");
+    Ok(())
 }

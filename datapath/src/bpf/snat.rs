@@ -33,7 +33,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
-use aya::programs::{ProgramError, SchedClassifier, TcAttachType};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
 pub use expiry::{GcPlan, Timeouts};
@@ -226,6 +228,8 @@ pub enum SnatError {
         #[source]
         source: Box<MapError>,
     },
+    #[error("attaching {program} to {ifname}: {reason}")]
+    Attach { program: &'static str, ifname: String, reason: String },
     #[error("creating pin directory {path}: {source}")]
     PinDir {
         path: PathBuf,
@@ -262,6 +266,15 @@ impl LoadOptions {
 pub struct Snat {
     ebpf: Ebpf,
     table: SnatTable,
+    pin_dir: PathBuf,
+}
+
+/// Subdirectory of the pin directory holding pinned TCX links (shared with the steering loader, whose
+/// `uninstall` unpins everything there).
+pub const LINKS_SUBDIR: &str = "links";
+
+fn link_pin(pin_dir: &Path, program: &str, ifname: &str) -> PathBuf {
+    pin_dir.join(LINKS_SUBDIR).join(format!("{program}@{ifname}"))
 }
 
 impl std::fmt::Debug for Snat {
@@ -290,7 +303,7 @@ impl Snat {
         }
         let fwd = take_hash(&mut ebpf, MAP_FWD)?;
         let rev = take_hash(&mut ebpf, MAP_REV)?;
-        Ok(Snat { ebpf, table: SnatTable { fwd, rev } })
+        Ok(Snat { ebpf, table: SnatTable { fwd, rev }, pin_dir: opts.pin_dir.clone() })
     }
 
     /// Attaches `cw_snat_out` to the egress and `cw_snat_in` to the ingress of `ifname` (TCX), in the calling
@@ -301,6 +314,71 @@ impl Snat {
             prog.attach(ifname, at).map_err(prog_err(name))?;
         }
         Ok(())
+    }
+
+    /// Attaches both programs to `ifname` (TCX, calling thread's netns) through links pinned under
+    /// `<pin_dir>/links/`, so that they stay attached when this process exits. If links are already pinned there
+    /// (an agent restart), the new programs replace the old ones inside the same links, atomically: no packet
+    /// passes the interface untranslated in between, and the pinned conntrack maps keep every flow.
+    pub fn attach_pinned(&mut self, ifname: &str) -> Result<(), SnatError> {
+        let dir = self.pin_dir.join(LINKS_SUBDIR);
+        std::fs::create_dir_all(&dir).map_err(|source| SnatError::PinDir { path: dir.clone(), source })?;
+        for (name, at) in [(PROG_OUT, TcAttachType::Egress), (PROG_IN, TcAttachType::Ingress)] {
+            let pin = link_pin(&self.pin_dir, name, ifname);
+            let attach_err = |reason: String| SnatError::Attach { program: name, ifname: ifname.to_owned(), reason };
+            let prog = self.classifier_mut(name)?;
+            match PinnedLink::from_pin(&pin) {
+                Ok(existing) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(existing))
+                        .map_err(|e| attach_err(format!("pinned link {}: {e}", pin.display())))?;
+                    let id = prog.attach_to_link(link).map_err(|e| attach_err(e.to_string()))?;
+                    // The pin keeps the link (and now our program) attached after `prog` is dropped.
+                    let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+                    drop(FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?);
+                    tracing::debug!(program = name, ifname, "replaced SNAT program in its pinned TCX link");
+                }
+                Err(LinkError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+                    let id = prog
+                        .attach_with_options(ifname, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                        .map_err(|e| attach_err(e.to_string()))?;
+                    let link = prog.take_link(id).map_err(|e| attach_err(e.to_string()))?;
+                    let fd_link = FdLink::try_from(link).map_err(|e| attach_err(e.to_string()))?;
+                    fd_link.pin(&pin).map_err(|e| attach_err(format!("pinning link at {}: {e}", pin.display())))?;
+                    tracing::debug!(program = name, ifname, "attached SNAT program with a pinned TCX link");
+                }
+                Err(e) => return Err(attach_err(format!("opening pinned link {}: {e}", pin.display()))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches both programs from `ifname` by unpinning the links [`Snat::attach_pinned`] made. Returns whether
+    /// anything was attached. The pinned maps stay (a later attach continues with the same flows).
+    pub fn detach_pinned(pin_dir: &Path, ifname: &str) -> Result<bool, SnatError> {
+        let mut any = false;
+        for name in [PROG_OUT, PROG_IN] {
+            let pin = link_pin(pin_dir, name, ifname);
+            match PinnedLink::from_pin(&pin) {
+                // The kernel detaches the program when the last reference (the returned fd) closes.
+                Ok(link) => {
+                    link.unpin().map_err(|e| SnatError::Attach {
+                        program: name,
+                        ifname: ifname.to_owned(),
+                        reason: format!("unpinning {}: {e}", pin.display()),
+                    })?;
+                    any = true;
+                }
+                Err(LinkError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(SnatError::Attach {
+                        program: name,
+                        ifname: ifname.to_owned(),
+                        reason: format!("pinned link {}: {e}", pin.display()),
+                    })
+                }
+            }
+        }
+        Ok(any)
     }
 
     /// Detaches both programs from every interface they were attached to. The pinned maps stay.
