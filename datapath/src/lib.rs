@@ -16,4 +16,5 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod kernel;
 pub mod wireguard;
