@@ -69,6 +69,8 @@ pub struct Cluster {
     kube: kube::Client,
     pub apiserver_metrics: SocketAddr,
     pub sync_metrics: SocketAddr,
+    /// identity-sync's MeshView gRPC stream (what node agents watch).
+    pub sync_grpc: SocketAddr,
     remotes_dir: PathBuf,
     http: reqwest::Client,
     /// Local backends per (namespace, service): pod name → IP, the content of the service's local EndpointSlice.
@@ -143,7 +145,8 @@ impl Cluster {
         let mut args = common;
         args.push(format!("--remotes-dir={}", remotes_dir.display()));
         args.push(format!("--metrics-addr={sync_metrics}"));
-        args.push(format!("--grpc-addr={}", free_addr()?));
+        let sync_grpc = free_addr()?;
+        args.push(format!("--grpc-addr={sync_grpc}"));
         if let Some(ttl) = &spec.cache_ttl {
             args.push(format!("--cache-ttl={ttl}"));
         }
@@ -159,6 +162,7 @@ impl Cluster {
             kube,
             apiserver_metrics,
             sync_metrics,
+            sync_grpc,
             remotes_dir,
             http: reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?,
             backends: Mutex::default(),
