@@ -157,7 +157,8 @@ async fn export_loop(client: &Client, scale: &Scale) -> anyhow::Result<Duration>
     let metrics = Metrics::default();
     let health = Health::new();
     let exporter = Exporter::new(cluster, metrics.clone());
-    let export = ExportLoop::new(exporter, sink.clone(), resolver, health.clone(), metrics);
+    let readiness = clustermesh_apiserver::readiness::Readiness::new(health.clone());
+    let export = ExportLoop::new(exporter, sink.clone(), resolver, readiness, metrics);
     // Like the kube watchers' channel: bounded, fed as fast as the loop takes it.
     let (tx, rx) = mpsc::channel(4096);
     let task = tokio::spawn(export.run(rx));
