@@ -183,6 +183,26 @@ fn isovalent_sample_converts() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn egress_gateway_policy_crd_shape() {
+    let crd = EgressGatewayPolicy::crd();
+    assert_eq!(crd.metadata.name.as_deref(), Some("egressgatewaypolicies.causeway.io"));
+    assert_eq!(crd.spec.scope, "Cluster");
+    assert_eq!(crd.spec.names.short_names, Some(vec!["egp".to_string()]));
+    let v = &crd.spec.versions[0];
+    assert_eq!(v.name, "v1alpha1");
+    assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "status subresource");
+    let columns: Vec<(&str, &str)> =
+        v.additional_printer_columns.iter().flatten().map(|c| (c.name.as_str(), c.json_path.as_str())).collect();
+    for expected in [
+        ("Active", ".status.groupStatuses[*].activeGatewayIPs"),
+        ("Ready", ".status.conditions[?(@.type==\"Ready\")].status"),
+        ("Age", ".metadata.creationTimestamp"),
+    ] {
+        assert!(columns.contains(&expected), "{expected:?} not in {columns:?}");
+    }
+}
+
 // ---- schema validation -------------------------------------------------------------------------------------------
 
 fn crd_schema() -> Result<Value> {

@@ -65,7 +65,9 @@ impl Index {
         self.pods.remove(&(namespace.to_string(), name.to_string()));
     }
 
-    pub fn apply_namespace(&mut self, ns: Namespace) {
+    pub fn apply_namespace(&mut self, mut ns: Namespace) {
+        // The apiserver sets this on every namespace; make sure selectors on it work whatever the source.
+        ns.labels.entry(NAMESPACE_NAME_LABEL.into()).or_insert_with(|| ns.name.clone());
         self.namespaces.insert(ns.name.clone(), ns);
     }
 
@@ -118,11 +120,12 @@ impl Index {
         out
     }
 
-    fn namespace_labels(&self, ns: &str) -> Labels {
-        let mut labels = self.namespaces.get(ns).map(|n| n.labels.clone()).unwrap_or_default();
-        // The apiserver sets this on every namespace; keep it even if the adapter has not seen the namespace yet.
-        labels.entry("kubernetes.io/metadata.name".into()).or_insert_with(|| ns.to_string());
-        labels
+    fn namespace_matches(&self, sel: &Selector, ns: &str) -> bool {
+        match self.namespaces.get(ns) {
+            Some(n) => sel.matches(&n.labels),
+            // Not seen yet: all we know is the label the apiserver puts on every namespace.
+            None => sel.matches(&Labels::from([(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())])),
+        }
     }
 
     fn selects(&self, sel: &SourceSelector, pod: &Pod) -> bool {
@@ -130,7 +133,7 @@ impl Index {
             return false;
         }
         if let Some(ns_sel) = &sel.namespaces {
-            if !ns_sel.matches(&self.namespace_labels(&pod.namespace)) {
+            if !self.namespace_matches(ns_sel, &pod.namespace) {
                 return false;
             }
         }

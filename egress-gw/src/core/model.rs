@@ -7,6 +7,8 @@ use ipnet::IpNet;
 
 /// Node label that zone affinity reads.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Label the apiserver puts on every namespace, with the namespace's name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// Cilium's pseudo-label carrying a pod's namespace; Cilium policies select namespaces with it in `podSelector`.
 pub const CILIUM_NAMESPACE_LABEL: &str = "io.kubernetes.pod.namespace";
 

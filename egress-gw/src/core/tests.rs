@@ -240,6 +240,17 @@ fn match_expressions_and_the_cilium_namespace_label() {
         vec![ip("10.0.1.1"), ip("10.0.1.2"), ip("10.0.1.3")]
     );
 
+    // Namespaces by name through the label the apiserver sets, also before the Namespace object was seen.
+    fx.idx.apply_pod(pod("crawler", "d", "crawl", "w1", &["10.0.1.4"]));
+    p.selectors = vec![SourceSelector {
+        namespaces: Some(Selector::labels(&[(NAMESPACE_NAME_LABEL, "crawler")])),
+        ..Default::default()
+    }];
+    fx.idx.apply_policy(p.clone());
+    assert_eq!(fx.out("p").assignment.expect("programmed").source_ips, vec![ip("10.0.1.4")]);
+    fx.idx.apply_namespace(Namespace { name: "crawler".into(), labels: labels(&[("team", "crawl")]) });
+    assert_eq!(fx.out("p").assignment.expect("programmed").source_ips, vec![ip("10.0.1.4")]);
+
     // A node selector alone selects nothing (the CRD rejects it; the core must not widen it to every pod).
     p.selectors = vec![SourceSelector { nodes: Some(Selector::default()), ..Default::default() }];
     fx.idx.apply_policy(p);
