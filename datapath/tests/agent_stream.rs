@@ -140,6 +140,21 @@ impl TestEgressServer {
         st.subs.retain(|s| s.try_send(ev.clone()).is_ok());
     }
 
+    /// Logs an upsert without sending it to the connected clients: a delta lost in transit. The next delta then
+    /// arrives with a revision gap.
+    fn upsert_lost_in_transit(&self, policy: pb::EgressPolicyAssignment) {
+        let mut st = self.lock();
+        st.revision += 1;
+        st.policies.insert(policy.name.clone(), policy.clone());
+        let ev = pb::EgressWatchEvent {
+            kind: EKind::Upsert as i32,
+            revision: st.revision,
+            epoch: self.epoch,
+            policy: Some(policy),
+        };
+        st.log.push(ev);
+    }
+
     fn upsert(&self, p: pb::EgressPolicyAssignment) {
         self.publish(EKind::Upsert, p);
     }
@@ -571,5 +586,30 @@ async fn the_binary_runs_the_pipeline_in_dry_run_and_refuses_without_it() -> Res
     assert!(metrics.contains(r#"causeway_node_agent_ops_applied_total{map="egress_lpm",op="upsert"} 1"#), "{metrics}");
     let health = http.get(format!("{base}/healthz")).send().await?;
     assert!(health.status().is_success());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_revision_gap_makes_the_agent_reconnect_and_replay_what_it_missed() -> Result<()> {
+    let hub = mesh_hub()?;
+    put_pod(&hub, 5, 100)?;
+    let egress = TestEgressServer::new(9);
+    egress.upsert(policy("a", &["203.0.113.0/24"], &[], &["10.1.0.1"], "192.168.0.7"));
+    let mesh_addr = serve!(hub.server());
+    let egress_addr = serve!(EgressAssignmentsServer::new(egress.clone()));
+    let agent = RunningAgent::start(mesh_addr, egress_addr, InMemoryDatapath::new());
+    until("ready", || agent.health.is_ready()).await?;
+
+    // Policy b's delta never reaches the agent; policy c's arrives with a gap in revisions.
+    egress.upsert_lost_in_transit(policy("b", &["198.51.100.0/24"], &[], &["10.1.0.2"], "192.168.0.7"));
+    egress.upsert(policy("c", &["192.0.2.0/24"], &[], &["10.1.0.3"], "192.168.0.7"));
+    let c = converge(&agent.dp, "b and c after the replay", |c| c.egress_src.len() == 3).await?;
+    assert!(matches!(c.egress_lookup(ip("10.1.0.2"), ip("198.51.100.1")), Some(EgressVerdict::Steer(_))));
+    assert!(matches!(c.egress_lookup(ip("10.1.0.3"), ip("192.0.2.1")), Some(EgressVerdict::Steer(_))));
+    let (snapshots, resumes) = egress.counts();
+    assert_eq!((snapshots, resumes), (1, 1), "the agent resumed from the revision before the gap");
+    let metrics = agent.health.render_metrics();
+    assert!(metrics.contains(r#"causeway_node_agent_stream_reconnects_total{stream="egress"} 1"#), "{metrics}");
+    agent.stop().await?;
     Ok(())
 }
