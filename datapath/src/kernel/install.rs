@@ -108,25 +108,18 @@ impl Installed {
     }
 }
 
-/// The pin of a TCX link of the SNAT object.
-fn link_pin(pin_dir: &Path, prog: &str, ifname: &str, at: TcAttachType) -> PathBuf {
-    let dir = match at {
-        TcAttachType::Egress => "egress",
-        _ => "ingress",
-    };
-    pin_dir.join("links").join(format!("{prog}@{ifname}.{dir}"))
+/// The pin of a TCX link of the SNAT object: `<program>@<ifname>` (each program has one direction; bpffs refuses
+/// names with a dot).
+fn link_pin(pin_dir: &Path, prog: &str, ifname: &str) -> PathBuf {
+    pin_dir.join("links").join(format!("{prog}@{ifname}"))
 }
 
 fn load_snat(pin_dir: &Path) -> Result<Ebpf, KernelError> {
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);
-    let mut obj = loader
-        .load(snat::OBJECT)
-        .map_err(|e| BpfError::Load { object: "snat", source: Box::new(e) })?;
+    let mut obj = loader.load(snat::OBJECT).map_err(|e| BpfError::Load { object: "snat", source: Box::new(e) })?;
     for name in [snat::PROG_OUT, snat::PROG_IN] {
-        classifier(&mut obj, name)?
-            .load()
-            .map_err(|e| BpfError::Program { program: name, source: Box::new(e) })?;
+        classifier(&mut obj, name)?.load().map_err(|e| BpfError::Program { program: name, source: Box::new(e) })?;
     }
     Ok(obj)
 }
@@ -148,13 +141,18 @@ fn attach_pinned(
     pin_dir: &Path,
 ) -> Result<(), KernelError> {
     let err = |reason: String| BpfError::Attach { program: name, ifname: ifname.to_owned(), reason };
-    let pin = link_pin(pin_dir, name, ifname, at);
+    let pin = link_pin(pin_dir, name, ifname);
     if let Some(dir) = pin.parent() {
         std::fs::create_dir_all(dir).map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
     }
     let prog = classifier(obj, name)?;
-    match PinnedLink::from_pin(&pin) {
-        Ok(existing) => {
+    let existing = if pin.exists() {
+        Some(PinnedLink::from_pin(&pin).map_err(|e| err(format!("opening pinned link {}: {e:?}", pin.display())))?)
+    } else {
+        None
+    };
+    match existing {
+        Some(existing) => {
             let link = SchedClassifierLink::try_from(FdLink::from(existing))
                 .map_err(|e| err(format!("pinned link {}: {e}", pin.display())))?;
             let id = prog.attach_to_link(link).map_err(|e| err(e.to_string()))?;
@@ -162,7 +160,7 @@ fn attach_pinned(
             drop(FdLink::try_from(link).map_err(|e| err(e.to_string()))?);
             debug!(program = name, ifname, "replaced program in pinned TCX link");
         }
-        Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+        None => {
             let id = prog
                 .attach_with_options(ifname, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
                 .map_err(|e| err(e.to_string()))?;
@@ -171,7 +169,6 @@ fn attach_pinned(
             fd_link.pin(&pin).map_err(|e| err(format!("pinning link at {}: {e}", pin.display())))?;
             debug!(program = name, ifname, "attached with a pinned TCX link");
         }
-        Err(e) => return Err(err(format!("opening pinned link {}: {e}", pin.display())).into()),
     }
     Ok(())
 }
@@ -209,8 +206,8 @@ pub fn interfaces() -> Result<Vec<String>, KernelError> {
 
 /// Removes the SNAT object's links (the agent's uninstall path; `bpf::loader::uninstall` removes the rest).
 pub fn detach_snat(pin_dir: &Path, ifname: &str) -> Result<(), KernelError> {
-    for (name, at) in [(snat::PROG_OUT, TcAttachType::Egress), (snat::PROG_IN, TcAttachType::Ingress)] {
-        let pin = link_pin(pin_dir, name, ifname, at);
+    for name in [snat::PROG_OUT, snat::PROG_IN] {
+        let pin = link_pin(pin_dir, name, ifname);
         match PinnedLink::from_pin(&pin) {
             Ok(l) => {
                 l.unpin().map_err(|source| BpfError::Io { context: format!("unpinning {}", pin.display()), source })?;

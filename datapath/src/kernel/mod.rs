@@ -199,8 +199,7 @@ impl KernelDatapath {
             Op::RemoveWgPeer(key) => {
                 let tunnel = self.tunnel.as_mut().ok_or(KernelError::NoTunnel("WireGuard peer"))?;
                 let gone = PublicKey::from_bytes(key.0);
-                let specs: Vec<PeerSpec> =
-                    tunnel.peers()?.iter().filter(|p| p.public_key != gone).cloned().collect();
+                let specs: Vec<PeerSpec> = tunnel.peers()?.iter().filter(|p| p.public_key != gone).cloned().collect();
                 tunnel.apply(&PeerSet::from_specs(specs))?;
             }
             Op::AddRoute(net, r) => {

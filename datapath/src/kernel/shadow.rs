@@ -85,13 +85,9 @@ fn parse_opt<T: std::str::FromStr>(s: &str) -> Option<Option<T>> {
 /// `group <id> <node>,<v4|->,<v6|-> ...`, `group- <id>`, `route <net> <via>`, `route- <net>`.
 pub fn encode(r: &Record) -> String {
     match r {
-        Record::Ipcache(k, Some(v)) => format!(
-            "ipcache {k} {} {} {} {}",
-            v.identity,
-            v.cluster_id,
-            opt(v.tunnel_endpoint),
-            v.encrypt_key
-        ),
+        Record::Ipcache(k, Some(v)) => {
+            format!("ipcache {k} {} {} {} {}", v.identity, v.cluster_id, opt(v.tunnel_endpoint), v.encrypt_key)
+        }
         Record::Ipcache(k, None) => format!("ipcache- {k}"),
         Record::Group(id, Some(g)) => {
             let mut s = format!("group {}", id.0);

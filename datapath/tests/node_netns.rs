@@ -1,0 +1,374 @@
+//! The node datapath end to end, with real traffic, through the kernel adapter (`causeway_datapath::kernel`):
+//!
+//! ```text
+//! pod netns ──veth── node A netns ══ VXLAN over the underlay veth ══ gateway netns ──veth── external netns
+//! 10.244.1.5        cw_from_pod on lxc0     (VNI = egress group)      cw_from_overlay         192.0.2.1
+//!                                                                    cw_snat_out/in on ext0 (egress IP 192.0.2.10)
+//! ```
+//!
+//! Both nodes are programmed the way the agent does it: a desired `MapContents` (what the agent core computes from an
+//! EgressAssignments snapshot), diffed by the agent's planner against what `KernelDatapath::read_programmed` reads
+//! back from the pinned maps, and applied op by op. Needs root; skipped with a message otherwise, unless
+//! CAUSEWAY_PRIVILEGED_TESTS=1.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use causeway_datapath::agent::model::{ClassId, EgressGroup, EgressVerdict, Gateway, GroupId, IpcacheValue};
+use causeway_datapath::agent::{plan, Datapath, MapContents, Op};
+use causeway_datapath::bpf::loader;
+use causeway_datapath::kernel::install::{self, InstallOptions, Installed};
+use causeway_datapath::kernel::{KernelConfig, KernelDatapath};
+use causeway_testsupport::netns::{self, Netns, NftCounters};
+
+const POD_IP: &str = "10.244.1.5";
+const NODE_A: &str = "172.30.0.1";
+const GATEWAY: &str = "172.30.0.2";
+const EGRESS_IP: &str = "192.0.2.10";
+const SERVER_IP: &str = "192.0.2.1";
+const VXLAN: &str = "cw_vxlan";
+
+/// A unique pin directory and shadow journal, removed (programs detached, maps unpinned) on drop, even on panic.
+struct NodeState {
+    pin_dir: PathBuf,
+    shadow: PathBuf,
+}
+
+impl NodeState {
+    fn new(tag: &str) -> NodeState {
+        let name = netns::unique_name(&format!("cw-nodetest-{tag}"));
+        NodeState {
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
+            shadow: std::env::temp_dir().join(format!("{name}.shadow")),
+        }
+    }
+}
+
+impl Drop for NodeState {
+    fn drop(&mut self) {
+        if let Err(e) = loader::uninstall(&self.pin_dir) {
+            eprintln!("cleanup of {}: {e}", self.pin_dir.display());
+        }
+        let _ = std::fs::remove_file(&self.shadow);
+    }
+}
+
+struct Topology {
+    pod: Netns,
+    node_a: Netns,
+    gw: Netns,
+    ext: Netns,
+}
+
+fn topology() -> Result<Topology> {
+    let t = Topology {
+        pod: Netns::new("cwpod")?,
+        node_a: Netns::new("cwna")?,
+        gw: Netns::new("cwgw")?,
+        ext: Netns::new("cwext")?,
+    };
+    // The pod's MTU leaves room for the VXLAN header on the 1500-byte underlay.
+    netns::veth(&t.pod, "eth0", &format!("{POD_IP}/24"), &t.node_a, "lxc0", "10.244.1.1/24")?;
+    t.pod.ip("link set eth0 mtu 1400")?;
+    t.node_a.ip("link set lxc0 mtu 1400")?;
+    t.pod.ip("route add default via 10.244.1.1")?;
+    netns::veth(&t.node_a, "und0", &format!("{NODE_A}/24"), &t.gw, "und0", &format!("{GATEWAY}/24"))?;
+    netns::veth(&t.gw, "ext0", "192.0.2.2/24", &t.ext, "eth0", &format!("{SERVER_IP}/24"))?;
+    // The egress IP is a dedicated address on the external interface (the gateway answers ARP for it).
+    t.gw.ip(&format!("addr add {EGRESS_IP}/32 dev ext0"))?;
+    // Replies, once reverse-translated, go back to the pod's node over the underlay.
+    t.gw.ip(&format!("route add 10.244.1.0/24 via {NODE_A}"))?;
+    t.node_a.router()?;
+    t.gw.router()?;
+    // The external host has no route to pods: a leaked pod address could not even be answered.
+    Ok(t)
+}
+
+fn install_node(ns: &Netns, st: &NodeState, node_ip: &str, pods: &[&str], external: Option<&str>) -> Result<Installed> {
+    let opts = InstallOptions {
+        pin_dir: st.pin_dir.clone(),
+        node_ipv4: node_ip.parse()?,
+        pod_interfaces: pods.iter().map(|s| s.to_string()).collect(),
+        pod_prefix: None,
+        vxlan_device: VXLAN.into(),
+        external_interface: external.map(str::to_owned),
+        wireguard_interface: None,
+        enforce_policy: false,
+    };
+    Ok(ns.run_in(move || install::install(&opts))??)
+}
+
+fn open_dp(st: &NodeState, node_ip: &str) -> Result<KernelDatapath> {
+    Ok(KernelDatapath::open(KernelConfig {
+        pin_dir: st.pin_dir.clone(),
+        shadow_path: st.shadow.clone(),
+        local_ip: node_ip.parse()?,
+        tunnel: None,
+    })?)
+}
+
+/// What the agent core computes on both nodes for one egress policy "to 192.0.2.0/24 except 192.0.2.128/25 from the
+/// pod, through the gateway node, SNAT to the egress IP", plus an ipcache entry for a remote pod (so the ipcache
+/// and its shadowed fields are part of the round trip).
+fn desired() -> MapContents {
+    let mut d = MapContents::default();
+    let (class, group) = (ClassId(1), GroupId(1));
+    d.egress_src.insert(POD_IP.parse().unwrap(), class);
+    d.egress_lpm.insert((class, "192.0.2.0/24".parse().unwrap()), EgressVerdict::Steer(group));
+    d.egress_lpm.insert((class, "192.0.2.128/25".parse().unwrap()), EgressVerdict::Excluded);
+    d.egress_groups.insert(
+        group,
+        EgressGroup {
+            gateways: vec![Gateway {
+                node_ip: GATEWAY.parse().unwrap(),
+                egress_v4: Some(EGRESS_IP.parse().unwrap()),
+                egress_v6: None,
+            }],
+        },
+    );
+    d.ipcache.insert(
+        "10.99.0.0/24".parse().unwrap(),
+        IpcacheValue {
+            identity: 70001,
+            cluster_id: 2,
+            tunnel_endpoint: Some("fd00::99".parse().unwrap()),
+            encrypt_key: 1,
+        },
+    );
+    d
+}
+
+/// One reconcile as the agent core does it: read back, plan, apply. Returns the ops applied.
+fn reconcile(dp: &mut KernelDatapath, desired: &MapContents) -> Result<Vec<Op>> {
+    let current = dp.read_programmed()?;
+    let ops = plan(&current, desired);
+    for op in &ops {
+        dp.apply(op)?;
+    }
+    Ok(ops)
+}
+
+/// A TCP server in `ns` that sends every client the address it sees the connection coming from, then echoes.
+fn tcp_server(ns: &Netns, addr: &str) -> Result<SocketAddr> {
+    let addr: SocketAddr = addr.parse()?;
+    let listener = ns.run_in(move || TcpListener::bind(addr))??;
+    let local = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let peer = c.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+                if c.write_all(format!("{peer:<40}").as_bytes()).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if c.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok(local)
+}
+
+/// The peer address a TCP client in `ns` is seen from.
+fn tcp_peer_seen(ns: &Netns, server: SocketAddr) -> Result<String> {
+    ns.run_in(move || -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut seen = [0u8; 40];
+        s.read_exact(&mut seen)?;
+        Ok(String::from_utf8_lossy(&seen).trim().to_owned())
+    })?
+}
+
+/// A UDP server in `ns` answering each datagram with the sender's address; the client's view of that answer.
+fn udp_peer_seen(client: &Netns, server_ns: &Netns) -> Result<String> {
+    let sock = server_ns.run_in(|| UdpSocket::bind((SERVER_IP, 0)))??;
+    let server = sock.local_addr()?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(from.ip().to_string().as_bytes(), from);
+        }
+    });
+    client.run_in(move || -> Result<String> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let mut buf = [0u8; 1500];
+        // The first datagrams may be lost while neighbours resolve.
+        for _ in 0..10 {
+            s.send_to(b"who am i", server)?;
+            if let Ok((n, _)) = s.recv_from(&mut buf) {
+                return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        anyhow::bail!("no UDP answer from {server}")
+    })?
+}
+
+fn privileged(name: &str) -> bool {
+    netns::privileged(name)
+}
+
+#[test]
+fn kernel_datapath_round_trips_and_restarts_without_reapplying() -> Result<()> {
+    if !privileged("kernel_datapath_round_trips_and_restarts_without_reapplying") {
+        return Ok(());
+    }
+    let ns = Netns::new("cwkdp")?;
+    ns.ip("link add lxc0 type veth peer name lxc0p")?;
+    ns.ip("link set lxc0 up")?;
+    let st = NodeState::new("rt");
+    let installed = install_node(&ns, &st, "172.31.0.1", &["lxc0"], None)?;
+    let mut dp = open_dp(&st, "172.31.0.1")?;
+    assert_eq!(dp.read_programmed()?, MapContents::default(), "fresh maps are empty");
+
+    let want = desired();
+    let ops = reconcile(&mut dp, &want)?;
+    assert_eq!(ops.len(), 5, "{ops:?}");
+    // What the kernel holds, read back, is exactly what was asked for (shadowed fields included).
+    assert_eq!(dp.read_programmed()?, want);
+    // The programs see it: the steering map lookups are in the pinned maps the programs use.
+    let maps = causeway_datapath::bpf::BpfMaps::open(&st.pin_dir)?;
+    assert_eq!(maps.egress_src.get(POD_IP.parse()?)?, Some(causeway_datapath::bpf::maps::ClassId(1)));
+    let g = maps.egress_groups.get(causeway_datapath::bpf::maps::GroupId(1))?.context("group 1 programmed")?;
+    assert_eq!(g.egress_ip, EGRESS_IP.parse::<IpAddr>()?);
+    assert_eq!(reconcile(&mut dp, &want)?, vec![], "a second reconcile changes nothing");
+
+    // Restart: everything dropped, programs reloaded into the same pinned links, maps and shadow reopened.
+    drop(dp);
+    drop(installed);
+    let installed = install_node(&ns, &st, "172.31.0.1", &["lxc0"], None)?;
+    let mut dp = open_dp(&st, "172.31.0.1")?;
+    assert_eq!(dp.read_programmed()?, want, "the pinned state survived the restart");
+    assert_eq!(reconcile(&mut dp, &want)?, vec![], "nothing is re-applied after a restart");
+
+    // A change after the restart is applied as a diff only.
+    let mut less = want.clone();
+    less.egress_lpm.remove(&(ClassId(1), "192.0.2.128/25".parse()?));
+    let ops = reconcile(&mut dp, &less)?;
+    assert_eq!(ops, vec![Op::DeleteEgressLpm(ClassId(1), "192.0.2.128/25".parse()?)]);
+    assert_eq!(dp.read_programmed()?, less);
+    // A map edited behind the agent's back is seen as it is (the kernel is the truth, not the shadow).
+    let mut ipcache = causeway_datapath::bpf::maps::IpcacheMap::open(&st.pin_dir)?;
+    ipcache.delete("10.99.0.0/24".parse()?)?;
+    let ops = reconcile(&mut dp, &less)?;
+    assert!(matches!(ops.as_slice(), [Op::UpsertIpcache(..)]), "{ops:?}");
+    drop(installed);
+    Ok(())
+}
+
+#[test]
+fn egress_through_gateway_with_real_traffic_survives_restart() -> Result<()> {
+    if !privileged("egress_through_gateway_with_real_traffic_survives_restart") {
+        return Ok(());
+    }
+    let t = topology()?;
+    let (st_a, st_gw) = (NodeState::new("a"), NodeState::new("gw"));
+    let inst_a = install_node(&t.node_a, &st_a, NODE_A, &["lxc0"], None)?;
+    let inst_gw = install_node(&t.gw, &st_gw, GATEWAY, &[], Some("ext0"))?;
+    let mut dp_a = open_dp(&st_a, NODE_A)?;
+    let mut dp_gw = open_dp(&st_gw, GATEWAY)?;
+    let want = desired();
+    reconcile(&mut dp_a, &want)?;
+    reconcile(&mut dp_gw, &want)?;
+
+    let counters = NftCounters::ingress(
+        &t.ext,
+        "eth0",
+        &[
+            ("from_pod", &format!("ip saddr {POD_IP}")),
+            ("from_egress", &format!("ip saddr {EGRESS_IP}")),
+            ("vxlan_leak", "udp dport 4789"),
+        ],
+    )?;
+    let underlay = NftCounters::ingress(&t.gw, "und0", &[("vxlan", "udp dport 4789")])?;
+
+    // ping, UDP and TCP: replies come back, and the server only ever sees the egress IP.
+    netns::ping(&t.pod, SERVER_IP).context("ping through the gateway")?;
+    assert_eq!(udp_peer_seen(&t.pod, &t.ext)?, EGRESS_IP, "UDP server's view of the client");
+    let server = tcp_server(&t.ext, &format!("{SERVER_IP}:0"))?;
+    assert_eq!(tcp_peer_seen(&t.pod, server)?, EGRESS_IP, "TCP server's view of the client");
+    ensure!(underlay.read("vxlan")?.0 > 0, "the traffic went through the VXLAN tunnel to the gateway");
+    ensure!(counters.read("from_egress")?.0 > 0, "packets from the egress IP arrived");
+
+    // A long TCP transfer runs while both nodes' datapath is restarted (programs reloaded into their pinned links,
+    // maps and shadow reopened, reconciled): it must not notice.
+    let stop = Arc::new(AtomicBool::new(false));
+    let echoed = Arc::new(AtomicU64::new(0));
+    let flow = {
+        let (stop, echoed) = (stop.clone(), echoed.clone());
+        t.pod.enter(move || -> Result<u64> {
+            let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut seen = [0u8; 40];
+            s.read_exact(&mut seen)?;
+            ensure!(String::from_utf8_lossy(&seen).trim() == EGRESS_IP, "long flow seen from the egress IP");
+            let chunk = vec![0x5au8; 32 * 1024];
+            let mut back = vec![0u8; chunk.len()];
+            while !stop.load(Ordering::Relaxed) {
+                s.write_all(&chunk)?;
+                s.read_exact(&mut back).context("echo of a chunk")?;
+                ensure!(back == chunk, "echo corrupted");
+                echoed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            s.shutdown(Shutdown::Write)?;
+            Ok(echoed.load(Ordering::Relaxed))
+        })?
+    };
+    let progressed = |what: &str| -> Result<()> {
+        let before = echoed.load(Ordering::Relaxed);
+        ensure!(
+            netns::wait_for(Duration::from_secs(10), || echoed.load(Ordering::Relaxed) > before + 1024 * 1024),
+            "the long TCP flow made no progress {what}"
+        );
+        Ok(())
+    };
+    progressed("before the restart")?;
+
+    drop(dp_a);
+    drop(dp_gw);
+    drop(inst_a);
+    drop(inst_gw);
+    let restart = Instant::now();
+    let inst_a = install_node(&t.node_a, &st_a, NODE_A, &["lxc0"], None)?;
+    let inst_gw = install_node(&t.gw, &st_gw, GATEWAY, &[], Some("ext0"))?;
+    let mut dp_a = open_dp(&st_a, NODE_A)?;
+    let mut dp_gw = open_dp(&st_gw, GATEWAY)?;
+    assert_eq!(reconcile(&mut dp_a, &want)?, vec![], "node A re-applied nothing after the restart");
+    assert_eq!(reconcile(&mut dp_gw, &want)?, vec![], "the gateway re-applied nothing after the restart");
+    eprintln!("datapath restarted in {:?}", restart.elapsed());
+    progressed("after the restart")?;
+
+    stop.store(true, Ordering::Relaxed);
+    let total = flow.join().map_err(|_| anyhow::anyhow!("flow thread panicked"))??;
+    eprintln!("long flow echoed {total} bytes across the restart");
+    // The SNAT conntrack saw the flows, translated to the egress IP, and the agent can read them for GC.
+    let ct = dp_gw.conntrack()?;
+    let (egress, pod): (IpAddr, IpAddr) = (EGRESS_IP.parse()?, POD_IP.parse()?);
+    ensure!(
+        ct.iter().any(|e| e.snat.map(|s| s.0) == Some(egress) && e.src.0 == pod),
+        "SNAT conntrack holds the pod's flows: {ct:?}"
+    );
+    ensure!(!dp_a.conntrack()?.is_empty(), "node A pinned the flows to the gateway");
+
+    // No packet with the pod address ever reached the external host, and no VXLAN leaked there.
+    assert_eq!(counters.read("from_pod")?.0, 0, "pod IP leaked to the external network");
+    assert_eq!(counters.read("vxlan_leak")?.0, 0);
+    // The excluded range is not steered: it would leave node A unencapsulated (and here has no route at all).
+    drop((inst_a, inst_gw));
+    Ok(())
+}
