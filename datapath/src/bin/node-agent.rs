@@ -2,16 +2,22 @@
 //! egress-gw controller's EgressAssignments stream and programs the datapath from them (see
 //! `causeway_datapath::agent` and docs/datapath-agent.md).
 //!
-//! Until the BPF-map adapter of the `Datapath` trait lands, the only datapath this binary can drive is the
-//! in-memory one, and it says so: without `--dry-run` it refuses to start rather than pretend to program the kernel.
+//! Without `--dry-run` it installs the datapath on this node (loads the eBPF programs with their maps pinned under
+//! `--bpffs-root`, attaches them to the pod interfaces, the VXLAN collect-metadata device it creates if missing,
+//! the gateway's external interface and the WireGuard interface) and drives it through
+//! [`causeway_datapath::kernel::KernelDatapath`]. After a restart it reloads the programs into the same pinned links
+//! and re-reads the pinned maps, so only the difference is applied. `--dry-run` uses an in-memory datapath instead.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use causeway_datapath::agent::run::{self, AgentConfig, AgentMetrics};
 use causeway_datapath::agent::{GcPolicy, InMemoryDatapath, LocalNode};
+use causeway_datapath::kernel::install::{self, InstallOptions};
+use causeway_datapath::kernel::{KernelConfig, KernelDatapath};
+use causeway_datapath::wireguard::{PrivateKey, Tunnel, TunnelConfig};
 use causeway_runtime::{Health, LogFormat};
 use clap::Parser;
 use tracing::{info, warn};
@@ -21,9 +27,8 @@ use tracing::{info, warn};
     name = "causeway-node-agent",
     about = "Causeway node agent: programs the node's datapath (eBPF maps, WireGuard peers, routes) from \
              identity-sync's mesh view and the egress gateway assignments.",
-    after_help = "STATUS: the BPF-map adapter is not wired in yet. Only --dry-run is supported: the agent then runs \
-                  the full pipeline (streams, desired state, planner) against an in-memory datapath, serves metrics \
-                  (map sizes and ops as they would be in the kernel), and does NOT program the kernel."
+    after_help = "With --dry-run the agent runs the full pipeline (streams, desired state, planner) against an \
+                  in-memory datapath and does NOT program the kernel."
 )]
 struct Args {
     /// This node's name (as in the Node object); sent to the stream servers.
@@ -50,9 +55,34 @@ struct Args {
     /// UDP port of every mesh node's WireGuard interface.
     #[arg(long, env = "CAUSEWAY_WIREGUARD_PORT", default_value_t = 51871)]
     wireguard_port: u16,
-    /// Run against an in-memory datapath: nothing in the kernel is touched. Required until the BPF adapter lands.
+    /// Run against an in-memory datapath: nothing in the kernel is touched.
     #[arg(long, env = "CAUSEWAY_DRY_RUN")]
     dry_run: bool,
+    /// Host-side pod interfaces to attach the egress steering program to (comma separated).
+    #[arg(long, env = "CAUSEWAY_POD_INTERFACES", value_delimiter = ',')]
+    pod_interfaces: Vec<String>,
+    /// Also every interface whose name starts with this (rescanned every few seconds, for new pods).
+    #[arg(long, env = "CAUSEWAY_POD_INTERFACE_PREFIX")]
+    pod_interface_prefix: Option<String>,
+    /// The external interface of an egress gateway node: SNAT is attached there. Absent: no SNAT on this node.
+    #[arg(long, env = "CAUSEWAY_EXTERNAL_INTERFACE")]
+    external_interface: Option<String>,
+    /// The VXLAN collect-metadata device steered packets are sent through (created if missing).
+    #[arg(long, env = "CAUSEWAY_VXLAN_DEVICE", default_value = "cw_vxlan")]
+    vxlan_device: String,
+    /// The node's WireGuard interface (created, userspace boringtun); absent: no tunnel, peer and route ops fail.
+    #[arg(long, env = "CAUSEWAY_WIREGUARD_INTERFACE")]
+    wireguard_interface: Option<String>,
+    /// This node's underlay IPv4, if --node-ip is IPv6 (VXLAN to gateways runs over IPv4).
+    #[arg(long, env = "CAUSEWAY_NODE_IPV4")]
+    node_ipv4: Option<std::net::Ipv4Addr>,
+    /// Drop traffic from remote clusters that the identity policy does not allow.
+    #[arg(long, env = "CAUSEWAY_ENFORCE_IDENTITY_POLICY")]
+    enforce_identity_policy: bool,
+    /// Where state that must survive restarts but is not a BPF object lives (the map shadow journal, the WireGuard
+    /// private key).
+    #[arg(long, env = "CAUSEWAY_STATE_DIR", default_value = "/var/lib/causeway")]
+    state_dir: PathBuf,
     /// Idle timeout of established TCP flows, seconds.
     #[arg(long, env = "CAUSEWAY_CT_TCP_ESTABLISHED", default_value_t = 21_600)]
     ct_tcp_established: u64,
@@ -81,15 +111,16 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let format: LogFormat = args.log_format.parse()?;
     causeway_runtime::init_logging(format);
-    if !args.dry_run {
+    if args.dry_run {
+        warn!("--dry-run: using an in-memory datapath; nothing in the kernel is programmed");
+    } else if args.pod_interfaces.is_empty() && args.pod_interface_prefix.is_none() && args.external_interface.is_none()
+    {
+        // Installing needs to know where: refuse rather than guess interfaces on a real node.
         bail!(
-            "the BPF-map datapath adapter is not built into this agent yet, so it cannot program {}; \
-             run with --dry-run to exercise the streams and planner against an in-memory datapath",
-            args.bpffs_root.display()
+            "no interface to program: give --pod-interfaces / --pod-interface-prefix (steering) and/or \
+             --external-interface (gateway SNAT), or run with --dry-run against an in-memory datapath"
         );
     }
-    warn!("--dry-run: using an in-memory datapath; nothing in the kernel is programmed");
-
     let health = Health::new();
     let metrics = AgentMetrics::default();
     metrics.register(&health);
@@ -129,6 +160,85 @@ async fn main() -> Result<()> {
         }
         info!("shutting down; the datapath keeps its entries");
     };
-    run::run(cfg, InMemoryDatapath::new(), health, metrics, shutdown).await;
+    if args.dry_run {
+        run::run(cfg, InMemoryDatapath::new(), health, metrics, shutdown).await;
+        return Ok(());
+    }
+    let dp = kernel_datapath(&args)?;
+    // Maps and programs stay pinned and attached after the loop ends. The WireGuard tunnel is userspace: it goes
+    // with the process (dropped with the datapath), and the next agent re-creates it and re-applies the peers.
+    run::run(cfg, dp, health, metrics, shutdown).await;
     Ok(())
+}
+
+/// Loads the WireGuard private key from `path`, or generates and stores one (mode 0600).
+fn wireguard_key(path: &Path) -> Result<PrivateKey> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text.trim().parse().map_err(|e| anyhow::anyhow!("WireGuard key in {}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let key = PrivateKey::generate();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            f.write_all(key.to_base64().as_bytes())?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Creates the tunnel, installs the programs and opens the adapter over the pinned maps.
+fn kernel_datapath(args: &Args) -> Result<KernelDatapath> {
+    let node_ipv4 = match (args.node_ipv4, args.node_ip) {
+        (Some(v4), _) => v4,
+        (None, IpAddr::V4(v4)) => v4,
+        (None, IpAddr::V6(_)) => bail!("--node-ip is IPv6: give the node's underlay IPv4 with --node-ipv4"),
+    };
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let tunnel = match &args.wireguard_interface {
+        Some(ifname) => {
+            let key = wireguard_key(&args.state_dir.join("wireguard.key"))?;
+            let t = Tunnel::create(TunnelConfig::new(ifname.clone(), key, args.wireguard_port))
+                .with_context(|| format!("creating WireGuard interface {ifname}"))?;
+            info!(ifname, public_key = %t.public_key().to_base64(), "WireGuard interface up");
+            Some(t)
+        }
+        None => None,
+    };
+    let opts = InstallOptions {
+        pin_dir: args.bpffs_root.clone(),
+        node_ipv4,
+        pod_interfaces: args.pod_interfaces.clone(),
+        pod_prefix: args.pod_interface_prefix.clone(),
+        vxlan_device: args.vxlan_device.clone(),
+        external_interface: args.external_interface.clone(),
+        wireguard_interface: args.wireguard_interface.clone(),
+        enforce_policy: args.enforce_identity_policy,
+    };
+    let installed = install::install(&opts).context("installing the eBPF datapath")?;
+    if let Some(prefix) = args.pod_interface_prefix.clone() {
+        // New pods get the steering program within a few seconds.
+        let mut installed = installed;
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(3));
+            match installed.attach_pods_by_prefix(&prefix) {
+                Ok(added) if !added.is_empty() => info!(?added, "steering attached to new pod interfaces"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "attaching steering to pod interfaces"),
+            }
+        });
+    }
+    let dp = KernelDatapath::open(KernelConfig {
+        pin_dir: args.bpffs_root.clone(),
+        shadow_path: args.state_dir.join("datapath.shadow"),
+        local_ip: args.node_ip,
+        tunnel,
+    })
+    .context("opening the pinned maps")?;
+    Ok(dp)
 }
