@@ -42,6 +42,10 @@ struct Args {
     /// Address for /metrics, /healthz, /readyz and /status.
     #[arg(long, env = "CAUSEWAY_METRICS_ADDR", default_value = "0.0.0.0:9891")]
     metrics_addr: SocketAddr,
+    /// Least time between two EndpointSlice write passes; changes within it coalesce into one write per slice.
+    #[arg(long, env = "CAUSEWAY_ENDPOINTSLICE_INTERVAL", value_parser = humantime::parse_duration,
+          default_value = "50ms")]
+    endpointslice_interval: Duration,
     /// Log format: text or json.
     #[arg(long, env = "CAUSEWAY_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -83,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         grpc_addr: args.grpc_addr,
         timing: Timing::default(),
-        slice_debounce: Duration::from_millis(200),
+        slice_debounce: args.endpointslice_interval,
     };
     let running = app::start(cfg, kube).await.context("starting identity-sync")?;
     tracing::info!(metrics = %running.metrics_addr, "identity-sync started");
