@@ -55,6 +55,8 @@ impl Drop for NodeState {
             eprintln!("cleanup of {}: {e}", self.pin_dir.display());
         }
         let _ = std::fs::remove_file(&self.shadow);
+        // The agent binary's --state-dir (shadow journal, WireGuard key).
+        let _ = std::fs::remove_dir_all(self.shadow.with_extension("state"));
     }
 }
 
@@ -371,4 +373,230 @@ fn egress_through_gateway_with_real_traffic_survives_restart() -> Result<()> {
     // The excluded range is not steered: it would leave node A unencapsulated (and here has no route at all).
     drop((inst_a, inst_gw));
     Ok(())
+}
+
+// ------------------------------------------------------------------ the real agent binary in the node netns
+
+mod binary {
+    use std::pin::Pin;
+    use std::process::{Child, Command, Stdio};
+
+    use causeway_api::v1 as pb;
+    use causeway_api::v1::egress_assignments_server::{EgressAssignments, EgressAssignmentsServer};
+    use causeway_api::v1::egress_watch_event::Kind as EKind;
+    use causeway_store::{ClusterId, ClusterName, MaxConnectedClusters, RemoteContext};
+    use futures::Stream;
+    use identity_sync::core::{CoreConfig, MergedView};
+    use identity_sync::stream::{MeshViewHub, StreamConfig, StreamMetrics};
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+
+    /// An EgressAssignments server with one fixed policy: a snapshot, then nothing.
+    struct OnePolicy(pb::EgressPolicyAssignment);
+
+    type EgressStream = Pin<Box<dyn Stream<Item = Result<pb::EgressWatchEvent, Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl EgressAssignments for OnePolicy {
+        type WatchStream = EgressStream;
+        async fn watch(&self, _req: Request<pb::EgressWatchRequest>) -> Result<Response<EgressStream>, Status> {
+            let ev = |kind: EKind, policy| pb::EgressWatchEvent { kind: kind as i32, revision: 1, epoch: 1, policy };
+            let first = vec![
+                Ok(ev(EKind::SnapshotBegin, None)),
+                Ok(ev(EKind::Upsert, Some(self.0.clone()))),
+                Ok(ev(EKind::SnapshotEnd, None)),
+            ];
+            let all = futures::StreamExt::chain(futures::stream::iter(first), futures::stream::pending());
+            Ok(Response::new(Box::pin(all)))
+        }
+    }
+
+    fn mesh_hub() -> Result<MeshViewHub> {
+        let mut v = MergedView::new(CoreConfig::default());
+        let mode = MaxConnectedClusters::C255;
+        v.remote_added("west")?;
+        v.remote_validated(RemoteContext {
+            name: ClusterName::new("west").context("cluster name")?,
+            id: ClusterId::new(2, mode).context("cluster id")?,
+            mode,
+        })?;
+        Ok(MeshViewHub::new(v, StreamConfig::default(), StreamMetrics::default()))
+    }
+
+    /// A listener bound inside `ns` (sockets keep the namespace they were created in), for tokio.
+    fn listener_in(ns: &Netns, addr: &str) -> Result<tokio::net::TcpListener> {
+        let addr: SocketAddr = addr.parse()?;
+        let l = ns.run_in(move || std::net::TcpListener::bind(addr))??;
+        l.set_nonblocking(true)?;
+        Ok(tokio::net::TcpListener::from_std(l)?)
+    }
+
+    /// The agent process, entered into the node's network namespace only (nsenter --net: it keeps the host's
+    /// mounts, so its pins land in the real bpffs and outlive it). SIGTERM and reaped on drop.
+    struct Agent(Child);
+
+    impl Agent {
+        fn start(ns: &Netns, st: &NodeState, node_ip: &str, extra: &[&str], servers: (&str, &str)) -> Result<Agent> {
+            let bin = env!("CARGO_BIN_EXE_causeway-node-agent");
+            let state_dir = st.shadow.with_extension("state");
+            let child = Command::new("nsenter")
+                .arg(format!("--net={}", ns.path().display()))
+                .arg(bin)
+                .args(["--node-name", ns.name(), "--node-ip", node_ip, "--metrics-addr", &format!("{node_ip}:9964")])
+                .args(["--identity-sync-addr", servers.0, "--egress-addr", servers.1])
+                .args(["--bpffs-root", &st.pin_dir.to_string_lossy(), "--state-dir", &state_dir.to_string_lossy()])
+                .args(["--vxlan-device", VXLAN, "--gc-interval", "1"])
+                .args(extra)
+                .env_remove("CAUSEWAY_DRY_RUN")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()?;
+            Ok(Agent(child))
+        }
+    }
+
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+            if !netns::wait_for(Duration::from_secs(5), || matches!(self.0.try_wait(), Ok(Some(_)))) {
+                let _ = self.0.kill();
+            }
+            let _ = self.0.wait();
+        }
+    }
+
+    /// `GET path` on the agent's metrics server, from inside the node's namespace.
+    fn http_get(ns: &Netns, node_ip: &str, path: &str) -> Option<String> {
+        let (addr, path) = (format!("{node_ip}:9964"), path.to_owned());
+        ns.run_in(move || -> Option<String> {
+            let mut s = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(format!("GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").as_bytes()).ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            let ok = out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200");
+            ok.then_some(out)
+        })
+        .ok()
+        .flatten()
+    }
+
+    fn ready_metrics(ns: &Netns, node_ip: &str) -> Result<String> {
+        let mut metrics = None;
+        ensure!(
+            netns::wait_for(Duration::from_secs(120), || {
+                if http_get(ns, node_ip, "/readyz").is_some() {
+                    metrics = http_get(ns, node_ip, "/metrics");
+                }
+                metrics.is_some()
+            }),
+            "the agent in {} never became ready",
+            ns.name()
+        );
+        metrics.context("metrics")
+    }
+
+    #[test]
+    fn node_agent_binary_programs_egress_and_restarts_under_traffic() -> Result<()> {
+        if !privileged("node_agent_binary_programs_egress_and_restarts_under_traffic") {
+            return Ok(());
+        }
+        let t = topology()?;
+        let rt = tokio::runtime::Runtime::new()?;
+        let _guard = rt.enter();
+        // The control plane's two streams, served on node A's underlay address (both agents reach it there).
+        let mesh_l = listener_in(&t.node_a, &format!("{NODE_A}:0"))?;
+        let egress_l = listener_in(&t.node_a, &format!("{NODE_A}:0"))?;
+        let (mesh_addr, egress_addr) = (mesh_l.local_addr()?.to_string(), egress_l.local_addr()?.to_string());
+        let hub = mesh_hub()?;
+        rt.spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(mesh_l);
+            let _ = tonic::transport::Server::builder().add_service(hub.server()).serve_with_incoming(incoming).await;
+        });
+        let policy = pb::EgressPolicyAssignment {
+            name: "billing".into(),
+            generation: 1,
+            destination_cidrs: vec!["192.0.2.0/24".into()],
+            excluded_cidrs: vec![],
+            source_ips: vec![POD_IP.into()],
+            groups: vec![pb::EgressGroupAssignment {
+                egress_ips: vec![EGRESS_IP.into()],
+                gateways: vec![pb::GatewayAssignment { node_ip: GATEWAY.into(), egress_ips: vec![] }],
+            }],
+        };
+        rt.spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(egress_l);
+            let _ = tonic::transport::Server::builder()
+                .add_service(EgressAssignmentsServer::new(OnePolicy(policy)))
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        let servers = (mesh_addr.as_str(), egress_addr.as_str());
+        let (st_a, st_gw) = (NodeState::new("ba"), NodeState::new("bgw"));
+        let mut agent_a = Agent::start(&t.node_a, &st_a, NODE_A, &["--pod-interfaces", "lxc0"], servers)?;
+        let mut agent_gw = Agent::start(&t.gw, &st_gw, GATEWAY, &["--external-interface", "ext0"], servers)?;
+        let m = ready_metrics(&t.node_a, NODE_A)?;
+        assert!(m.contains(r#"causeway_node_agent_ops_applied_total{map="egress_src",op="upsert"} 1"#), "{m}");
+        ready_metrics(&t.gw, GATEWAY)?;
+        // What the agent wrote is in the pinned maps the programs read.
+        let maps = causeway_datapath::bpf::BpfMaps::open(&st_a.pin_dir)?;
+        ensure!(maps.egress_src.get(POD_IP.parse()?)?.is_some(), "pod's egress source entry pinned");
+
+        let counters = NftCounters::ingress(&t.ext, "eth0", &[("from_pod", &format!("ip saddr {POD_IP}"))])?;
+        netns::ping(&t.pod, SERVER_IP).context("ping through the agent-programmed gateway")?;
+        assert_eq!(udp_peer_seen(&t.pod, &t.ext)?, EGRESS_IP);
+        let server = tcp_server(&t.ext, &format!("{SERVER_IP}:0"))?;
+        assert_eq!(tcp_peer_seen(&t.pod, server)?, EGRESS_IP);
+
+        // A TCP flow runs while both agents are stopped (SIGTERM) and started again.
+        let stop = Arc::new(AtomicBool::new(false));
+        let echoed = Arc::new(AtomicU64::new(0));
+        let flow = {
+            let (stop, echoed) = (stop.clone(), echoed.clone());
+            t.pod.enter(move || -> Result<u64> {
+                let mut s = TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut seen = [0u8; 40];
+                s.read_exact(&mut seen)?;
+                let chunk = vec![0xa5u8; 32 * 1024];
+                let mut back = vec![0u8; chunk.len()];
+                while !stop.load(Ordering::Relaxed) {
+                    s.write_all(&chunk)?;
+                    s.read_exact(&mut back).context("echo of a chunk")?;
+                    ensure!(back == chunk, "echo corrupted");
+                    echoed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+                Ok(echoed.load(Ordering::Relaxed))
+            })?
+        };
+        let progressed = |what: &str| -> Result<()> {
+            let before = echoed.load(Ordering::Relaxed);
+            ensure!(
+                netns::wait_for(Duration::from_secs(10), || echoed.load(Ordering::Relaxed) > before + 1024 * 1024),
+                "the TCP flow made no progress {what}"
+            );
+            Ok(())
+        };
+        progressed("before the restart")?;
+        drop(agent_a);
+        drop(agent_gw);
+        progressed("while no agent runs")?;
+        agent_a = Agent::start(&t.node_a, &st_a, NODE_A, &["--pod-interfaces", "lxc0"], servers)?;
+        agent_gw = Agent::start(&t.gw, &st_gw, GATEWAY, &["--external-interface", "ext0"], servers)?;
+        let m = ready_metrics(&t.node_a, NODE_A)?;
+        assert!(!m.contains("causeway_node_agent_ops_applied_total{"), "the restarted agent re-applied: {m}");
+        assert!(m.contains(r#"causeway_node_agent_map_entries{map="egress_src"} 1"#), "{m}");
+        let m = ready_metrics(&t.gw, GATEWAY)?;
+        assert!(!m.contains("causeway_node_agent_ops_applied_total{"), "the restarted gateway agent re-applied: {m}");
+        progressed("after the restart")?;
+        stop.store(true, Ordering::Relaxed);
+        let total = flow.join().map_err(|_| anyhow::anyhow!("flow thread panicked"))??;
+        eprintln!("flow echoed {total} bytes across the agents' restart");
+        assert_eq!(counters.read("from_pod")?.0, 0, "pod IP leaked to the external network");
+        drop(agent_a);
+        drop(agent_gw);
+        Ok(())
+    }
 }
