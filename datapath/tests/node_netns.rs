@@ -600,3 +600,116 @@ mod binary {
         Ok(())
     }
 }
+
+// ------------------------------------------------------------------ pod to pod across the WireGuard tunnel
+
+mod wireguard {
+    use std::collections::BTreeMap;
+
+    use causeway_datapath::agent::classes::EgressIds;
+    use causeway_datapath::agent::desired::Inputs;
+    use causeway_datapath::agent::mesh::{MeshKey, MeshObject, RemoteNode};
+    use causeway_datapath::agent::model::WgKey;
+    use causeway_datapath::agent::{DesiredState, LocalNode};
+    use causeway_datapath::wireguard::{PrivateKey, Tunnel, TunnelConfig};
+    use causeway_testsupport::netns::TwoNodes;
+
+    use super::*;
+
+    const WG_PORT: u16 = 51871;
+
+    /// What the agent core computes on one node from the other node's record (as identity-sync streams it).
+    fn desired_from_remote(local_ip: &str, remote_ip: &str, remote_cidr: &str, remote_key: WgKey) -> MapContents {
+        let mut mesh = BTreeMap::new();
+        mesh.insert(
+            MeshKey::Node { cluster: "west".into(), name: format!("node-{remote_ip}") },
+            MeshObject::Node(RemoteNode {
+                cluster_id: 2,
+                internal_ips: vec![remote_ip.parse().unwrap()],
+                pod_cidrs: vec![remote_cidr.parse().unwrap()],
+                zone: None,
+                wg_key: Some(remote_key),
+            }),
+        );
+        let local = LocalNode { name: "me".into(), ip: local_ip.parse().unwrap(), wireguard_port: WG_PORT };
+        let (egress, policy) = (BTreeMap::new(), BTreeMap::new());
+        let inputs = Inputs { mesh: &mesh, egress: &egress, identity_policy: &policy, local: &local };
+        DesiredState::compute(&inputs, &mut EgressIds::default(), &MapContents::default()).maps
+    }
+
+    #[test]
+    fn pod_to_pod_across_wireguard_programmed_from_node_records() -> Result<()> {
+        if !privileged("pod_to_pod_across_wireguard_programmed_from_node_records") {
+            return Ok(());
+        }
+        let t = TwoNodes::new()?;
+        let nodes = [
+            (&t.node_a, TwoNodes::NODE_A_IP, NodeState::new("wga"), netns::unique_ifname("cwwg")),
+            (&t.node_b, TwoNodes::NODE_B_IP, NodeState::new("wgb"), netns::unique_ifname("cwwg")),
+        ];
+        let mut dps = Vec::new();
+        for (ns, ip, st, wg) in &nodes {
+            let cfg = TunnelConfig::new(wg.clone(), PrivateKey::generate(), WG_PORT);
+            let tunnel = ns.run_in(move || Tunnel::create(cfg))??;
+            let key = WgKey(*tunnel.public_key().as_bytes());
+            let opts = InstallOptions {
+                pin_dir: st.pin_dir.clone(),
+                node_ipv4: ip.parse()?,
+                pod_interfaces: vec!["pod0".into()],
+                pod_prefix: None,
+                vxlan_device: VXLAN.into(),
+                external_interface: None,
+                wireguard_interface: Some(wg.clone()),
+                enforce_policy: false,
+            };
+            let installed = ns.run_in(move || install::install(&opts))??;
+            let dp = KernelDatapath::open(KernelConfig {
+                pin_dir: st.pin_dir.clone(),
+                shadow_path: st.shadow.clone(),
+                local_ip: ip.parse()?,
+                tunnel: Some(tunnel),
+            })?;
+            dps.push((dp, key, installed));
+        }
+        let (key_a, key_b) = (dps[0].1, dps[1].1);
+        let want = [
+            desired_from_remote(TwoNodes::NODE_A_IP, TwoNodes::NODE_B_IP, TwoNodes::POD_B_CIDR, key_b),
+            desired_from_remote(TwoNodes::NODE_B_IP, TwoNodes::NODE_A_IP, TwoNodes::POD_A_CIDR, key_a),
+        ];
+        for (i, (ns, ..)) in nodes.iter().enumerate() {
+            let dp = &mut dps[i].0;
+            let want = &want[i];
+            let (ops, back) = ns.run_in(|| -> Result<_> { Ok((reconcile(dp, want)?, dp.read_programmed()?)) })??;
+            ensure!(ops.iter().any(|o| matches!(o, Op::UpsertWgPeer(..))), "a peer was configured: {ops:?}");
+            ensure!(ops.iter().any(|o| matches!(o, Op::AddRoute(..))), "a route was added: {ops:?}");
+            assert_eq!(&back, want, "node {i}: peers, routes and ipcache read back as programmed");
+        }
+        let underlay = NftCounters::ingress(
+            &t.node_b,
+            TwoNodes::UNDERLAY_IF,
+            &[("wg", &format!("udp dport {WG_PORT}")), ("plain", "ip saddr 10.244.0.0/16")],
+        )?;
+        netns::ping(&t.pod_a, TwoNodes::POD_B_IP).context("pod A -> pod B through the tunnel")?;
+        let server = tcp_server(&t.pod_b, &format!("{}:0", TwoNodes::POD_B_IP))?;
+        assert_eq!(tcp_peer_seen(&t.pod_a, server)?, TwoNodes::POD_A_IP, "inside the mesh there is no SNAT");
+        ensure!(underlay.read("wg")?.0 > 0, "the traffic crossed the underlay as WireGuard");
+        assert_eq!(underlay.read("plain")?.0, 0, "no pod packet crossed the underlay unencrypted");
+        // Applied once, nothing more to do.
+        for (i, (ns, ..)) in nodes.iter().enumerate() {
+            let dp = &mut dps[i].0;
+            let want = &want[i];
+            assert_eq!(ns.run_in(|| reconcile(dp, want))??, vec![], "node {i} second reconcile");
+        }
+        // Removing the remote node removes its peer and route; the pods are cut off.
+        let dp = &mut dps[0].0;
+        let ops = t.node_a.run_in(|| reconcile(dp, &MapContents::default()))??;
+        ensure!(ops.iter().any(|o| matches!(o, Op::RemoveWgPeer(_))), "{ops:?}");
+        ensure!(t.pod_a.exec_unchecked(&["ping", "-c", "1", "-W", "1", TwoNodes::POD_B_IP])?.status.code() != Some(0));
+        for (dp, _, _) in dps.iter_mut() {
+            if let Some(t) = dp.take_tunnel() {
+                t.shutdown()?;
+            }
+        }
+        Ok(())
+    }
+}
