@@ -540,7 +540,7 @@ fn free_port() -> Result<u16> {
 #[tokio::test]
 async fn the_binary_runs_the_pipeline_in_dry_run_and_refuses_without_it() -> Result<()> {
     let bin = env!("CARGO_BIN_EXE_causeway-node-agent");
-    // Without --dry-run it must not pretend to program the kernel.
+    // Without --dry-run and without interfaces to program it refuses rather than guess, and points at --dry-run.
     let out = std::process::Command::new(bin)
         .args(["--node-name", "node-a", "--node-ip", "192.168.0.1", "--identity-sync-addr", "127.0.0.1:1"])
         .env_remove("CAUSEWAY_DRY_RUN")
