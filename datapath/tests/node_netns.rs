@@ -597,6 +597,21 @@ mod binary {
         assert_eq!(counters.read("from_pod")?.0, 0, "pod IP leaked to the external network");
         drop(agent_a);
         drop(agent_gw);
+
+        // Uninstall on node A: programs detached, pins and VXLAN device gone, the pod's traffic is no longer
+        // steered (node A has no route of its own to the external network).
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", t.node_a.path().display()))
+            .arg(env!("CARGO_BIN_EXE_causeway-node-agent"))
+            .args(["--uninstall", "--node-name", "a", "--node-ip", NODE_A, "--identity-sync-addr", servers.0])
+            .args(["--bpffs-root", &st_a.pin_dir.to_string_lossy(), "--vxlan-device", VXLAN])
+            .args(["--state-dir", &st_a.shadow.with_extension("state").to_string_lossy()])
+            .output()?;
+        ensure!(out.status.success(), "uninstall failed: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(!st_a.pin_dir.exists(), "pins removed");
+        ensure!(!t.node_a.ip("-o link show")?.stdout.windows(VXLAN.len()).any(|w| w == VXLAN.as_bytes()));
+        let ping = t.pod.exec_unchecked(&["ping", "-n", "-c", "2", "-W", "1", SERVER_IP])?;
+        ensure!(!ping.status.success(), "the pod still reaches the external host after uninstall");
         Ok(())
     }
 }

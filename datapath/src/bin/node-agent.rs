@@ -58,6 +58,10 @@ struct Args {
     /// Run against an in-memory datapath: nothing in the kernel is touched.
     #[arg(long, env = "CAUSEWAY_DRY_RUN")]
     dry_run: bool,
+    /// Remove the datapath from this node and exit: detach every program, unpin the maps under --bpffs-root,
+    /// delete the VXLAN device and the shadow journal. Traffic is routed by the kernel alone afterwards.
+    #[arg(long)]
+    uninstall: bool,
     /// Host-side pod interfaces to attach the egress steering program to (comma separated).
     #[arg(long, env = "CAUSEWAY_POD_INTERFACES", value_delimiter = ',')]
     pod_interfaces: Vec<String>,
@@ -111,6 +115,9 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let format: LogFormat = args.log_format.parse()?;
     causeway_runtime::init_logging(format);
+    if args.uninstall {
+        return uninstall(&args);
+    }
     if args.dry_run {
         warn!("--dry-run: using an in-memory datapath; nothing in the kernel is programmed");
     } else if args.pod_interfaces.is_empty() && args.pod_interface_prefix.is_none() && args.external_interface.is_none()
@@ -168,6 +175,22 @@ async fn main() -> Result<()> {
     // Maps and programs stay pinned and attached after the loop ends. The WireGuard tunnel is userspace: it goes
     // with the process (dropped with the datapath), and the next agent re-creates it and re-applies the peers.
     run::run(cfg, dp, health, metrics, shutdown).await;
+    Ok(())
+}
+
+fn uninstall(args: &Args) -> Result<()> {
+    causeway_datapath::bpf::loader::uninstall(&args.bpffs_root)
+        .with_context(|| format!("removing the datapath pinned under {}", args.bpffs_root.display()))?;
+    if install::ifindex(&args.vxlan_device).is_ok() {
+        causeway_datapath::kernel::install::delete_link(&args.vxlan_device)
+            .with_context(|| format!("deleting {}", args.vxlan_device))?;
+    }
+    match std::fs::remove_file(args.state_dir.join("datapath.shadow")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).context("removing the shadow journal"),
+    }
+    info!(pin_dir = %args.bpffs_root.display(), "datapath uninstalled");
     Ok(())
 }
 

@@ -184,6 +184,11 @@ pub fn ensure_vxlan(name: &str) -> Result<u32, KernelError> {
     ifindex(name)
 }
 
+/// Deletes an interface (e.g. the VXLAN device on uninstall).
+pub fn delete_link(name: &str) -> Result<(), KernelError> {
+    ip(&["link", "del", name]).map(drop)
+}
+
 /// The ifindex of `name` in the calling thread's namespace (sysfs would show the mount's namespace instead).
 pub fn ifindex(name: &str) -> Result<u32, KernelError> {
     let out = ip(&["-o", "link", "show", "dev", name])?;
