@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use causeway_datapath::agent::model::{ClassId, EgressGroup, EgressVerdict, Gateway, GroupId, IpcacheValue};
-use causeway_datapath::agent::{plan, Datapath, MapContents, Op};
+use causeway_datapath::agent::{plan, Datapath, DropReason, MapContents, Op};
 use causeway_datapath::bpf::loader;
 use causeway_datapath::kernel::install::{self, InstallOptions, Installed};
 use causeway_datapath::kernel::{KernelConfig, KernelDatapath};
@@ -366,6 +366,16 @@ fn egress_through_gateway_with_real_traffic_survives_restart() -> Result<()> {
         "SNAT conntrack holds the pod's flows: {ct:?}"
     );
     ensure!(!dp_a.conntrack()?.is_empty(), "node A pinned the flows to the gateway");
+
+    // The group loses its last gateway: node A drops the pod's traffic (counted) instead of letting it out.
+    let mut none = want.clone();
+    none.egress_groups.insert(GroupId(1), EgressGroup::default());
+    assert_eq!(reconcile(&mut dp_a, &none)?.len(), 1);
+    let before = dp_a.drop_counters()?.get(&DropReason::NoGateway).copied().unwrap_or(0);
+    let ping = t.pod.exec_unchecked(&["ping", "-n", "-c", "2", "-W", "1", SERVER_IP])?;
+    ensure!(!ping.status.success(), "traffic left without a gateway");
+    let after = dp_a.drop_counters()?.get(&DropReason::NoGateway).copied().unwrap_or(0);
+    ensure!(after >= before + 2, "no_gateway drops counted: {before} -> {after}");
 
     // No packet with the pod address ever reached the external host, and no VXLAN leaked there.
     assert_eq!(counters.read("from_pod")?.0, 0, "pod IP leaked to the external network");
