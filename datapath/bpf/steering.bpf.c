@@ -55,6 +55,40 @@ static __always_inline int cw_group_has(const struct cw_egress_group *g, __u32 n
 	return 0;
 }
 
+/* Longest-prefix match over the prefix lengths in use, longest first: one hash lookup per length. */
+static __always_inline struct cw_egress_policy_value *cw_egress_policy_lookup(__u32 class_id, const struct cw_flow *f)
+{
+	__u32 fam = f->family;
+	struct cw_egress_plens *pl = bpf_map_lookup_elem(&cw_egress_plens, &fam);
+	if (!pl)
+		return 0;
+	__u32 n = pl->n;
+	const __u32 *d = (const __u32 *)f->daddr;
+	__u32 d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
+	__u32 max = f->family == CW_AF_INET ? 32 : 128;
+
+	struct cw_egress_policy_key k = {};
+	k.class_id = class_id;
+	k.family = f->family;
+	__u32 *ka = (__u32 *)k.addr;
+	for (__u32 i = 0; i < CW_MAX_PLENS; i++) {
+		if (i >= n)
+			break;
+		__u32 plen = pl->len[i];
+		if (plen > max)
+			continue;
+		k.prefixlen = plen;
+		ka[0] = cw_mask_word(d0, 0, plen);
+		ka[1] = cw_mask_word(d1, 1, plen);
+		ka[2] = cw_mask_word(d2, 2, plen);
+		ka[3] = cw_mask_word(d3, 3, plen);
+		struct cw_egress_policy_value *v = bpf_map_lookup_elem(&cw_egress_policy, &k);
+		if (v)
+			return v;
+	}
+	return 0;
+}
+
 SEC("classifier")
 int cw_from_pod(struct __sk_buff *skb)
 {
@@ -77,12 +111,7 @@ int cw_from_pod(struct __sk_buff *skb)
 	if (!class_id)
 		return TC_ACT_OK;
 
-	struct cw_egress_policy_key pk = {};
-	pk.prefixlen = CW_EGRESS_POLICY_FIXED_BITS + (f.family == CW_AF_INET ? 32 : 128);
-	pk.class_id = *class_id;
-	pk.family = f.family;
-	cw_copy16(pk.addr, f.daddr);
-	struct cw_egress_policy_value *pv = bpf_map_lookup_elem(&cw_egress_policy, &pk);
+	struct cw_egress_policy_value *pv = cw_egress_policy_lookup(*class_id, &f);
 	if (!pv || (pv->flags & CW_EGRESS_F_EXCLUDED))
 		return TC_ACT_OK;
 

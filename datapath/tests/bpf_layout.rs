@@ -43,11 +43,11 @@ fn btf_structs(elf: &[u8]) -> Result<Structs> {
         let kind_flag = info >> 31 == 1;
         p += 12;
         let extra = match kind {
-            1 | 14 | 17 => 4,                  // INT, VAR, DECL_TAG
-            3 => 12,                           // ARRAY
-            4 | 5 | 15 | 19 => 12 * vlen,      // STRUCT, UNION, DATASEC, ENUM64
-            6 | 13 => 8 * vlen,                // ENUM, FUNC_PROTO
-            2 | 7..=12 | 16 | 18 => 0,         // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
+            1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
+            3 => 12,                      // ARRAY
+            4 | 5 | 15 | 19 => 12 * vlen, // STRUCT, UNION, DATASEC, ENUM64
+            6 | 13 => 8 * vlen,           // ENUM, FUNC_PROTO
+            2 | 7..=12 | 16 | 18 => 0,    // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
             k => bail!("unknown BTF kind {k}"),
         };
         if kind == 4 {

@@ -39,7 +39,8 @@ fn net(s: &str) -> IpNet {
 fn setup(fx: &mut Fixture) -> Result<()> {
     let m = &mut fx.maps;
     m.config.set(NodeConfig { node_ipv4: NODE, vxlan_ifindex: VXLAN_IFINDEX, enforce_policy: false })?;
-    let pods = IpcacheEntry { identity: 1000, cluster_id: 1, is_node: false, remote_cluster: false, tunnel_endpoint: None };
+    let pods =
+        IpcacheEntry { identity: 1000, cluster_id: 1, is_node: false, remote_cluster: false, tunnel_endpoint: None };
     m.ipcache.upsert(net("10.244.0.0/16"), pods)?;
     m.ipcache.upsert(net("fd00:10:244::/48"), pods)?;
     m.egress_src.upsert(v4("10.244.1.5"), CLASS)?;
@@ -225,12 +226,10 @@ fn ipv6_hit_excluded_and_icmp_echo() -> Result<()> {
     assert_eq!(addrs_of(&out.data), (pod, dst));
     assert_eq!(fx.maps.egress_ct.get(&flow(UDP, pod, 40000, dst, 53))?.expect("pinned").group, GROUP_V6);
 
-    assert_untouched(&fx.run(Hook::FromPod, &udp(pod, 40000, v6("2001:db8:100:ff::1"), 53))?, &udp(
-        pod,
-        40000,
-        v6("2001:db8:100:ff::1"),
-        53,
-    ));
+    assert_untouched(
+        &fx.run(Hook::FromPod, &udp(pod, 40000, v6("2001:db8:100:ff::1"), 53))?,
+        &udp(pod, 40000, v6("2001:db8:100:ff::1"), 53),
+    );
     let in_mesh = udp(pod, 40000, v6("fd00:10:244::9"), 53);
     assert_untouched(&fx.run(Hook::FromPod, &in_mesh)?, &in_mesh);
 
@@ -247,11 +246,8 @@ fn ipv6_hit_excluded_and_icmp_echo() -> Result<()> {
 
 /// An IPv4 fragment of a UDP datagram: offset in 8-byte units, built with etherparse's headers.
 fn ipv4_fragment(src: Ipv4Addr, dst: Ipv4Addr, offset_units: u16, more: bool, payload: &[u8]) -> Vec<u8> {
-    let eth = etherparse::Ethernet2Header {
-        source: POD_MAC,
-        destination: HOST_MAC,
-        ether_type: etherparse::EtherType::IPV4,
-    };
+    let eth =
+        etherparse::Ethernet2Header { source: POD_MAC, destination: HOST_MAC, ether_type: etherparse::EtherType::IPV4 };
     let mut ip = etherparse::Ipv4Header::new(payload.len() as u16, 64, IpNumber::UDP, src.octets(), dst.octets())
         .expect("IPv4 header");
     ip.identification = 0x1234;

@@ -76,9 +76,15 @@ static __always_inline struct cw_ipcache_value *cw_ipcache_lookup(__u8 family, c
 
 /* ---- egress policy: pod IP -> source class; (class, destination prefix) -> group ----
  *
- * Pods selected by the same set of egress policies share a class id, so the LPM holds classes x CIDRs
- * entries instead of pods x CIDRs, and a packet costs one hash lookup plus one LPM lookup however many
- * pods there are. Only this node's pods are in cw_egress_src (cw_from_pod runs on their veths).
+ * Pods selected by the same set of egress policies share a class id, so the policy map holds
+ * classes x CIDRs entries instead of pods x CIDRs. Only this node's pods are in cw_egress_src (cw_from_pod
+ * runs on their veths).
+ *
+ * The policy map is a hash keyed by the masked prefix, not an LPM trie: a trie's walk grows with the number
+ * of entries (about 20 node visits at 100k), a hash lookup does not. Longest-prefix match is done by trying
+ * the prefix lengths in use (cw_egress_plens, a list per family) from the longest down; the first hit wins.
+ * So a packet costs one hash lookup for the pod plus one per distinct prefix length in use (a handful in
+ * practice), whatever the number of pods, classes or CIDRs.
  */
 
 struct cw_egress_src_key {
@@ -98,12 +104,12 @@ struct {
 
 #define CW_EGRESS_F_EXCLUDED 0x1u  /* an excludedCIDR: matching traffic is not steered */
 
-/* prefixlen counts bits after it: 32 (class id) + 32 (family + pad) + the destination prefix. */
+/* addr is the destination masked to prefixlen (host bits zero). */
 struct cw_egress_policy_key {
-	__u32 prefixlen;
 	__u32 class_id;
 	__u8 family;
-	__u8 pad[3];
+	__u8 prefixlen;  /* 0..32 (IPv4) or 0..128 (IPv6) */
+	__u8 pad[2];
 	__u8 addr[16];
 };
 
@@ -113,7 +119,7 @@ struct cw_egress_policy_value {
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct cw_egress_policy_key);
@@ -121,7 +127,36 @@ struct {
 	CW_PIN;
 } cw_egress_policy SEC(".maps");
 
-#define CW_EGRESS_POLICY_FIXED_BITS 64
+/* Prefix lengths present in cw_egress_policy for a family (key CW_AF_INET / CW_AF_INET6), longest first.
+ * A hash map, so the agent's update replaces the whole list at once (readers see the old or the new list).
+ * A stale length only costs one missed lookup; a missing one hides entries, so the agent adds a length before
+ * inserting entries of it and drops it only after the last such entry is gone. */
+#define CW_MAX_PLENS 129
+
+struct cw_egress_plens {
+	__u8 n;
+	__u8 pad[3];
+	__u8 len[132];  /* len[0..n], descending */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct cw_egress_plens);
+	CW_PIN;
+} cw_egress_plens SEC(".maps");
+
+/* Mask 32-bit word `word` (0..3) of an address to a prefix of `plen` bits; network order in and out. */
+static __always_inline __u32 cw_mask_word(__u32 w, __u32 word, __u32 plen)
+{
+	__u32 lo = word * 32;
+	if (plen >= lo + 32)
+		return w;
+	if (plen <= lo)
+		return 0;
+	return w & bpf_htonl(0xffffffffu << (lo + 32 - plen));
+}
 
 /* ---- per-flow gateway pin (LRU) ---- */
 

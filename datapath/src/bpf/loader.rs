@@ -101,10 +101,10 @@ impl BpfLoader {
         let policy = self.load_object("policy", objects::POLICY)?;
         let mut progs = BpfPrograms { steering, policy, pin_dir: self.pin_dir.clone() };
         for hook in Hook::ALL {
-            progs.classifier_mut(hook)?.load().map_err(|e| BpfError::Program {
-                program: hook.program_name(),
-                source: Box::new(e),
-            })?;
+            progs
+                .classifier_mut(hook)?
+                .load()
+                .map_err(|e| BpfError::Program { program: hook.program_name(), source: Box::new(e) })?;
         }
         info!(pin_dir = %self.pin_dir.display(), "BPF programs loaded");
         Ok(progs)

@@ -17,12 +17,14 @@ pub mod names {
     pub const IPCACHE: &str = "cw_ipcache";
     pub const EGRESS_SRC: &str = "cw_egress_src";
     pub const EGRESS_POLICY: &str = "cw_egress_policy";
+    pub const EGRESS_PLENS: &str = "cw_egress_plens";
     pub const EGRESS_GROUPS: &str = "cw_egress_groups";
     pub const EGRESS_CT: &str = "cw_egress_ct";
     pub const POLICY: &str = "cw_policy";
     pub const DROPS: &str = "cw_drops";
     /// Every map the steering and policy objects pin.
-    pub const ALL: &[&str] = &[CONFIG, IPCACHE, EGRESS_SRC, EGRESS_POLICY, EGRESS_GROUPS, EGRESS_CT, POLICY, DROPS];
+    pub const ALL: &[&str] =
+        &[CONFIG, IPCACHE, EGRESS_SRC, EGRESS_POLICY, EGRESS_PLENS, EGRESS_GROUPS, EGRESS_CT, POLICY, DROPS];
 }
 
 fn open(pin_dir: &Path, name: &'static str) -> Result<Map, BpfError> {
@@ -250,11 +252,19 @@ pub enum EgressAction {
     Excluded,
 }
 
-pub struct EgressPolicyMap(LpmTrie<MapData, EgressPolicyKeyData, EgressPolicyValue>);
+/// The (class, destination prefix) policy: a hash of masked prefixes plus the per-family list of prefix lengths
+/// in use, which the program walks longest first (see maps.h for why not an LPM trie).
+pub struct EgressPolicyMap {
+    entries: HashMap<MapData, EgressPolicyKey, EgressPolicyValue>,
+    plens: HashMap<MapData, u32, EgressPlens>,
+}
 
 impl EgressPolicyMap {
     pub fn open(pin_dir: &Path) -> Result<Self, BpfError> {
-        Ok(Self(LpmTrie::try_from(open(pin_dir, names::EGRESS_POLICY)?).map_err(map_err(names::EGRESS_POLICY))?))
+        Ok(Self {
+            entries: HashMap::try_from(open(pin_dir, names::EGRESS_POLICY)?).map_err(map_err(names::EGRESS_POLICY))?,
+            plens: HashMap::try_from(open(pin_dir, names::EGRESS_PLENS)?).map_err(map_err(names::EGRESS_PLENS))?,
+        })
     }
 
     pub fn upsert(&mut self, class: ClassId, dest: IpNet, action: EgressAction) -> Result<(), BpfError> {
@@ -263,32 +273,71 @@ impl EgressPolicyMap {
             EgressAction::Steer(g) => return Err(BpfError::Invalid(format!("egress group id {} out of range", g.0))),
             EgressAction::Excluded => EgressPolicyValue { group_id: 0, flags: EGRESS_F_EXCLUDED },
         };
-        let key = EgressPolicyKeyData::lpm_key(class.0, dest.trunc());
-        self.0.insert(&key, value, 0).map_err(map_err(names::EGRESS_POLICY))
+        let key = EgressPolicyKey::new(class.0, dest);
+        // The length first: an entry the programs cannot see would be a silent miss.
+        let family = u32::from(key.family);
+        let have = self.plens_of(family)?;
+        if !have.lengths().contains(&key.prefixlen) {
+            let list = EgressPlens::from_lengths(have.lengths().iter().copied().chain([key.prefixlen]));
+            self.plens.insert(family, list, 0).map_err(map_err(names::EGRESS_PLENS))?;
+        }
+        self.entries.insert(key, value, 0).map_err(map_err(names::EGRESS_POLICY))
     }
 
+    /// Remove an entry. Its prefix length stays marked in use (costing the programs one extra lookup for that
+    /// length) until [`Self::prune_prefix_lengths`].
     pub fn delete(&mut self, class: ClassId, dest: IpNet) -> Result<bool, BpfError> {
-        match self.0.remove(&EgressPolicyKeyData::lpm_key(class.0, dest.trunc())) {
+        match self.entries.remove(&EgressPolicyKey::new(class.0, dest)) {
             Ok(()) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),
             Err(e) => Err(map_err(names::EGRESS_POLICY)(e)),
         }
     }
 
+    fn plens_of(&self, family: u32) -> Result<EgressPlens, BpfError> {
+        match self.plens.get(&family, 0) {
+            Ok(p) => Ok(p),
+            Err(e) if is_not_found(&e) => Ok(EgressPlens::default()),
+            Err(e) => Err(map_err(names::EGRESS_PLENS)(e)),
+        }
+    }
+
+    /// Recompute the prefix lengths in use from the entries (after a batch of deletes). Call it from the same
+    /// task that inserts: a length dropped here while an insert of that length is under way would hide it.
+    pub fn prune_prefix_lengths(&mut self) -> Result<(), BpfError> {
+        let mut used: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+        for k in self.entries.keys() {
+            let k = k.map_err(map_err(names::EGRESS_POLICY))?;
+            used[usize::from(k.family == FAMILY_V6)].push(k.prefixlen);
+        }
+        for (family, want) in [(FAMILY_V4, &used[0]), (FAMILY_V6, &used[1])] {
+            let family = u32::from(family);
+            let want = EgressPlens::from_lengths(want.iter().copied());
+            if self.plens_of(family)? != want {
+                self.plens.insert(family, want, 0).map_err(map_err(names::EGRESS_PLENS))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The prefix lengths the programs will try for a family, longest first.
+    pub fn prefix_lengths(&self, v6: bool) -> Result<Vec<u8>, BpfError> {
+        let family = u32::from(if v6 { FAMILY_V6 } else { FAMILY_V4 });
+        Ok(self.plens_of(family)?.lengths().to_vec())
+    }
+
     pub fn entries(&self) -> Result<Vec<(ClassId, IpNet, EgressAction)>, BpfError> {
         let mut out = Vec::new();
-        for kv in self.0.iter() {
+        for kv in self.entries.iter() {
             let (k, v) = kv.map_err(map_err(names::EGRESS_POLICY))?;
-            let data = k.data();
-            let Some(ip) = ip_from16(data.family, &data.addr) else { continue };
-            let Some(plen) = k.prefix_len().checked_sub(EGRESS_POLICY_FIXED_BITS) else { continue };
-            let Ok(net) = IpNet::new(ip, plen as u8) else { continue };
+            let Some(ip) = ip_from16(k.family, &k.addr) else { continue };
+            let Ok(net) = IpNet::new(ip, k.prefixlen) else { continue };
             let action = if v.flags & EGRESS_F_EXCLUDED != 0 {
                 EgressAction::Excluded
             } else {
                 EgressAction::Steer(GroupId(v.group_id))
             };
-            out.push((ClassId(data.class_id), net, action));
+            out.push((ClassId(k.class_id), net, action));
         }
         Ok(out)
     }
@@ -450,7 +499,11 @@ impl EgressCtMap {
             };
             out.push((
                 FlowTuple { proto: k.proto, src, dst, sport: be_u16(k.sport), dport: be_u16(k.dport) },
-                FlowPin { gateway: Ipv4Addr::from(v.gateway), group: GroupId(v.group_id), last_seen_ns: v.last_seen_ns },
+                FlowPin {
+                    gateway: Ipv4Addr::from(v.gateway),
+                    group: GroupId(v.group_id),
+                    last_seen_ns: v.last_seen_ns,
+                },
             ));
         }
         Ok(out)

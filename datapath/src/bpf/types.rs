@@ -23,9 +23,8 @@ pub const MARK_MASK: u32 = 0xff00_0000;
 pub const GROUP_ID_MASK: u32 = 0x00ff_ffff;
 /// `CW_MAX_GATEWAYS`: gateways per egress group.
 pub const MAX_GATEWAYS: usize = 8;
-/// `CW_IPCACHE_FIXED_BITS`, `CW_EGRESS_POLICY_FIXED_BITS`: key bits before the address, always matched.
+/// `CW_IPCACHE_FIXED_BITS`: ipcache key bits before the address, always matched.
 pub const IPCACHE_FIXED_BITS: u32 = 32;
-pub const EGRESS_POLICY_FIXED_BITS: u32 = 64;
 
 /// `CW_CFG_ENFORCE_POLICY`.
 pub const CFG_ENFORCE_POLICY: u32 = 0x1;
@@ -84,7 +83,10 @@ impl IpcacheKeyData {
     /// The aya LPM key for a prefix: the family bits are always matched.
     pub fn lpm_key(net: IpNet) -> aya::maps::lpm_trie::Key<Self> {
         let (family, addr) = addr16(net.network());
-        aya::maps::lpm_trie::Key::new(IPCACHE_FIXED_BITS + u32::from(net.prefix_len()), Self { family, pad: [0; 3], addr })
+        aya::maps::lpm_trie::Key::new(
+            IPCACHE_FIXED_BITS + u32::from(net.prefix_len()),
+            Self { family, pad: [0; 3], addr },
+        )
     }
 }
 
@@ -114,24 +116,58 @@ impl From<IpAddr> for EgressSrcKey {
     }
 }
 
-/// `struct cw_egress_policy_key` minus `prefixlen`.
+/// `struct cw_egress_policy_key`: the destination masked to `prefixlen`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct EgressPolicyKeyData {
+pub struct EgressPolicyKey {
     pub class_id: u32,
     pub family: u8,
-    pub pad: [u8; 3],
+    pub prefixlen: u8,
+    pub pad: [u8; 2],
     pub addr: [u8; 16],
 }
 
-impl EgressPolicyKeyData {
-    /// The aya LPM key for (class, destination prefix): class id and family are always matched.
-    pub fn lpm_key(class_id: u32, net: IpNet) -> aya::maps::lpm_trie::Key<Self> {
+impl EgressPolicyKey {
+    pub fn new(class_id: u32, net: IpNet) -> Self {
+        let net = net.trunc();
         let (family, addr) = addr16(net.network());
-        aya::maps::lpm_trie::Key::new(
-            EGRESS_POLICY_FIXED_BITS + u32::from(net.prefix_len()),
-            Self { class_id, family, pad: [0; 3], addr },
-        )
+        Self { class_id, family, prefixlen: net.prefix_len(), pad: [0; 2], addr }
+    }
+}
+
+/// `CW_MAX_PLENS`.
+pub const MAX_PLENS: usize = 129;
+
+/// `struct cw_egress_plens`: prefix lengths in use for one family, longest first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EgressPlens {
+    pub n: u8,
+    pub pad: [u8; 3],
+    pub len: [u8; 132],
+}
+
+impl Default for EgressPlens {
+    fn default() -> Self {
+        Self { n: 0, pad: [0; 3], len: [0; 132] }
+    }
+}
+
+impl EgressPlens {
+    /// From any set of lengths: sorted longest first, deduplicated, at most `MAX_PLENS`.
+    pub fn from_lengths(lengths: impl IntoIterator<Item = u8>) -> Self {
+        let mut v: Vec<u8> = lengths.into_iter().filter(|&l| l <= 128).collect();
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        v.dedup();
+        v.truncate(MAX_PLENS);
+        let mut out = Self::default();
+        out.len[..v.len()].copy_from_slice(&v);
+        out.n = v.len() as u8;
+        out
+    }
+
+    pub fn lengths(&self) -> &[u8] {
+        &self.len[..usize::from(self.n).min(MAX_PLENS)]
     }
 }
 
@@ -200,7 +236,8 @@ unsafe impl aya::Pod for ConfigValue {}
 unsafe impl aya::Pod for IpcacheKeyData {}
 unsafe impl aya::Pod for IpcacheValue {}
 unsafe impl aya::Pod for EgressSrcKey {}
-unsafe impl aya::Pod for EgressPolicyKeyData {}
+unsafe impl aya::Pod for EgressPolicyKey {}
+unsafe impl aya::Pod for EgressPlens {}
 unsafe impl aya::Pod for EgressPolicyValue {}
 unsafe impl aya::Pod for EgressGroupValue {}
 unsafe impl aya::Pod for EgressCtKey {}
@@ -234,7 +271,8 @@ pub const LAYOUTS: &[LayoutSpec] = &[
     layout!("cw_ipcache_key", IpcacheKeyData, 4, [family, pad, addr]),
     layout!("cw_ipcache_value", IpcacheValue, 0, [identity, cluster_id, flags, tunnel_endpoint]),
     layout!("cw_egress_src_key", EgressSrcKey, 0, [family, pad, addr]),
-    layout!("cw_egress_policy_key", EgressPolicyKeyData, 4, [class_id, family, pad, addr]),
+    layout!("cw_egress_policy_key", EgressPolicyKey, 0, [class_id, family, prefixlen, pad, addr]),
+    layout!("cw_egress_plens", EgressPlens, 0, [n, pad, len]),
     layout!("cw_egress_policy_value", EgressPolicyValue, 0, [group_id, flags]),
     layout!("cw_egress_group", EgressGroupValue, 0, [egress_ip, family, n_gateways, pad, gateways]),
     layout!("cw_egress_ct_key", EgressCtKey, 0, [family, proto, sport, dport, pad, saddr, daddr]),
