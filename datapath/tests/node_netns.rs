@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use causeway_datapath::agent::gc::Proto;
 use causeway_datapath::agent::model::{ClassId, EgressGroup, EgressVerdict, Gateway, GroupId, IpcacheValue};
 use causeway_datapath::agent::{plan, Datapath, DropReason, MapContents, Op};
 use causeway_datapath::bpf::loader;
@@ -366,6 +367,13 @@ fn egress_through_gateway_with_real_traffic_survives_restart() -> Result<()> {
         "SNAT conntrack holds the pod's flows: {ct:?}"
     );
     ensure!(!dp_a.conntrack()?.is_empty(), "node A pinned the flows to the gateway");
+    // GC's delete path: the UDP flows go from both SNAT maps (and from node A's pins).
+    let udp: Vec<_> = ct.iter().filter(|e| e.proto == Proto::Udp).map(|e| e.key()).collect();
+    ensure!(!udp.is_empty(), "a UDP flow in the SNAT conntrack");
+    assert_eq!(dp_gw.delete_conntrack(&udp)?, udp.len());
+    ensure!(!dp_gw.conntrack()?.iter().any(|e| e.proto == Proto::Udp), "UDP SNAT entries deleted");
+    let pins: Vec<_> = dp_a.conntrack()?.iter().filter(|e| e.proto == Proto::Udp).map(|e| e.key()).collect();
+    assert_eq!(dp_a.delete_conntrack(&pins)?, pins.len());
 
     // The group loses its last gateway: node A drops the pod's traffic (counted) instead of letting it out.
     let mut none = want.clone();
