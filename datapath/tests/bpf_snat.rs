@@ -8,10 +8,9 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
+use causeway_datapath::agent::GcPolicy;
 use causeway_datapath::bpf::maps::{EgressGroup, EgressGroupsMap, GroupId};
-use causeway_datapath::bpf::snat::{
-    self, LoadOptions, PortUseKey, Snat, SnatConfig, SnatStat, Timeouts, PROG_IN, PROG_OUT,
-};
+use causeway_datapath::bpf::snat::{self, LoadOptions, PortUseKey, Snat, SnatConfig, SnatStat, PROG_IN, PROG_OUT};
 use causeway_testsupport::netns;
 use etherparse::{
     icmpv4::DestUnreachableHeader, IcmpEchoHeader, Icmpv4Type, Icmpv6Type, NetHeaders, PacketBuilder, PacketHeaders,
@@ -600,7 +599,7 @@ fn gc_removes_expired_flows_and_keeps_live_ones() {
     fx.out(&v4_echo(POD, REMOTE, 77, false));
     assert_eq!(fx.snat.table().flows().expect("flows").len(), 3);
 
-    let t = Timeouts::default();
+    let t = GcPolicy::default();
     let now = snat::monotonic_ns();
     let r = fx.snat.table_mut().gc(now, &t).expect("gc now");
     assert_eq!((r.flows_deleted, r.live), (0, 3), "nothing is idle yet");

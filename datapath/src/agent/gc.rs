@@ -80,10 +80,12 @@ impl Default for GcPolicy {
 }
 
 impl GcPolicy {
-    pub fn timeout(&self, e: &CtEntry) -> Duration {
-        match e.proto {
-            Proto::Tcp if e.tcp.rst || e.tcp.fin => self.tcp_closing,
-            Proto::Tcp if e.tcp.established => self.tcp_established,
+    /// The idle timeout of a flow of protocol `proto` with TCP flags `tcp` seen. This is the one timeouts table:
+    /// the agent's conntrack sweep and the SNAT map GC ([`crate::bpf::snat::expiry`]) both decide through it.
+    pub fn timeout_for(&self, proto: Proto, tcp: TcpSeen) -> Duration {
+        match proto {
+            Proto::Tcp if tcp.rst || tcp.fin => self.tcp_closing,
+            Proto::Tcp if tcp.established => self.tcp_established,
             Proto::Tcp => self.tcp_syn,
             Proto::Udp => self.udp,
             Proto::Icmp => self.icmp,
@@ -91,11 +93,20 @@ impl GcPolicy {
         }
     }
 
-    /// True when the entry has been idle longer than its timeout. An entry stamped in the future (clock read on
-    /// another CPU a moment later) is not expired.
+    pub fn timeout(&self, e: &CtEntry) -> Duration {
+        self.timeout_for(e.proto, e.tcp)
+    }
+
+    /// True when a flow last seen at `last_seen_ns` has been idle longer than its timeout at `now_ns`. A flow
+    /// stamped in the future (clock read on another CPU a moment later) is not expired.
+    pub fn expired_at(&self, proto: Proto, tcp: TcpSeen, last_seen_ns: u64, now_ns: u64) -> bool {
+        let idle = now_ns.saturating_sub(last_seen_ns);
+        u128::from(idle) > self.timeout_for(proto, tcp).as_nanos()
+    }
+
+    /// True when the entry has been idle longer than its timeout (see [`GcPolicy::expired_at`]).
     pub fn expired(&self, e: &CtEntry, now_ns: u64) -> bool {
-        let idle = now_ns.saturating_sub(e.last_seen_ns);
-        u128::from(idle) > self.timeout(e).as_nanos()
+        self.expired_at(e.proto, e.tcp, e.last_seen_ns, now_ns)
     }
 
     /// The keys to delete.

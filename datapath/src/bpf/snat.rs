@@ -6,7 +6,7 @@
 //! egress IP and a port allocated per (egress IP, destination IP, destination port, protocol), and
 //! `cw_snat_in` (TC ingress) rewrites replies back to the pod, after which the kernel routes them to the
 //! pod's node. The agent loads this, writes the port range ([`SnatConfig`]), and runs [`Snat::gc`]
-//! periodically; the expiry decision is the pure [`expiry`] module.
+//! periodically; the expiry decision is the pure [`expiry`] module, on the agent's [`GcPolicy`] timeouts.
 //!
 //! Decisions (see the C file for the datapath side):
 //! - Marked packets that cannot be translated are dropped and counted (`cw_drops`): a marked group with no
@@ -38,7 +38,9 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
-pub use expiry::{GcPlan, Timeouts};
+use crate::agent::gc::GcPolicy;
+
+pub use expiry::GcPlan;
 
 /// The compiled object (`build.rs` compiles `bpf/snat.bpf.c`).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/snat.bpf.o"));
@@ -436,7 +438,7 @@ impl Snat {
     }
 
     /// One GC pass with `now_ns` read from CLOCK_MONOTONIC (the clock of `bpf_ktime_get_ns`).
-    pub fn gc(&mut self, timeouts: &Timeouts) -> Result<GcReport, SnatError> {
+    pub fn gc(&mut self, timeouts: &GcPolicy) -> Result<GcReport, SnatError> {
         self.table.gc(monotonic_ns(), timeouts)
     }
 }
@@ -558,7 +560,7 @@ impl SnatTable {
 
     /// One GC pass at `now_ns`: plan on a snapshot, then delete, re-checking each flow just before deleting it
     /// so that one refreshed meanwhile is kept. Both entries of a flow go together.
-    pub fn gc(&mut self, now_ns: u64, timeouts: &Timeouts) -> Result<GcReport, SnatError> {
+    pub fn gc(&mut self, now_ns: u64, timeouts: &GcPolicy) -> Result<GcReport, SnatError> {
         let fwd = self.forward_entries()?;
         let rev = self.reverse_entries()?;
         let plan = expiry::plan(&fwd, &rev, now_ns, timeouts);

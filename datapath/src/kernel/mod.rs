@@ -294,7 +294,7 @@ impl KernelDatapath {
         // established so that GC keeps it for the long timeout (deleting a live flow's pin could move it to
         // another gateway, whose SNAT would break it).
         for (flow, pin) in self.maps.egress_ct.entries()? {
-            let proto = proto_of(flow.proto);
+            let proto = expiry::proto(flow.proto);
             out.push(CtEntry {
                 proto,
                 src: (flow.src, flow.sport),
@@ -311,15 +311,10 @@ impl KernelDatapath {
                 let r = revs.get(&rk).filter(|r| expiry::owns(&k, r));
                 let state = e.tcp_state | r.map(|r| r.tcp_state).unwrap_or(0);
                 out.push(CtEntry {
-                    proto: proto_of(k.proto),
+                    proto: expiry::proto(k.proto),
                     src: (k.src(), k.src_port()),
                     dst: (k.dst(), k.dst_port()),
-                    tcp: TcpSeen {
-                        syn: state & snat::TCP_SYN != 0,
-                        established: state & snat::TCP_EST != 0,
-                        fin: state & snat::TCP_FIN != 0,
-                        rst: state & snat::TCP_RST != 0,
-                    },
+                    tcp: expiry::tcp_seen(state),
                     last_seen_ns: e.last_seen_ns.max(r.map(|r| r.last_seen_ns).unwrap_or(0)),
                     snat: Some((e.ip(k.family), e.port())),
                 });
@@ -332,14 +327,16 @@ impl KernelDatapath {
         let mut n = 0;
         let wanted: BTreeSet<&CtKey> = keys.iter().collect();
         for (flow, _) in self.maps.egress_ct.entries()? {
-            let k = CtKey { proto: proto_of(flow.proto), src: (flow.src, flow.sport), dst: (flow.dst, flow.dport) };
+            let k =
+                CtKey { proto: expiry::proto(flow.proto), src: (flow.src, flow.sport), dst: (flow.dst, flow.dport) };
             if wanted.contains(&k) && self.maps.egress_ct.delete(&flow)? {
                 n += 1;
             }
         }
         if let Some((fwd, rev)) = &mut self.snat {
             for (k, e) in collect(fwd)? {
-                let ck = CtKey { proto: proto_of(k.proto), src: (k.src(), k.src_port()), dst: (k.dst(), k.dst_port()) };
+                let ck =
+                    CtKey { proto: expiry::proto(k.proto), src: (k.src(), k.src_port()), dst: (k.dst(), k.dst_port()) };
                 if !wanted.contains(&ck) {
                     continue;
                 }
@@ -413,15 +410,6 @@ impl Datapath for KernelDatapath {
 
 // -------------------------------------------------------------------------------------------------------------
 // conversions (pure)
-
-fn proto_of(p: u8) -> Proto {
-    match p {
-        6 => Proto::Tcp,
-        17 => Proto::Udp,
-        1 | 58 => Proto::Icmp,
-        o => Proto::Other(o),
-    }
-}
 
 pub fn drop_reason(r: m::DropReason) -> DropReason {
     match r {

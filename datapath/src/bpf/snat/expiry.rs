@@ -8,61 +8,45 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::{SnatEntry, SnatKey, TCP_EST, TCP_FIN, TCP_RST};
+use super::{SnatEntry, SnatKey, TCP_EST, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::agent::gc::{GcPolicy, Proto, TcpSeen};
 
-/// Idle timeouts after which a mapping is deleted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
-    /// TCP after the handshake completed, while neither side closed. Long, as in Linux conntrack (5 days there;
-    /// 6 h here because a gateway holds one port per flow and idle connections behind NAT rarely survive
-    /// middleboxes that long anyway).
-    pub tcp_established: Duration,
-    /// TCP before the handshake completed (SYN seen) or after a FIN/RST: short, so that scans and closed
-    /// connections give their ports back quickly.
-    pub tcp_transient: Duration,
-    /// UDP: no state to read, so a plain idle timeout (Linux conntrack: 30 s unreplied, 120 s streams).
-    pub udp: Duration,
-    /// ICMP echo (Linux conntrack: 30 s).
-    pub icmp: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            tcp_established: Duration::from_secs(21_600),
-            tcp_transient: Duration::from_secs(60),
-            udp: Duration::from_secs(60),
-            icmp: Duration::from_secs(30),
-        }
-    }
-}
-
+const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ICMPV6: u8 = 58;
 
-impl Timeouts {
-    /// The idle timeout of a flow of protocol `proto` whose TCP state bits (both directions merged) are
-    /// `tcp_state`.
-    pub fn for_flow(&self, proto: u8, tcp_state: u8) -> Duration {
-        match proto {
-            IPPROTO_TCP => {
-                if tcp_state & (TCP_FIN | TCP_RST) != 0 || tcp_state & TCP_EST == 0 {
-                    self.tcp_transient
-                } else {
-                    self.tcp_established
-                }
-            }
-            IPPROTO_UDP => self.udp,
-            _ => self.icmp,
-        }
+/// The agent's protocol of a map entry's IP protocol number (ICMP and ICMPv6 share the ICMP timeout).
+pub fn proto(ip_proto: u8) -> Proto {
+    match ip_proto {
+        IPPROTO_TCP => Proto::Tcp,
+        IPPROTO_UDP => Proto::Udp,
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => Proto::Icmp,
+        o => Proto::Other(o),
     }
+}
+
+/// The agent's TCP flags of a map entry's `tcp_state` bits (for a flow, both directions' bits merged).
+pub fn tcp_seen(tcp_state: u8) -> TcpSeen {
+    TcpSeen {
+        syn: tcp_state & TCP_SYN != 0,
+        established: tcp_state & TCP_EST != 0,
+        fin: tcp_state & TCP_FIN != 0,
+        rst: tcp_state & TCP_RST != 0,
+    }
+}
+
+/// The idle timeout of a flow of IP protocol `ip_proto` whose TCP state bits are `tcp_state`, from the agent's
+/// [`GcPolicy`] (the single timeouts table, configured by the agent's flags).
+pub fn timeout(policy: &GcPolicy, ip_proto: u8, tcp_state: u8) -> Duration {
+    policy.timeout_for(proto(ip_proto), tcp_seen(tcp_state))
 }
 
 /// Whether a flow last seen at `last_seen_ns` has expired at `now_ns` (both CLOCK_MONOTONIC nanoseconds, the
-/// clock of `bpf_ktime_get_ns`). A `last_seen_ns` in the future (an update raced the clock reading) is alive.
-pub fn expired(timeouts: &Timeouts, proto: u8, tcp_state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
-    let idle = now_ns.saturating_sub(last_seen_ns);
-    u128::from(idle) >= timeouts.for_flow(proto, tcp_state).as_nanos()
+/// clock of `bpf_ktime_get_ns`): idle longer than its timeout. A `last_seen_ns` in the future (an update raced the
+/// clock reading) is alive.
+pub fn expired(policy: &GcPolicy, ip_proto: u8, tcp_state: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+    policy.expired_at(proto(ip_proto), tcp_seen(tcp_state), last_seen_ns, now_ns)
 }
 
 /// The reverse-map key of a translated flow: what its replies look like.
@@ -98,7 +82,7 @@ pub struct GcPlan {
 }
 
 /// Plans a GC pass over snapshots of both maps at `now_ns`.
-pub fn plan(fwd: &[(SnatKey, SnatEntry)], rev: &[(SnatKey, SnatEntry)], now_ns: u64, timeouts: &Timeouts) -> GcPlan {
+pub fn plan(fwd: &[(SnatKey, SnatEntry)], rev: &[(SnatKey, SnatEntry)], now_ns: u64, timeouts: &GcPolicy) -> GcPlan {
     let rev_by_key: HashMap<&SnatKey, &SnatEntry> = rev.iter().map(|(k, v)| (k, v)).collect();
     let mut claimed: HashMap<&SnatKey, ()> = HashMap::with_capacity(fwd.len());
     let mut out = GcPlan::default();
@@ -138,7 +122,7 @@ pub fn plan(fwd: &[(SnatKey, SnatEntry)], rev: &[(SnatKey, SnatEntry)], now_ns: 
 
 #[cfg(test)]
 mod tests {
-    use super::super::{AF_INET, TCP_SYN};
+    use super::super::AF_INET;
     use super::*;
 
     const S: u64 = 1_000_000_000;
@@ -188,30 +172,37 @@ mod tests {
 
     #[test]
     fn timeouts_by_protocol_and_state() {
-        let t = Timeouts::default();
-        assert_eq!(t.for_flow(IPPROTO_TCP, TCP_SYN), Duration::from_secs(60));
-        assert_eq!(t.for_flow(IPPROTO_TCP, TCP_SYN | TCP_EST), Duration::from_secs(21_600));
-        assert_eq!(t.for_flow(IPPROTO_TCP, TCP_SYN | TCP_EST | TCP_FIN), Duration::from_secs(60));
-        assert_eq!(t.for_flow(IPPROTO_TCP, TCP_EST | TCP_RST), Duration::from_secs(60));
-        assert_eq!(t.for_flow(IPPROTO_UDP, 0), Duration::from_secs(60));
-        assert_eq!(t.for_flow(1, 0), Duration::from_secs(30));
-        assert_eq!(t.for_flow(58, 0), Duration::from_secs(30));
+        // The agent's GcPolicy defaults (the single timeouts table); FIN/RST is its 10 s closing timeout.
+        let t = GcPolicy::default();
+        assert_eq!(timeout(&t, IPPROTO_TCP, TCP_SYN), Duration::from_secs(60));
+        assert_eq!(timeout(&t, IPPROTO_TCP, TCP_SYN | TCP_EST), Duration::from_secs(21_600));
+        assert_eq!(timeout(&t, IPPROTO_TCP, TCP_SYN | TCP_EST | TCP_FIN), Duration::from_secs(10));
+        assert_eq!(timeout(&t, IPPROTO_TCP, TCP_EST | TCP_RST), Duration::from_secs(10));
+        assert_eq!(timeout(&t, IPPROTO_UDP, 0), Duration::from_secs(60));
+        assert_eq!(timeout(&t, 1, 0), Duration::from_secs(30));
+        assert_eq!(timeout(&t, 58, 0), Duration::from_secs(30));
+        assert_eq!(timeout(&t, 47, 0), Duration::from_secs(60));
+        // Timeouts configured on the agent's policy are what the SNAT GC applies.
+        let custom = GcPolicy { tcp_closing: Duration::from_secs(3), udp: Duration::from_secs(7), ..t };
+        assert_eq!(timeout(&custom, IPPROTO_TCP, TCP_EST | TCP_FIN), Duration::from_secs(3));
+        assert!(expired(&custom, IPPROTO_UDP, 0, 0, 8 * S));
     }
 
     #[test]
     fn expiry_boundaries() {
-        let t = Timeouts::default();
-        assert!(!expired(&t, IPPROTO_UDP, 0, 100 * S, 159 * S));
-        assert!(expired(&t, IPPROTO_UDP, 0, 100 * S, 160 * S));
+        // Expired once idle longer than the timeout (the agent's rule), not at exactly the timeout.
+        let t = GcPolicy::default();
+        assert!(!expired(&t, IPPROTO_UDP, 0, 100 * S, 160 * S));
+        assert!(expired(&t, IPPROTO_UDP, 0, 100 * S, 160 * S + 1));
         // A refresh after the clock was read is not "idle for a negative time".
         assert!(!expired(&t, IPPROTO_UDP, 0, 200 * S, 100 * S));
-        assert!(!expired(&t, IPPROTO_TCP, TCP_SYN | TCP_EST, 0, 21_599 * S));
-        assert!(expired(&t, IPPROTO_TCP, TCP_SYN | TCP_EST, 0, 21_600 * S));
+        assert!(!expired(&t, IPPROTO_TCP, TCP_SYN | TCP_EST, 0, 21_600 * S));
+        assert!(expired(&t, IPPROTO_TCP, TCP_SYN | TCP_EST, 0, 21_600 * S + 1));
     }
 
     #[test]
     fn a_flow_is_alive_while_either_direction_is() {
-        let t = Timeouts::default();
+        let t = GcPolicy::default();
         // Outbound silent for 100 s, but replies 10 s ago: UDP flow alive.
         let f = flow(IPPROTO_UDP, 5000, 40000, 0, 90 * S, 0, 0);
         let p = plan(&[(f.fk, f.fe)], &[(f.rk, f.re)], 100 * S, &t);
@@ -225,22 +216,23 @@ mod tests {
 
     #[test]
     fn tcp_state_is_merged_across_directions() {
-        let t = Timeouts::default();
+        let t = GcPolicy::default();
         // SYN out, ACK (EST) seen only on the reply side: established, long timeout.
         let f = flow(IPPROTO_TCP, 5000, 40000, 0, 0, TCP_SYN, TCP_SYN | TCP_EST);
         assert_eq!(plan(&[(f.fk, f.fe)], &[(f.rk, f.re)], 3600 * S, &t).live, 1);
         // The remote sent a FIN: closing, short timeout.
         let f = flow(IPPROTO_TCP, 5000, 40000, 0, 0, TCP_SYN | TCP_EST, TCP_EST | TCP_FIN);
-        assert_eq!(plan(&[(f.fk, f.fe)], &[(f.rk, f.re)], 61 * S, &t).flows.len(), 1);
+        assert_eq!(plan(&[(f.fk, f.fe)], &[(f.rk, f.re)], 10 * S, &t).live, 1);
+        assert_eq!(plan(&[(f.fk, f.fe)], &[(f.rk, f.re)], 11 * S, &t).flows.len(), 1);
         // Only a SYN ever seen: expires after 60 s.
         let f = flow(IPPROTO_TCP, 5000, 40000, 0, 0, TCP_SYN, 0);
-        assert_eq!(plan(&[(f.fk, f.fe)], &[(f.rk, f.re)], 59 * S, &t).live, 1);
-        assert_eq!(plan(&[(f.fk, f.fe)], &[(f.rk, f.re)], 60 * S, &t).flows.len(), 1);
+        assert_eq!(plan(&[(f.fk, f.fe)], &[(f.rk, f.re)], 60 * S, &t).live, 1);
+        assert_eq!(plan(&[(f.fk, f.fe)], &[(f.rk, f.re)], 61 * S, &t).flows.len(), 1);
     }
 
     #[test]
     fn orphans_are_judged_on_their_own() {
-        let t = Timeouts::default();
+        let t = GcPolicy::default();
         let a = flow(IPPROTO_UDP, 5000, 40000, 0, 0, 0, 0);
         let b = flow(IPPROTO_UDP, 5001, 40001, 100 * S, 100 * S, 0, 0);
         // a's reverse entry was evicted; b's forward entry was evicted.
@@ -254,7 +246,7 @@ mod tests {
 
     #[test]
     fn a_reverse_entry_of_another_flow_is_not_ours() {
-        let t = Timeouts::default();
+        let t = GcPolicy::default();
         // a's reverse entry was evicted and flow c (another pod port) took the same translated port since.
         let a = flow(IPPROTO_UDP, 5000, 40000, 0, 0, 0, 0);
         let mut c = flow(IPPROTO_UDP, 6000, 40000, 100 * S, 100 * S, 0, 0);
