@@ -153,10 +153,23 @@ struct Baseline {
     ebpf: aya::Ebpf,
     frames: Vec<Vec<u8>>,
     bytes: u64,
+    pin_dir: PathBuf,
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
 }
 
 fn setup_baseline(n: u32) -> Result<Baseline> {
-    let mut ebpf = EbpfLoader::new().map_max_entries("cw_bench_baseline", 131_072).load(objects::BENCH_BASELINE)?;
+    // The baseline includes causeway.h, whose shared maps pin by name: give them a directory of their own.
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/cw-bench-baseline-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&pin_dir)
+        .map_max_entries("cw_bench_baseline", 131_072)
+        .load(objects::BENCH_BASELINE)?;
     {
         let p: &mut SchedClassifier =
             ebpf.program_mut("cw_bench_baseline_from_pod").context("baseline program")?.try_into()?;
@@ -188,7 +201,7 @@ fn setup_baseline(n: u32) -> Result<Baseline> {
         }
     }
     let bytes = u64::from(n) * (size_of::<u32>() + size_of::<BaselineKey>() + size_of::<BaselineValue>()) as u64;
-    Ok(Baseline { ebpf, frames, bytes })
+    Ok(Baseline { ebpf, frames, bytes, pin_dir })
 }
 
 fn baseline_prog(b: &Baseline) -> Result<&SchedClassifier> {

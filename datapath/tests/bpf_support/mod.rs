@@ -103,7 +103,12 @@ impl Fixture {
     /// test probe program (sets the tunnel key, tail-calls the real program).
     pub fn run_from_vxlan(&mut self, vni: u32, remote: Ipv4Addr, packet: &[u8]) -> Result<Outcome> {
         if self.probe.is_none() {
-            let mut probe = EbpfLoader::new().load(objects::TEST_PROBE).context("load test probe")?;
+            // The probe includes causeway.h, whose shared maps pin by name: keep them in this test's pin dir (shared
+            // with the programs under test, removed with it) rather than at the bpffs root.
+            let mut probe = EbpfLoader::new()
+                .default_map_pin_directory(&self.pin_dir)
+                .load(objects::TEST_PROBE)
+                .context("load test probe")?;
             {
                 let p: &mut SchedClassifier =
                     probe.program_mut("cw_test_tunnel_probe").context("probe program")?.try_into()?;
