@@ -3,6 +3,10 @@
 //! identity-sync serves `causeway.v1.MeshView` (mesh.proto); the egress-gw controller serves
 //! `causeway.v1.EgressAssignments` (egress.proto); node agents (datapath) consume both. The protos are the contract;
 //! this crate only compiles them.
+//!
+//! [`probe`] is the UDP gateway health probe between the egress-gw controller and node agents.
+
+pub mod probe;
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {
