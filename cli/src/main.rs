@@ -13,8 +13,36 @@ struct Cli {
     command: Command,
 }
 
+/// Which cluster: like kubectl, `--kubeconfig` (else $KUBECONFIG, else ~/.kube/config) and `--context`.
+#[derive(clap::Args, Clone, Debug)]
+struct KubeArgs {
+    /// Path to the kubeconfig file.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: the current context).
+    #[arg(long)]
+    context: Option<String>,
+}
+
+impl KubeArgs {
+    fn target(&self) -> causeway::KubeTarget {
+        causeway::KubeTarget::new(self.kubeconfig.clone(), self.context.clone())
+    }
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Egress gateway policies.
+    Egress {
+        #[command(subcommand)]
+        action: EgressAction,
+    },
     /// A local mesh of two clusters on loopback (etcd, kube API stand-in, clustermesh-apiserver, identity-sync).
     Sandbox {
         #[command(subcommand)]
@@ -23,6 +51,36 @@ enum Command {
         #[arg(long, default_value = ".sandbox", env = "CAUSEWAY_SANDBOX_DIR", global = true)]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum EgressAction {
+    /// Per policy and egress group: active and healthy gateways (by zone), matched pods, SNAT port use, problems.
+    Status {
+        #[command(flatten)]
+        kube: KubeArgs,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+        /// Port of the node agents' /metrics endpoint on gateway node IPs.
+        #[arg(long, default_value_t = causeway::egress::DEFAULT_AGENT_METRICS_PORT)]
+        agent_metrics_port: u16,
+        /// How long to wait for each agent's metrics.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        agent_timeout: Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration such as 500ms, 5s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?} is not a duration such as 500ms, 5s or 2m")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -43,6 +101,13 @@ enum SandboxAction {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Egress { action: EgressAction::Status { kube, output, agent_metrics_port, agent_timeout } } => {
+            let report = causeway::egress::collect(&kube.target(), agent_metrics_port, agent_timeout).await?;
+            match output {
+                Output::Table => print!("{}", causeway::egress::render_table(&report)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+        }
         Command::Sandbox { action, dir } => match action {
             SandboxAction::Up { timeout_secs } => {
                 eprintln!("starting the sandbox in {} ...", dir.display());
