@@ -9,9 +9,13 @@
 //! - [`spec`]: turns the `causeway-crds` policy type into the core's parsed [`core::PolicySpec`].
 //! - [`kube`]: the adapter. Watchers feed the index; the controller writes status, records Events and publishes
 //!   the assignments.
+//! - [`server`]: the `causeway.v1.EgressAssignments` gRPC stream node agents watch.
+//! - [`probe`]: the UDP gateway prober whose verdicts drive gateway health.
 //! - [`metrics`]: Prometheus gauges and counters.
 
 pub mod core;
 pub mod kube;
 pub mod metrics;
+pub mod probe;
+pub mod server;
 pub mod spec;

@@ -1,5 +1,6 @@
-//! `egress-gw`: the egress gateway controller. Watches EgressGatewayPolicies, Pods, Namespaces and Nodes, selects
-//! gateways, and writes each policy's status and Events.
+//! `egress-gw`: the egress gateway controller. Watches EgressGatewayPolicies, Pods, Namespaces and Nodes, probes
+//! candidate gateways over UDP, selects gateways, serves the assignments to node agents over gRPC
+//! (`causeway.v1.EgressAssignments`), and writes each policy's status and Events.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,6 +11,8 @@ use anyhow::{Context, Result};
 use causeway_egress_gw::core::{ClusterNetworks, HealthConfig};
 use causeway_egress_gw::kube::{spawn_watchers, Controller, Input};
 use causeway_egress_gw::metrics::Metrics;
+use causeway_egress_gw::probe::{self, ProbeConfig, ProbeMetrics};
+use causeway_egress_gw::server::{self, AssignmentHub, StreamConfig, StreamMetrics};
 use causeway_runtime::{Health, LogFormat};
 use clap::Parser;
 use ipnet::IpNet;
@@ -24,6 +27,15 @@ struct Args {
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "CAUSEWAY_METRICS_ADDR", default_value = "0.0.0.0:9963")]
     metrics_addr: SocketAddr,
+    /// Address of the EgressAssignments gRPC server node agents watch.
+    #[arg(long, env = "CAUSEWAY_EGRESS_GRPC_ADDR", default_value = "0.0.0.0:9967")]
+    grpc_addr: SocketAddr,
+    /// UDP port node agents answer gateway probes on.
+    #[arg(long, env = "CAUSEWAY_EGRESS_PROBE_PORT", default_value_t = causeway_api::probe::DEFAULT_PORT)]
+    probe_port: u16,
+    /// Time between gateway probe rounds (also how long a probe may take to be answered).
+    #[arg(long, env = "CAUSEWAY_EGRESS_PROBE_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    probe_interval: Duration,
     /// `text` or `json`.
     #[arg(long, env = "CAUSEWAY_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -72,7 +84,13 @@ async fn main() -> Result<()> {
 
     let health = Health::new();
     let metrics = Metrics::default();
-    health.with_registry(|r| metrics.register(r));
+    let stream_metrics = StreamMetrics::default();
+    let probe_metrics = ProbeMetrics::default();
+    health.with_registry(|r| {
+        metrics.register(r);
+        stream_metrics.register(r);
+        probe_metrics.register(r);
+    });
     let bound = causeway_runtime::serve(args.metrics_addr, health.router()).await?;
     info!(%bound, "serving /metrics, /healthz, /readyz");
 
@@ -93,8 +111,23 @@ async fn main() -> Result<()> {
         hold_down: args.hold_down,
         stale_after: args.stale_after,
     };
+    // Readiness comes from the controller after its first full list; bind the gRPC listener before that, so that
+    // ready also means agents can connect.
+    let listener = tokio::net::TcpListener::bind(args.grpc_addr)
+        .await
+        .with_context(|| format!("bind the gRPC address {}", args.grpc_addr))?;
+    info!(addr = %listener.local_addr()?, "serving causeway.v1.EgressAssignments");
     let controller = Controller::new(client.clone(), probe).with_metrics(metrics).with_health(health);
+    let hub = AssignmentHub::new(StreamConfig::default(), stream_metrics, controller.node_zones());
+    let _feeder = hub.follow(controller.assignments(), controller.synced());
+    let mut grpc = tokio::spawn(server::serve(listener, hub));
+    let probe_cfg = ProbeConfig { port: args.probe_port, interval: args.probe_interval };
+    let mut prober = tokio::spawn(probe::run(probe_cfg, controller.probe_targets(), tx.clone(), probe_metrics));
     let _watchers = spawn_watchers(client, tx);
-    controller.run(rx).await;
-    Ok(())
+    // Any part ending means the process can no longer do its job; exit so that it gets restarted.
+    tokio::select! {
+        () = controller.run(rx) => anyhow::bail!("controller input closed"),
+        r = &mut grpc => anyhow::bail!("gRPC server ended: {:?}", r.map(|r| r.map_err(|e| e.to_string()))),
+        r = &mut prober => anyhow::bail!("prober ended: {:?}", r.map(|r| r.map_err(|e| e.to_string()))),
+    }
 }

@@ -24,6 +24,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub node: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HealthLabels {
     pub healthy: String,
 }
@@ -40,6 +45,8 @@ pub struct Metrics {
     pub invalid_policies: Family<ReasonLabels, Gauge>,
     /// Gateway health transitions, by the new state.
     pub health_changes: Family<HealthLabels, Counter>,
+    /// Current health of each probed gateway node after hysteresis (1 healthy, 0 not).
+    pub gateway_healthy: Family<NodeLabels, Gauge>,
     /// Status patches written, and those that failed.
     pub status_writes: Counter,
     pub status_write_errors: Counter,
@@ -64,6 +71,11 @@ impl Metrics {
             self.invalid_policies.clone(),
         );
         registry.register("egress_gateway_health_changes", "Gateway health transitions", self.health_changes.clone());
+        registry.register(
+            "egress_gateway_healthy",
+            "Gateway node health after hysteresis (1 healthy, 0 not)",
+            self.gateway_healthy.clone(),
+        );
         registry.register("egress_status_writes", "Policy status patches written", self.status_writes.clone());
         registry.register(
             "egress_status_write_errors",

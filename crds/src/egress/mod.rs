@@ -194,6 +194,9 @@ pub struct EgressGatewayPolicyStatus {
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Number of pods the selectors currently pick (scheduled, with an IP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched_pods: Option<i64>,
     /// One entry per `spec.egressGroups` entry, in the same order.
     #[serde(default)]
     pub group_statuses: Vec<EgressGroupStatus>,

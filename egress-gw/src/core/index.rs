@@ -102,6 +102,25 @@ impl Index {
         self.health.next_deadline()
     }
 
+    /// Nodes to probe: every node some policy's egress group selects, with the first node IP (the address
+    /// traffic is tunnelled to, so the one whose reachability matters). Nodes without an IP cannot serve.
+    pub fn gateway_candidates(&self) -> BTreeMap<String, IpAddr> {
+        self.nodes
+            .values()
+            .filter(|n| self.policies.values().flat_map(|p| &p.groups).any(|g| g.node_selector.matches(&n.labels)))
+            .filter_map(|n| Some((n.name.clone(), *n.ips.first()?)))
+            .collect()
+    }
+
+    /// Each node's zone (`topology.kubernetes.io/zone`), for nodes that have one.
+    pub fn node_zones(&self) -> BTreeMap<String, String> {
+        self.nodes.values().filter_map(|n| Some((n.name.clone(), n.zone()?.to_string()))).collect()
+    }
+
+    pub fn is_healthy(&self, node: &str) -> bool {
+        self.health.is_healthy(node)
+    }
+
     /// Computes every policy's output. Also advances the stable slot memory, so call it once per batch of changes.
     pub fn compute(&mut self) -> BTreeMap<String, PolicyOutput> {
         let selected: BTreeMap<&str, BTreeSet<&PodKey>> =
@@ -379,6 +398,7 @@ impl Index {
             name: policy.name.clone(),
             generation: policy.generation,
             assignment,
+            matched_pods: pods.len(),
             groups: statuses,
             problems,
             conditions,

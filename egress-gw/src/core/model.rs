@@ -290,6 +290,8 @@ pub struct PolicyOutput {
     pub generation: i64,
     /// `None` when the policy must not be programmed (see [`ProblemReason::blocks_programming`]).
     pub assignment: Option<PolicyAssignment>,
+    /// How many pods the selectors pick (scheduled, with an IP), for `status.matchedPods`.
+    pub matched_pods: usize,
     pub groups: Vec<GroupStatus>,
     pub problems: Vec<Problem>,
     /// `Ready` then `InvalidSpec`.

@@ -615,3 +615,60 @@ fn outputs_are_deterministic_across_recomputation() {
     let second = fx.idx.compute();
     assert_eq!(first, second, "computing again without changes changes nothing");
 }
+
+// ---- what the adapters read besides the outputs ----------------------------------------------------------------
+
+#[test]
+fn matched_pods_counts_selected_pods_not_ips() {
+    let mut fx = Fx::new();
+    three_gateways(&mut fx);
+    fx.idx.apply_policy(policy("p", "billing", &["203.0.113.0/24"], vec![group(None, None)]));
+    assert_eq!(fx.out("p").matched_pods, 0);
+    fx.idx.apply_pod(pod("shop", "billing-1", "billing", "w1", &["10.0.1.5", "fd00:10::5"]));
+    fx.idx.apply_pod(pod("shop", "billing-2", "billing", "w2", &["10.0.2.6"]));
+    fx.idx.apply_pod(pod("shop", "web-1", "web", "w1", &["10.0.1.8"]));
+    let out = fx.out("p");
+    assert_eq!(out.matched_pods, 2, "two billing pods, one dual-stack; web left out");
+    assert_eq!(out.assignment.expect("programmed").source_ips.len(), 3);
+    fx.idx.delete_pod("shop", "billing-2");
+    assert_eq!(fx.out("p").matched_pods, 1);
+}
+
+#[test]
+fn gateway_candidates_are_the_nodes_some_group_selects_with_their_first_ip() {
+    let mut fx = Fx::new();
+    three_gateways(&mut fx);
+    assert!(fx.idx.gateway_candidates().is_empty(), "no policy, nothing to probe");
+    fx.idx.apply_policy(policy("p", "billing", &["203.0.113.0/24"], vec![group(None, None)]));
+    let c = fx.idx.gateway_candidates();
+    assert_eq!(
+        c.into_iter().collect::<Vec<_>>(),
+        vec![
+            ("gw-a".to_string(), ip("172.18.0.11")),
+            ("gw-b".to_string(), ip("172.18.0.12")),
+            ("gw-c".to_string(), ip("172.18.0.13")),
+        ]
+    );
+    // A node without an address cannot be reached, so it is not probed; a deleted node leaves the set.
+    let mut no_ip = gw_node("gw-d", "z1", "172.18.0.14", &[]);
+    no_ip.ips.clear();
+    fx.idx.apply_node(no_ip);
+    fx.idx.delete_node("gw-b");
+    let names: Vec<String> = fx.idx.gateway_candidates().into_keys().collect();
+    assert_eq!(names, vec!["gw-a", "gw-c"]);
+    fx.idx.delete_policy("p");
+    assert!(fx.idx.gateway_candidates().is_empty());
+}
+
+#[test]
+fn node_zones_lists_nodes_with_a_zone_label() {
+    let mut fx = Fx::new();
+    three_gateways(&mut fx);
+    let mut bare = worker("w3", "", "172.18.0.23");
+    bare.labels.remove(ZONE_LABEL);
+    fx.idx.apply_node(bare);
+    let zones = fx.idx.node_zones();
+    assert_eq!(zones.get("gw-a").map(String::as_str), Some("z1"));
+    assert_eq!(zones.get("w2").map(String::as_str), Some("z2"));
+    assert_eq!(zones.len(), 5, "w3 has no zone: {zones:?}");
+}

@@ -2,13 +2,17 @@
 //! batch the controller computes, publishes the assignments (for the node-agent stream), patches each policy's
 //! status when it changed, and records Kubernetes Events when a policy's conditions or active gateways change.
 //!
-//! Gateway probe results arrive as [`Input::Probe`] from whatever collects them (the agents' probe reports); the
-//! adapter's timer drives [`Index::tick`] at the core's [`Index::next_deadline`].
+//! Gateway probe verdicts arrive as [`Input::Probe`] from the prober ([`crate::probe`]), which probes the nodes
+//! published on [`Controller::probe_targets`]; the adapter's timer drives [`Index::tick`] at the core's
+//! [`Index::next_deadline`]. Failover is on the fast path: a batch recomputes and publishes only when something
+//! changed (a probe round that changes no node's health costs nothing), and assignments are published before the
+//! slower status patches and Events.
 
 pub mod convert;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use causeway_crds::egress::{EgressGatewayPolicyStatus, EgressGroupStatus, PolicyCondition};
 use causeway_crds::EgressGatewayPolicy;
@@ -24,7 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, instrument, warn};
 
-use crate::metrics::{Metrics, PolicyGroupLabels, PolicyLabels, ReasonLabels};
+use crate::metrics::{Metrics, NodeLabels, PolicyGroupLabels, PolicyLabels, ReasonLabels};
 
 use crate::core::{
     ClusterNetworks, HealthConfig, Index, Namespace, Node, Pod, PolicyAssignment, PolicyOutput, PolicySpec,
@@ -34,6 +38,8 @@ use crate::core::{
 pub const CONTROLLER_NAME: &str = "causeway-egress-gw";
 /// Inputs taken per batch before computing.
 const BATCH: usize = 256;
+/// How soon a failed status patch is retried when nothing else triggers a reconcile.
+const STATUS_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
@@ -151,6 +157,16 @@ pub struct Controller {
     /// Last active gateway IPs per policy and group, for change events.
     last_active: BTreeMap<String, Vec<BTreeSet<String>>>,
     assignments: watch::Sender<BTreeMap<String, PolicyAssignment>>,
+    /// Node → zone, for the per-node view of the assignment stream.
+    zones: watch::Sender<BTreeMap<String, String>>,
+    /// Candidate gateway nodes → the IP to probe.
+    probe_targets: watch::Sender<BTreeMap<String, IpAddr>>,
+    /// Turns true after the first reconcile over a full list of every kind.
+    synced: watch::Sender<bool>,
+    /// Something changed since the last reconcile.
+    dirty: bool,
+    /// A status patch failed; retry at this time even if nothing changes.
+    retry_at: Option<Instant>,
     wall_clock: Box<dyn Fn() -> DateTime<Utc> + Send>,
     metrics: Metrics,
     health: Option<causeway_runtime::Health>,
@@ -168,6 +184,11 @@ impl Controller {
             policies: BTreeMap::new(),
             last_active: BTreeMap::new(),
             assignments: watch::channel(BTreeMap::new()).0,
+            zones: watch::channel(BTreeMap::new()).0,
+            probe_targets: watch::channel(BTreeMap::new()).0,
+            synced: watch::channel(false).0,
+            dirty: false,
+            retry_at: None,
             wall_clock: Box::new(Utc::now),
             metrics: Metrics::default(),
             health: None,
@@ -192,6 +213,22 @@ impl Controller {
         self.assignments.subscribe()
     }
 
+    /// Node name → zone label, for nodes that have one (published before the assignments that depend on it).
+    pub fn node_zones(&self) -> watch::Receiver<BTreeMap<String, String>> {
+        self.zones.subscribe()
+    }
+
+    /// The gateway nodes to probe and the IP to probe each at (see [`Index::gateway_candidates`]).
+    pub fn probe_targets(&self) -> watch::Receiver<BTreeMap<String, IpAddr>> {
+        self.probe_targets.subscribe()
+    }
+
+    /// True once every kind was listed and the first assignments were published; until then the assignments
+    /// reflect a partial view and must not be served (a snapshot would remove policies from agents).
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.subscribe()
+    }
+
     /// Whether every kind has been listed once (before that, status would be computed from a partial view).
     pub fn is_synced(&self) -> bool {
         ALL_KINDS.iter().all(|k| self.listed.contains(k))
@@ -200,26 +237,36 @@ impl Controller {
     /// Runs until the input channel closes.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
         loop {
-            let deadline = self.index.next_deadline().map(tokio::time::Instant::from_std);
+            let deadline = [self.index.next_deadline(), self.retry_at]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 input = rx.recv() => {
                     let Some(input) = input else { return };
                     self.handle(input, Instant::now());
-                    // Drain what is queued (up to a batch) so one compute covers a burst of changes.
+                    // Drain what is queued (up to a batch) so one compute covers a burst of changes. No timer
+                    // holds a batch back: a probe verdict that flips a gateway is computed and published at once.
                     for _ in 1..BATCH {
                         let Ok(more) = rx.try_recv() else { break };
                         self.handle(more, Instant::now());
                     }
                 }
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                    for change in self.index.tick(Instant::now()) {
-                        self.metrics.health_change(change.healthy);
-                        info!(node = %change.node, healthy = change.healthy, why = change.why, "gateway health changed");
+                    let now = Instant::now();
+                    for change in self.index.tick(now) {
+                        self.health_changed(&change.node, change.healthy, change.why);
+                    }
+                    if self.retry_at.is_some_and(|t| t <= now) {
+                        self.retry_at = None;
+                        self.dirty = true;
                     }
                 }
             }
-            if self.is_synced() {
+            if self.is_synced() && self.dirty {
                 self.reconcile().await;
+                self.synced.send_if_modified(|s| !std::mem::replace(s, true));
                 if let Some(h) = self.health.as_ref().filter(|h| !h.is_ready()) {
                     info!("every kind listed; ready");
                     h.set_ready();
@@ -228,7 +275,19 @@ impl Controller {
         }
     }
 
+    fn health_changed(&mut self, node: &str, healthy: bool, why: &str) {
+        self.dirty = true;
+        self.metrics.health_change(healthy);
+        self.metrics.gateway_healthy.get_or_create(&NodeLabels { node: node.to_string() }).set(i64::from(healthy));
+        info!(node = %node, healthy, why, "gateway health changed");
+    }
+
+    /// Applies one input to the index. Marks the controller dirty unless the input provably changed nothing (a
+    /// probe verdict that moves no node's health).
     pub fn handle(&mut self, input: Input, now: Instant) {
+        if !matches!(input, Input::Probe { .. }) {
+            self.dirty = true;
+        }
         match input {
             Input::Policy(p) => {
                 let name = p.spec.name.clone();
@@ -259,9 +318,15 @@ impl Controller {
                 self.listed.insert(kind);
             }
             Input::Probe { node, ok } => {
-                if let Some(change) = self.index.probe(&node, ok, now) {
-                    self.metrics.health_change(change.healthy);
-                    info!(node = %change.node, healthy = change.healthy, why = change.why, "gateway health changed");
+                let labels = NodeLabels { node: node.clone() };
+                match self.index.probe(&node, ok, now) {
+                    Some(change) => self.health_changed(&change.node, change.healthy, change.why),
+                    // Seen for the first time: show it as unhealthy until it rises.
+                    None => {
+                        if self.metrics.gateway_healthy.get(&labels).is_none() {
+                            self.metrics.gateway_healthy.get_or_create(&labels).set(0);
+                        }
+                    }
                 }
             }
         }
@@ -281,23 +346,30 @@ impl Controller {
                 }
             }
             Kind::Namespace => self.index.delete_namespace(key),
-            Kind::Node => self.index.delete_node(key),
+            Kind::Node => {
+                self.index.delete_node(key);
+                self.metrics.gateway_healthy.remove(&NodeLabels { node: key.to_string() });
+            }
         }
     }
 
     /// Computes, publishes assignments, and writes status and events for what changed.
     pub async fn reconcile(&mut self) {
+        self.dirty = false;
         let outputs = self.index.compute();
         let assignments: BTreeMap<String, PolicyAssignment> =
             outputs.iter().filter_map(|(n, o)| Some((n.clone(), o.assignment.clone()?))).collect();
-        self.assignments.send_if_modified(|current| {
-            let changed = *current != assignments;
-            *current = assignments;
-            changed
-        });
+        // Zones first: the stream resolves each node's view of the assignments with them.
+        publish(&self.zones, self.index.node_zones());
+        publish(&self.assignments, assignments);
+        publish(&self.probe_targets, self.index.gateway_candidates());
         self.record_metrics(&outputs);
+        let mut failed = false;
         for (name, out) in &outputs {
-            self.write_status(name, out).await;
+            failed |= !self.write_status(name, out).await;
+        }
+        if failed && self.retry_at.is_none() {
+            self.retry_at = Some(Instant::now() + STATUS_RETRY);
         }
     }
 
@@ -322,9 +394,10 @@ impl Controller {
         }
     }
 
+    /// Returns false when the status patch failed (to be retried).
     #[instrument(skip_all, fields(policy = %name))]
-    async fn write_status(&mut self, name: &str, out: &PolicyOutput) {
-        let Some(input) = self.policies.get(name) else { return };
+    async fn write_status(&mut self, name: &str, out: &PolicyOutput) -> bool {
+        let Some(input) = self.policies.get(name) else { return true };
         let previous = input.status.clone().unwrap_or_default();
         let desired = self.status(out, &previous);
         let active: Vec<BTreeSet<String>> = out
@@ -342,6 +415,7 @@ impl Controller {
         };
         let events = condition_events(&previous, &desired, self.last_active.get(name), &active);
         self.last_active.insert(name.to_string(), active);
+        let mut ok = true;
         if desired != previous {
             let patch = serde_json::json!({ "status": desired });
             match self
@@ -360,10 +434,12 @@ impl Controller {
                         p.status = Some(desired);
                     }
                 }
-                // Deleted meanwhile: its watch event will follow. Otherwise retried on the next reconcile.
+                // Deleted meanwhile: its watch event will follow. Otherwise retried shortly.
+                Err(kube::Error::Api(e)) if e.code == 404 => debug!("policy gone; not writing status"),
                 Err(e) => {
                     self.metrics.status_write_errors.inc();
                     warn!(error = %e, "could not write status");
+                    ok = false;
                 }
             }
         }
@@ -372,6 +448,7 @@ impl Controller {
                 warn!(error = %e, reason = %ev.reason, "could not record event");
             }
         }
+        ok
     }
 
     /// The status for `out`, keeping each condition's transition time while its status stays the same.
@@ -401,6 +478,7 @@ impl Controller {
         let ips = |v: &[std::net::IpAddr]| v.iter().map(|ip| ip.to_string()).collect::<Vec<_>>();
         EgressGatewayPolicyStatus {
             observed_generation: Some(out.generation),
+            matched_pods: Some(i64::try_from(out.matched_pods).unwrap_or(i64::MAX)),
             group_statuses: out
                 .groups
                 .iter()
@@ -413,6 +491,15 @@ impl Controller {
             conditions,
         }
     }
+}
+
+/// Replaces a watch channel's value, waking receivers only when it changed.
+fn publish<T: PartialEq>(tx: &watch::Sender<T>, value: T) {
+    tx.send_if_modified(|current| {
+        let changed = *current != value;
+        *current = value;
+        changed
+    });
 }
 
 /// Events for a policy: a Warning when InvalidSpec turns true or changes reason, a Normal/Warning when Ready
