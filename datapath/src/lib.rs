@@ -11,10 +11,14 @@
 //! - [`wireguard`]: one userspace WireGuard interface per node, peers from remote node records.
 //! - [`agent`]: the node agent's sans-IO core (streams → desired state → ordered map ops) and its gRPC inputs; the
 //!   `causeway-node-agent` binary runs it.
+//! - [`egress`]: the agent's gateway duties outside the maps: health probe responder, interface publishing on the
+//!   Node, gratuitous ARP on takeover.
 //!
-//! Nothing here talks to the kube API or etcd; the agent gets everything from identity-sync's stream.
+//! Nothing here talks to etcd; the agent gets its inputs from identity-sync's and egress-gw's streams. The only kube
+//! API use is optional: publishing this node's interfaces on its Node object (`egress::publish`).
 
 pub mod agent;
 pub mod bpf;
+pub mod egress;
 pub mod kernel;
 pub mod wireguard;

@@ -305,7 +305,7 @@ impl RunningAgent {
                 ip: "192.168.0.1".parse().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
                 wireguard_port: 51871,
             },
-            mesh_endpoint: mesh.to_string(),
+            mesh_endpoint: Some(mesh.to_string()),
             egress_endpoint: Some(format!("http://{egress}")),
             gc: GcPolicy::default(),
             gc_interval: Duration::from_secs(1),

@@ -123,6 +123,22 @@ fn policy(p: &pb::EgressPolicyAssignment, rejects: &mut Vec<Reject>) -> EgressPo
     EgressPolicy { generation: p.generation, destinations, excluded, sources, gateways }
 }
 
+/// The egress addresses this node (`local`, its node IP) SNATs to: for every policy that lists it as an active
+/// gateway, that gateway's IPv4 and IPv6 egress address (per-gateway addresses of `interface:` groups are already
+/// resolved into [`Gateway`]). A node that is not an active gateway gets an empty set.
+pub fn local_egress_ips(
+    policies: &std::collections::BTreeMap<String, EgressPolicy>,
+    local: IpAddr,
+) -> BTreeSet<IpAddr> {
+    policies
+        .values()
+        .flat_map(|p| p.gateways.iter())
+        .filter(|g| g.node_ip == local)
+        .flat_map(|g| [g.egress_v4.map(IpAddr::V4), g.egress_v6.map(IpAddr::V6)])
+        .flatten()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +198,24 @@ mod tests {
         let mut reasons: Vec<&str> = d.rejects.iter().map(|r| r.reason).collect();
         reasons.sort();
         assert_eq!(reasons, vec!["bad_destination_cidr", "bad_source_ip", "duplicate_gateway", "no_egress_ip"]);
+    }
+
+    #[test]
+    fn local_egress_ips_are_those_of_this_nodes_gateway_entries() {
+        let ev = pb::EgressWatchEvent { kind: Kind::Upsert as i32, revision: 2, epoch: 1, policy: Some(assignment()) };
+        let Item::Upsert(name, p) = decode(&ev).unwrap().item else { panic!() };
+        let mut policies = std::collections::BTreeMap::new();
+        policies.insert(name, p);
+        let ips = |node: &str| -> Vec<String> {
+            local_egress_ips(&policies, node.parse().unwrap()).iter().map(ToString::to_string).collect()
+        };
+        // The group's addresses, both families.
+        assert_eq!(ips("192.168.10.21"), vec!["192.0.2.10", "2001:db8:e::10"]);
+        // An interface-mode gateway: its own address only.
+        assert_eq!(ips("192.168.10.23"), vec!["192.0.2.23"]);
+        // Left out (no address) or not a gateway at all: nothing to announce.
+        assert!(ips("192.168.10.24").is_empty());
+        assert!(ips("10.0.0.1").is_empty());
     }
 
     #[test]

@@ -64,6 +64,7 @@ pub struct AgentCore {
     local: LocalNode,
     mesh: MeshMirror,
     egress: EgressMirror,
+    mesh_enabled: bool,
     egress_enabled: bool,
     identity_policy: BTreeMap<PolicyKey, PolicyVerdict>,
     ids: EgressIds,
@@ -74,12 +75,20 @@ pub struct AgentCore {
 }
 
 impl AgentCore {
-    /// `egress_enabled`: wait for the egress stream's snapshot too before programming.
+    /// `egress_enabled`: wait for the egress stream's snapshot too before programming. The mesh stream is enabled.
     pub fn new(local: LocalNode, egress_enabled: bool) -> Self {
+        Self::with_streams(local, true, egress_enabled)
+    }
+
+    /// Chooses which streams must deliver a snapshot before programming. An egress-only node (a gateway outside the
+    /// mesh, no identity-sync) runs with `mesh_enabled == false`: its mesh view stays empty, and that empty view is
+    /// the truth rather than "not known yet".
+    pub fn with_streams(local: LocalNode, mesh_enabled: bool, egress_enabled: bool) -> Self {
         AgentCore {
             local,
             mesh: Mirror::new(),
             egress: Mirror::new(),
+            mesh_enabled,
             egress_enabled,
             identity_policy: BTreeMap::new(),
             ids: EgressIds::default(),
@@ -116,7 +125,7 @@ impl AgentCore {
 
     /// True once every enabled stream has delivered a snapshot.
     pub fn ready_to_program(&self) -> bool {
-        self.mesh.synced() && (!self.egress_enabled || self.egress.synced())
+        (!self.mesh_enabled || self.mesh.synced()) && (!self.egress_enabled || self.egress.synced())
     }
 
     /// True when the next [`AgentCore::reconcile`] has work to do.

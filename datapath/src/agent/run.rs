@@ -1,15 +1,16 @@
 //! The agent loop: the stream tasks feed [`AgentCore`]; after each batch of events it reconciles the datapath; on
 //! a timer it runs conntrack GC and reads drop counters. Metrics go to the process's `causeway-runtime` registry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use causeway_runtime::prometheus_client::metrics::counter::Counter;
 use causeway_runtime::prometheus_client::metrics::family::Family;
 use causeway_runtime::prometheus_client::metrics::gauge::Gauge;
 use causeway_runtime::Health;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::client::{self, Input, StreamClientConfig, StreamControl};
@@ -114,8 +115,8 @@ impl AgentMetrics {
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub local: LocalNode,
-    /// identity-sync's MeshView address.
-    pub mesh_endpoint: String,
+    /// identity-sync's MeshView address; `None` on an egress-only node (no mesh stream, nothing waits for it).
+    pub mesh_endpoint: Option<String>,
     /// The egress-gw controller's EgressAssignments address; `None`: no egress policies are programmed.
     pub egress_endpoint: Option<String>,
     pub gc: GcPolicy,
@@ -124,12 +125,32 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
 }
 
+/// What the loop tells the node's other tasks (gratuitous ARP on takeover, the probe responder).
+#[derive(Debug, Default)]
+pub struct RunHooks {
+    /// After every reconcile that leaves the datapath in line with the inputs: the egress addresses this node
+    /// SNATs to as an active gateway ([`super::assignments::local_egress_ips`]). Sent only when the set changes.
+    pub local_egress: Option<watch::Sender<BTreeSet<IpAddr>>>,
+}
+
 /// Runs the agent until `shutdown` completes. Returns the core (tests inspect it).
 pub async fn run<D: Datapath>(
+    cfg: AgentConfig,
+    dp: D,
+    health: Health,
+    metrics: AgentMetrics,
+    shutdown: impl Future<Output = ()>,
+) -> AgentCore {
+    run_with(cfg, dp, health, metrics, RunHooks::default(), shutdown).await
+}
+
+/// [`run`] with hooks for the node's other tasks.
+pub async fn run_with<D: Datapath>(
     cfg: AgentConfig,
     mut dp: D,
     health: Health,
     metrics: AgentMetrics,
+    hooks: RunHooks,
     shutdown: impl Future<Output = ()>,
 ) -> AgentCore {
     let (tx, mut rx) = mpsc::channel::<Input>(4096);
@@ -140,13 +161,16 @@ pub async fn run<D: Datapath>(
         backoff_max: cfg.backoff_max,
     };
     let mut controls: BTreeMap<StreamKind, (StreamControl, u64)> = BTreeMap::new();
-    controls.insert(StreamKind::Mesh, (client::spawn_mesh(stream_cfg(&cfg.mesh_endpoint), tx.clone()), 0));
+    if let Some(e) = &cfg.mesh_endpoint {
+        controls.insert(StreamKind::Mesh, (client::spawn_mesh(stream_cfg(e), tx.clone()), 0));
+    }
     if let Some(e) = &cfg.egress_endpoint {
         controls.insert(StreamKind::Egress, (client::spawn_egress(stream_cfg(e), tx.clone()), 0));
     }
     drop(tx);
 
-    let mut core = AgentCore::new(cfg.local.clone(), cfg.egress_endpoint.is_some());
+    let mut core =
+        AgentCore::with_streams(cfg.local.clone(), cfg.mesh_endpoint.is_some(), cfg.egress_endpoint.is_some());
     health.set_not_ready("waiting for the first snapshot of every input stream");
     let mut gc_tick = tokio::time::interval(cfg.gc_interval.max(Duration::from_millis(10)));
     gc_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -179,11 +203,13 @@ pub async fn run<D: Datapath>(
                 }
                 if retry.is_none() {
                     reconcile(&mut core, &mut dp, &health, &metrics, &mut retry);
+                    notify(&core, &hooks);
                 }
             }
             _ = async { if let Some(t) = retry { tokio::time::sleep_until(t).await } else { std::future::pending::<()>().await } } => {
                 retry = None;
                 reconcile(&mut core, &mut dp, &health, &metrics, &mut retry);
+                notify(&core, &hooks);
             }
             _ = gc_tick.tick() => {
                 match core.gc(&mut dp, &cfg.gc) {
@@ -206,6 +232,24 @@ pub async fn run<D: Datapath>(
     }
     info!("node agent loop stopped");
     core
+}
+
+/// Tells the hooks what is programmed now; nothing while the datapath lags behind the inputs (an address is
+/// announced only once this node's SNAT translates to it).
+fn notify(core: &AgentCore, hooks: &RunHooks) {
+    if !core.ready_to_program() || core.dirty() {
+        return;
+    }
+    if let Some(tx) = &hooks.local_egress {
+        let now = super::assignments::local_egress_ips(core.egress().view(), core.local().ip);
+        tx.send_if_modified(|cur| {
+            if *cur == now {
+                return false;
+            }
+            *cur = now;
+            true
+        });
+    }
 }
 
 fn handle(

@@ -7,6 +7,10 @@
 //! the gateway's external interface and the WireGuard interface) and drives it through
 //! [`causeway_datapath::kernel::KernelDatapath`]. After a restart it reloads the programs into the same pinned links
 //! and re-reads the pinned maps, so only the difference is applied. `--dry-run` uses an in-memory datapath instead.
+//!
+//! Egress duties besides the maps (`causeway_datapath::egress`): it answers the egress-gw controller's UDP health
+//! probes on `--probe-addr`, flagging "gateway ready" while SNAT is attached on `--external-interface`.
+//! `--identity-sync-addr` is optional: an egress-only gateway node runs with `--egress-addr` alone.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -15,6 +19,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use causeway_datapath::agent::run::{self, AgentConfig, AgentMetrics};
 use causeway_datapath::agent::{GcPolicy, InMemoryDatapath, LocalNode};
+use causeway_datapath::egress::probe::{self, GatewayReady, ProbeMetrics};
 use causeway_datapath::kernel::install::{self, InstallOptions};
 use causeway_datapath::kernel::{KernelConfig, KernelDatapath};
 use causeway_datapath::wireguard::{PrivateKey, Tunnel, TunnelConfig};
@@ -37,12 +42,17 @@ struct Args {
     /// This node's IP; a remote node record carrying it is skipped, and WireGuard endpoints prefer its family.
     #[arg(long, env = "CAUSEWAY_NODE_IP")]
     node_ip: IpAddr,
-    /// identity-sync's MeshView gRPC address (host:port or http://host:port).
+    /// identity-sync's MeshView gRPC address (host:port or http://host:port). Absent on egress-only nodes: no
+    /// mesh stream is started and readiness does not wait for one (then --egress-addr is required).
     #[arg(long, env = "CAUSEWAY_IDENTITY_SYNC_ADDR")]
-    identity_sync_addr: String,
+    identity_sync_addr: Option<String>,
     /// The egress-gw controller's EgressAssignments gRPC address. Without it no egress policy is programmed.
     #[arg(long, env = "CAUSEWAY_EGRESS_ADDR")]
     egress_addr: Option<String>,
+    /// UDP address the egress-gw controller's gateway health probes are answered on. The reply carries the
+    /// gateway-ready flag when SNAT is attached on --external-interface (never with --dry-run).
+    #[arg(long, env = "CAUSEWAY_PROBE_ADDR", default_value = "0.0.0.0:9966")]
+    probe_addr: SocketAddr,
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "CAUSEWAY_METRICS_ADDR", default_value = "0.0.0.0:9964")]
     metrics_addr: SocketAddr,
@@ -59,7 +69,8 @@ struct Args {
     #[arg(long, env = "CAUSEWAY_DRY_RUN")]
     dry_run: bool,
     /// Remove the datapath from this node and exit: detach every program, unpin the maps under --bpffs-root,
-    /// delete the VXLAN device and the shadow journal. Traffic is routed by the kernel alone afterwards.
+    /// delete the VXLAN device, the WireGuard interface (if --wireguard-interface) and the shadow journal. Traffic
+    /// is routed by the kernel alone afterwards.
     #[arg(long)]
     uninstall: bool,
     /// Host-side pod interfaces to attach the egress steering program to (comma separated).
@@ -118,6 +129,10 @@ async fn main() -> Result<()> {
     if args.uninstall {
         return uninstall(&args);
     }
+    if args.identity_sync_addr.is_none() && args.egress_addr.is_none() {
+        // With no input at all the desired state is empty, and programming it would wipe the pinned maps.
+        bail!("no input stream: give --identity-sync-addr (mesh) and/or --egress-addr (egress gateway assignments)");
+    }
     if args.dry_run {
         warn!("--dry-run: using an in-memory datapath; nothing in the kernel is programmed");
     } else if args.pod_interfaces.is_empty() && args.pod_interface_prefix.is_none() && args.external_interface.is_none()
@@ -135,6 +150,25 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("serving metrics on {}", args.metrics_addr))?;
     info!(%addr, node = %args.node_name, "serving /metrics, /healthz, /readyz");
+    if args.identity_sync_addr.is_none() {
+        info!("no --identity-sync-addr: egress-only node, no mesh stream");
+    }
+
+    // The probe responder answers from the start: "alive but not a ready gateway" is what the controller must see
+    // while the datapath is being installed.
+    let gateway_ready = GatewayReady::new();
+    let probe_metrics = ProbeMetrics::default();
+    probe_metrics.register(&health);
+    let probe_socket = probe::bind(args.probe_addr)
+        .await
+        .with_context(|| format!("binding the probe responder to {}", args.probe_addr))?;
+    tokio::spawn(probe::serve(
+        probe_socket,
+        args.node_name.clone(),
+        gateway_ready.clone(),
+        probe_metrics,
+        std::future::pending(),
+    ));
 
     let cfg = AgentConfig {
         local: LocalNode { name: args.node_name.clone(), ip: args.node_ip, wireguard_port: args.wireguard_port },
@@ -168,14 +202,29 @@ async fn main() -> Result<()> {
         info!("shutting down; the datapath keeps its entries");
     };
     if args.dry_run {
+        // Nothing is attached: the gateway-ready flag stays off.
         run::run(cfg, InMemoryDatapath::new(), health, metrics, shutdown).await;
         return Ok(());
     }
     let dp = kernel_datapath(&args)?;
-    // Maps and programs stay pinned and attached after the loop ends. The WireGuard tunnel is userspace: it goes
-    // with the process (dropped with the datapath), and the next agent re-creates it and re-applies the peers.
+    if let Some(ext) = args.external_interface.clone() {
+        watch_gateway_ready(args.bpffs_root.clone(), ext, gateway_ready.clone());
+    }
+    // Maps and programs stay pinned and attached after the loop ends. The WireGuard interface is a persistent TUN:
+    // boringtun stops with the process, the device and its routes stay (dropping packets), and the next agent
+    // re-attaches to it with the same key and re-applies the peers.
     run::run(cfg, dp, health, metrics, shutdown).await;
     Ok(())
+}
+
+/// Keeps the probe's gateway-ready flag in line with the SNAT attachment: set once install attached it, cleared if
+/// the pinned links or the interface disappear (an operator's --uninstall, the interface deleted).
+fn watch_gateway_ready(pin_dir: PathBuf, ifname: String, ready: GatewayReady) {
+    ready.set(install::snat_attached(&pin_dir, &ifname));
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(1));
+        ready.set(install::snat_attached(&pin_dir, &ifname));
+    });
 }
 
 fn uninstall(args: &Args) -> Result<()> {
@@ -184,6 +233,10 @@ fn uninstall(args: &Args) -> Result<()> {
     if install::ifindex(&args.vxlan_device).is_ok() {
         causeway_datapath::kernel::install::delete_link(&args.vxlan_device)
             .with_context(|| format!("deleting {}", args.vxlan_device))?;
+    }
+    if let Some(ifname) = &args.wireguard_interface {
+        causeway_datapath::wireguard::delete_interface(ifname)
+            .with_context(|| format!("deleting the WireGuard interface {ifname}"))?;
     }
     match std::fs::remove_file(args.state_dir.join("datapath.shadow")) {
         Ok(()) => {}

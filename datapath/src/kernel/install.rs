@@ -114,6 +114,12 @@ fn link_pin(pin_dir: &Path, prog: &str, ifname: &str) -> PathBuf {
     pin_dir.join("links").join(format!("{prog}@{ifname}"))
 }
 
+/// Whether both SNAT programs are attached to `ifname` through their pinned links and the interface exists: what the
+/// health probe reports as "gateway ready".
+pub fn snat_attached(pin_dir: &Path, ifname: &str) -> bool {
+    [snat::PROG_OUT, snat::PROG_IN].iter().all(|p| link_pin(pin_dir, p, ifname).exists()) && ifindex(ifname).is_ok()
+}
+
 fn load_snat(pin_dir: &Path) -> Result<Ebpf, KernelError> {
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(pin_dir);

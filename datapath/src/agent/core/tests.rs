@@ -340,3 +340,21 @@ fn identity_policy_is_carried_through_the_planner() {
     let r = core.reconcile(&mut dp).unwrap();
     assert_eq!(r.applied, BTreeMap::from([((MapKind::IdentityPolicy, true), 1)]));
 }
+
+#[test]
+fn an_egress_only_node_programs_once_the_egress_stream_is_synced() {
+    // No identity-sync: the mesh view is empty by definition, not "unknown", so only the egress snapshot is waited
+    // for. The egress entries are programmed; nothing mesh-derived appears.
+    let mut dp = InMemoryDatapath::new();
+    let mut core = AgentCore::with_streams(local(), false, true);
+    assert!(!core.ready_to_program(), "the egress snapshot is still missing");
+    assert_eq!(core.reconcile(&mut dp).unwrap().total_ops(), 0);
+    feed_egress_snapshot(&mut core, 2, vec![policy("billing", &["203.0.113.0/24"], &[], &["10.1.0.5"], "192.168.0.1")]);
+    assert!(core.ready_to_program());
+    let r = core.reconcile(&mut dp).unwrap();
+    assert!(r.total_ops() > 0);
+    let m = dp.contents();
+    assert_eq!(m.egress_src.len(), 1);
+    assert_eq!(m.egress_groups.len(), 1);
+    assert!(m.ipcache.is_empty() && m.wg_peers.is_empty() && m.routes.is_empty());
+}
