@@ -88,6 +88,59 @@ pub struct KernelDatapath {
     snat: Option<(SnatMap, SnatMap)>,
     journal: Journal,
     tunnel: Option<Tunnel>,
+    egress_plens: PlenUse,
+}
+
+/// Which (class, prefix) entries `cw_egress_policy` holds, counted per (family, prefix length), so that the delete
+/// of the last entry of a length is noticed and the length dropped from `cw_egress_plens` (the program would
+/// otherwise keep probing it on every packet). The adapter is the maps' only writer, so this mirror stays exact;
+/// [`EgressPolicyMap::prune_prefix_lengths`](crate::bpf::maps::EgressPolicyMap::prune_prefix_lengths) recomputes
+/// from the map itself, so a mirror that drifted would only cost a missed or extra prune.
+#[derive(Debug, Default)]
+pub struct PlenUse {
+    keys: BTreeSet<(u32, IpNet)>,
+    per_length: BTreeMap<(bool, u8), usize>,
+}
+
+impl PlenUse {
+    pub fn from_entries(entries: impl IntoIterator<Item = (u32, IpNet)>) -> Self {
+        let mut u = PlenUse::default();
+        for (class, net) in entries {
+            u.added(class, net);
+        }
+        u
+    }
+
+    /// Records an upserted entry (a second upsert of the same key counts once).
+    pub fn added(&mut self, class: u32, net: IpNet) {
+        let net = net.trunc();
+        if self.keys.insert((class, net)) {
+            *self.per_length.entry(length_of(&net)).or_default() += 1;
+        }
+    }
+
+    /// Records a deleted entry; true when it was the last one of its family and prefix length.
+    pub fn removed(&mut self, class: u32, net: IpNet) -> bool {
+        let net = net.trunc();
+        if !self.keys.remove(&(class, net)) {
+            return false;
+        }
+        let len = length_of(&net);
+        match self.per_length.get_mut(&len) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                self.per_length.remove(&len);
+                true
+            }
+        }
+    }
+}
+
+fn length_of(net: &IpNet) -> (bool, u8) {
+    (matches!(net, IpNet::V6(_)), net.prefix_len())
 }
 
 impl std::fmt::Debug for KernelDatapath {
@@ -124,7 +177,9 @@ impl KernelDatapath {
         };
         let journal = Journal::open(&cfg.shadow_path)
             .map_err(|source| KernelError::Journal { path: cfg.shadow_path.clone(), source })?;
-        Ok(Self { pin_dir: cfg.pin_dir, local_ip: cfg.local_ip, maps, snat, journal, tunnel: cfg.tunnel })
+        let egress_plens =
+            PlenUse::from_entries(maps.egress_policy.entries()?.into_iter().map(|(class, net, _)| (class.0, net)));
+        Ok(Self { pin_dir: cfg.pin_dir, local_ip: cfg.local_ip, maps, snat, journal, tunnel: cfg.tunnel, egress_plens })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -175,9 +230,15 @@ impl KernelDatapath {
                     EgressVerdict::Excluded => m::EgressAction::Excluded,
                 };
                 self.maps.egress_policy.upsert(m::ClassId(class.0), *net, action)?;
+                self.egress_plens.added(class.0, *net);
             }
             Op::DeleteEgressLpm(class, net) => {
                 self.maps.egress_policy.delete(m::ClassId(class.0), *net)?;
+                if self.egress_plens.removed(class.0, *net) {
+                    // The last entry of this prefix length went: stop the program probing it.
+                    self.maps.egress_policy.prune_prefix_lengths()?;
+                    debug!(prefix_len = net.prefix_len(), "egress prefix length no longer in use, pruned");
+                }
             }
             Op::UpsertEgressSrc(ip, class) => self.maps.egress_src.upsert(*ip, m::ClassId(class.0))?,
             Op::DeleteEgressSrc(ip) => {
@@ -585,6 +646,20 @@ mod tests {
         assert_eq!(group_from_bpf(&empty), EgressGroup::default());
         let too_many = EgressGroup { gateways: (0..9).map(|i| gw(&format!("10.0.0.{i}"), None)).collect() };
         assert!(group_value("10.0.0.1".parse().unwrap(), &too_many).is_err());
+    }
+
+    #[test]
+    fn plen_use_reports_the_last_entry_of_a_length() {
+        let n = |s: &str| s.parse::<IpNet>().unwrap();
+        let mut u = PlenUse::from_entries([(1, n("203.0.113.0/24")), (2, n("198.51.100.0/24")), (1, n("10.0.0.0/8"))]);
+        u.added(1, n("203.0.113.0/24")); // the same key again counts once
+        u.added(3, n("2001:db8::/24")); // same length, other family: counted apart
+        assert!(!u.removed(1, n("203.0.113.0/24")), "another /24 remains");
+        assert!(!u.removed(1, n("203.0.113.0/24")), "already gone: nothing to prune");
+        assert!(u.removed(2, n("198.51.100.7/24")), "the last IPv4 /24 (given unmasked)");
+        assert!(u.removed(3, n("2001:db8::/24")), "the last IPv6 /24");
+        assert!(!u.removed(9, n("10.0.0.0/8")), "never added under class 9");
+        assert!(u.removed(1, n("10.0.0.0/8")));
     }
 
     #[test]

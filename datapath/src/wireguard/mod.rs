@@ -10,8 +10,9 @@
 //! - [`peers`]: the sans-IO reconciler (no I/O, unit-tested): desired peers from node records, minimal diff,
 //!   routes.
 //! - [`backend`]: kernel WireGuard when the kernel has it, else boringtun in userspace.
-//! - [`tunnel`]: the one interface per node (boringtun `DeviceHandle` on TUN, or a kernel `wireguard` link),
-//!   configured through wireguard-control; key rotation; clean shutdown.
+//! - [`tunnel`]: the one interface per node (boringtun `DeviceHandle` on a persistent TUN, or a kernel `wireguard`
+//!   link), configured through wireguard-control; it outlives the agent and is re-attached to after a restart;
+//!   key rotation; clean shutdown and [`delete_interface`] for uninstall.
 //! - [`uapi`]: reading a userspace device's state (`get=1`), parsed without I/O.
 
 pub mod backend;
@@ -23,7 +24,7 @@ pub mod uapi;
 pub use backend::{choose_backend, probe_kernel_wireguard, BackendKind, BackendPreference, KernelSupport};
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use peers::{NodeRecord, PeerChange, PeerSet, PeerSetError, PeerSpec, UpdateStyle};
-pub use tunnel::{uapi_socket, ApplyReport, Tunnel, TunnelConfig, DEFAULT_MTU, UAPI_DIR};
+pub use tunnel::{delete_interface, uapi_socket, ApplyReport, Tunnel, TunnelConfig, DEFAULT_MTU, UAPI_DIR};
 pub use uapi::{DeviceStatus, PeerStatus, UapiError};
 
 /// Errors of the WireGuard tunnel.
@@ -58,6 +59,8 @@ pub enum Error {
     Netns(String),
     #[error("WireGuard interface {0} still exists 5 s after shutdown")]
     Shutdown(String),
+    #[error("interface {ifname} exists but is a {found}, not a {want}: delete it or pick another name")]
+    WrongLinkKind { ifname: String, want: &'static str, found: String },
     #[error(transparent)]
     PeerSet(#[from] PeerSetError),
 }

@@ -5,6 +5,14 @@
 //! Kernel: an `ip link add type wireguard` interface configured through wireguard-control's netlink backend.
 //! Link state, addresses and routes go through `ip` (iproute2), which every node has.
 //!
+//! The interface outlives the process, like the pinned BPF maps: the userspace TUN is created persistent
+//! (`ip tuntap add … multi_queue`, TUNSETPERSIST) before boringtun opens its queues on it by name, so when the agent
+//! exits or is killed the device keeps its addresses and the routes through it, and packets routed there are
+//! dropped by the TUN driver (no queue attached) instead of falling through to another route unencrypted. The next
+//! [`Tunnel::create`] with the same name re-attaches: boringtun opens new queues on the existing device, the key
+//! and port are set again, and the caller re-applies the peers (a fresh boringtun has none), which re-handshake on
+//! the next packet. Only [`Tunnel::shutdown`] or [`delete_interface`] (uninstall) remove the device.
+//!
 //! The tunnel remembers the network namespace of the thread that created it and runs every later kernel-facing
 //! command there, so the agent (or a test) may call it from any thread.
 
@@ -77,7 +85,9 @@ pub struct ApplyReport {
     pub rejected: Vec<PeerSetError>,
 }
 
-/// One WireGuard interface, up, with its routes. Removed on [`Tunnel::shutdown`] (or, best effort, on drop).
+/// One WireGuard interface, up, with its routes. Removed on [`Tunnel::shutdown`]; dropping the tunnel (or the
+/// process dying) only stops boringtun and leaves the interface, its addresses and routes in place for the next
+/// [`Tunnel::create`] to re-attach to.
 pub struct Tunnel {
     ifname: String,
     wg_name: InterfaceName,
@@ -88,6 +98,7 @@ pub struct Tunnel {
     listen_port: u16,
     keepalive: Option<u16>,
     routes: BTreeSet<IpNet>,
+    reattached: bool,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -97,12 +108,15 @@ impl std::fmt::Debug for Tunnel {
             .field("backend", &self.kind)
             .field("public_key", &self.private_key.public_key())
             .field("listen_port", &self.listen_port)
+            .field("reattached", &self.reattached)
             .finish()
     }
 }
 
 impl Tunnel {
-    /// Creates the interface in the calling thread's network namespace, sets key and port, brings it up.
+    /// Creates the interface in the calling thread's network namespace, sets key and port, brings it up. If an
+    /// interface of that name is already there (left by a previous run of the agent), it is re-attached to rather
+    /// than recreated, so its routes never disappear (see [`Tunnel::reattached`]).
     pub fn create(cfg: TunnelConfig) -> Result<Tunnel, Error> {
         let span = tracing::info_span!("wireguard_tunnel", ifname = %cfg.ifname);
         let _enter = span.enter();
@@ -116,26 +130,50 @@ impl Tunnel {
             _ => probe_kernel_wireguard(),
         };
         let kind = choose_backend(cfg.backend, &support)?;
-        info!(?kind, ?support, "creating WireGuard interface");
 
-        let device = match kind {
+        let (device, reattached) = match kind {
             BackendKind::Userspace => {
                 let sock = uapi_socket(&cfg.ifname);
-                // boringtun would silently unlink and take over another live device's socket.
+                // boringtun would silently unlink and take over another live device's socket (and share its TUN
+                // queues). A socket file nobody answers on is what a killed agent leaves behind: reusable.
                 if UnixStream::connect(&sock).is_ok() {
                     return Err(Error::InterfaceInUse(cfg.ifname.clone()));
                 }
+                let reattached = ensure_persistent_tun(&cfg.ifname)?;
+                info!(?kind, ?support, reattached, "starting boringtun on a persistent TUN device");
                 let config = DeviceConfig {
                     n_threads: cfg.threads.max(1),
                     use_connected_socket: true,
                     use_multi_queue: true,
                     uapi_fd: -1,
                 };
-                Some(start_boringtun(&cfg.ifname, config)?)
+                match start_boringtun(&cfg.ifname, config) {
+                    Ok(d) => (Some(d), reattached),
+                    Err(e) => {
+                        if !reattached {
+                            let _ = run_ip(&["link", "del", "dev", &cfg.ifname]);
+                        }
+                        return Err(e);
+                    }
+                }
             }
             BackendKind::Kernel => {
-                run_ip(&["link", "add", &cfg.ifname, "type", "wireguard"])?;
-                None
+                let reattached = match link_kind(&cfg.ifname)? {
+                    Some(k) if k == "wireguard" => true,
+                    Some(other) => {
+                        return Err(Error::WrongLinkKind {
+                            ifname: cfg.ifname.clone(),
+                            want: "wireguard",
+                            found: other,
+                        })
+                    }
+                    None => {
+                        run_ip(&["link", "add", &cfg.ifname, "type", "wireguard"])?;
+                        false
+                    }
+                };
+                info!(?kind, ?support, reattached, "kernel WireGuard interface");
+                (None, reattached)
             }
         };
         let mut tunnel = Tunnel {
@@ -148,20 +186,36 @@ impl Tunnel {
             listen_port: cfg.listen_port,
             keepalive: cfg.keepalive,
             routes: BTreeSet::new(),
+            reattached,
         };
-        // From here on a failure drops `tunnel`, which removes the interface again.
-        tunnel
-            .configure(DeviceUpdate::new().set_private_key(cfg.private_key.to_wg()).set_listen_port(cfg.listen_port))?;
+        if let Err(e) = tunnel.set_up(&cfg) {
+            // A device this call created goes again; one it re-attached to keeps carrying (dropping) traffic as
+            // before, for the next attempt.
+            if !reattached {
+                let _ = tunnel.teardown();
+            }
+            return Err(e);
+        }
+        Ok(tunnel)
+    }
+
+    fn set_up(&mut self, cfg: &TunnelConfig) -> Result<(), Error> {
+        self.configure(DeviceUpdate::new().set_private_key(cfg.private_key.to_wg()).set_listen_port(cfg.listen_port))?;
         if cfg.listen_port == 0 {
-            tunnel.listen_port = tunnel.status()?.listen_port.unwrap_or(0);
+            self.listen_port = self.status()?.listen_port.unwrap_or(0);
         }
         let mtu = cfg.mtu.to_string();
-        tunnel.ip(&["link", "set", "dev", &cfg.ifname, "mtu", &mtu])?;
+        self.ip(&["link", "set", "dev", &cfg.ifname, "mtu", &mtu])?;
         for addr in &cfg.addresses {
-            tunnel.ip(&["addr", "replace", &addr.to_string(), "dev", &cfg.ifname])?;
+            self.ip(&["addr", "replace", &addr.to_string(), "dev", &cfg.ifname])?;
         }
-        tunnel.ip(&["link", "set", "dev", &cfg.ifname, "up"])?;
-        Ok(tunnel)
+        self.ip(&["link", "set", "dev", &cfg.ifname, "up"])
+    }
+
+    /// True when [`Tunnel::create`] found the interface already there (an agent restart) and attached to it: its
+    /// addresses and routes were kept, its peers must be applied again.
+    pub fn reattached(&self) -> bool {
+        self.reattached
     }
 
     pub fn ifname(&self) -> &str {
@@ -264,32 +318,19 @@ impl Tunnel {
 
     /// Removes the interface (and, for boringtun, its UAPI socket and worker threads) and waits until it is gone.
     pub fn shutdown(mut self) -> Result<(), Error> {
-        self.teardown(true)
+        self.teardown()
     }
 
-    fn teardown(&mut self, wait: bool) -> Result<(), Error> {
-        match self.kind {
-            BackendKind::Userspace => {
-                if let Some(mut device) = self.device.take() {
-                    if wait {
-                        // boringtun's workers exit when they see their UAPI socket gone (checked every second);
-                        // joining them guarantees the TUN is closed and the interface removed before we return.
-                        let _ = std::fs::remove_file(uapi_socket(&self.ifname));
-                        device.wait();
-                    }
-                    // Dropping tells any worker still running to exit and removes the socket.
-                    drop(device);
-                }
-            }
-            BackendKind::Kernel => {
-                let _ = self.ip(&["link", "del", "dev", &self.ifname]);
-            }
+    fn teardown(&mut self) -> Result<(), Error> {
+        if let Some(mut device) = self.device.take() {
+            // boringtun's workers exit when they see their UAPI socket gone (checked every second); joining them
+            // guarantees its TUN queues are closed before the device is deleted.
+            let _ = std::fs::remove_file(uapi_socket(&self.ifname));
+            device.wait();
+            drop(device);
         }
-        if !wait {
-            return Ok(());
-        }
-        // A process forked while boringtun's TUN queues were still inheritable may hold one open, which keeps
-        // the interface alive after our side closed it; deleting the link ends it for everyone.
+        // The TUN is persistent (and a kernel link always is): only deleting the link removes it. That also ends it
+        // for a process forked while boringtun's queues were still inheritable, if one holds a queue open.
         if self.link_exists() {
             let _ = self.ip(&["link", "del", "dev", &self.ifname]);
         }
@@ -348,13 +389,79 @@ impl Tunnel {
 
 impl Drop for Tunnel {
     fn drop(&mut self) {
-        if self.device.is_some() || self.kind == BackendKind::Kernel && self.link_exists() {
-            // Not shut down explicitly: remove without waiting, errors are only logged.
-            if let Err(e) = self.teardown(false) {
-                warn!(ifname = %self.ifname, error = %e, "WireGuard interface teardown on drop");
-            }
+        // Not shut down explicitly (the agent exiting, a panic): stop boringtun's workers and leave the interface,
+        // exactly as if the process had been killed, so the next agent re-attaches to it.
+        if let Some(device) = self.device.take() {
+            debug!(ifname = %self.ifname, "stopping boringtun; the persistent interface stays");
+            drop(device);
         }
     }
+}
+
+/// Makes sure a persistent multi-queue TUN device named `ifname` exists in the calling thread's network namespace
+/// (boringtun opens its queues by name with `IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE`, which attaches to an existing
+/// device with the same queue mode). Returns whether it already existed.
+fn ensure_persistent_tun(ifname: &str) -> Result<bool, Error> {
+    match link_kind(ifname)? {
+        Some(k) if k == "tun" => {
+            let details = run_ip_output(&["-d", "-o", "link", "show", "dev", ifname])?;
+            if !details.split_whitespace().any(|w| w == "multi_queue") {
+                return Err(Error::WrongLinkKind {
+                    ifname: ifname.to_owned(),
+                    want: "multi-queue tun",
+                    found: "single-queue tun".to_owned(),
+                });
+            }
+            Ok(true)
+        }
+        Some(other) => Err(Error::WrongLinkKind { ifname: ifname.to_owned(), want: "tun", found: other }),
+        None => {
+            run_ip(&["tuntap", "add", "dev", ifname, "mode", "tun", "multi_queue"])?;
+            Ok(false)
+        }
+    }
+}
+
+/// The `kind` of link `ifname` in the calling thread's namespace (`tun`, `wireguard`, … or `device` for one without
+/// a kind), `None` when there is no such link.
+fn link_kind(ifname: &str) -> Result<Option<String>, Error> {
+    let out = Command::new("ip")
+        .args(["-d", "-o", "link", "show", "dev", ifname])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::Command { command: "ip -d link show".into(), stderr: e.to_string() })?;
+    if !out.status.success() {
+        // "Device does not exist" (and nothing else, for a name that parsed) is the only failure here.
+        return Ok(None);
+    }
+    Ok(Some(parse_link_kind(&String::from_utf8_lossy(&out.stdout))))
+}
+
+/// The link kind from one line of `ip -d -o link show`: iproute2 prints `<header> \    link/<type> … \    <kind> …`,
+/// the kind being the first word of the segment after the `link/` one (`tun type tun …`, `wireguard …`); a device
+/// without a kind (loopback, a physical NIC) has no such segment and is reported as `device`.
+fn parse_link_kind(line: &str) -> String {
+    let mut segments = line.split('\\').map(str::trim).skip_while(|seg| !seg.starts_with("link/"));
+    let _link = segments.next();
+    segments.next().and_then(|seg| seg.split_whitespace().next()).unwrap_or("device").to_owned()
+}
+
+/// Deletes the node's WireGuard interface `ifname` from the calling thread's network namespace, and the UAPI
+/// socket file a killed boringtun left behind: the uninstall counterpart of the interface outliving the agent.
+/// Returns whether there was an interface. Refuses while a live device still answers on the socket (an agent is
+/// running).
+pub fn delete_interface(ifname: &str) -> Result<bool, Error> {
+    let sock = uapi_socket(ifname);
+    if UnixStream::connect(&sock).is_ok() {
+        return Err(Error::InterfaceInUse(ifname.to_owned()));
+    }
+    let _ = std::fs::remove_file(&sock);
+    if link_kind(ifname)?.is_none() {
+        return Ok(false);
+    }
+    run_ip(&["link", "del", "dev", ifname])?;
+    info!(ifname, "WireGuard interface deleted");
+    Ok(true)
 }
 
 /// Starts boringtun on its own thread (which inherits the caller's network namespace) because boringtun blocks
@@ -436,17 +543,41 @@ pub fn uapi_socket(ifname: &str) -> PathBuf {
 }
 
 fn run_ip(args: &[&str]) -> Result<(), Error> {
+    run_ip_output(args).map(|_| ())
+}
+
+fn run_ip_output(args: &[&str]) -> Result<String, Error> {
     let out = Command::new("ip")
         .args(args)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| Error::Command { command: format!("ip {}", args.join(" ")), stderr: e.to_string() })?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(Error::Command {
             command: format!("ip {}", args.join(" ")),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_link_kind;
+
+    #[test]
+    fn link_kind_from_ip_detail_lines() {
+        let tun = "6: cw0: <POINTOPOINT,MULTICAST,NOARP> mtu 1500 qdisc noop state DOWN mode DEFAULT group default \
+                   qlen 500\\    link/none  promiscuity 0  allmulti 0 minmtu 68 maxmtu 65535 \\    tun type tun pi off \
+                   vnet_hdr off multi_queue numqueues 0 numdisabled 0 persist on addrgenmode eui64";
+        assert_eq!(parse_link_kind(tun), "tun");
+        let wg = "7: wg0: <POINTOPOINT,NOARP> mtu 1420 qdisc noop state DOWN\\    link/none  promiscuity 0 \\    \
+                  wireguard addrgenmode none numtxqueues 1";
+        assert_eq!(parse_link_kind(wg), "wireguard");
+        let lo = "1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN\\    link/loopback \
+                  00:00:00:00:00:00 brd 00:00:00:00:00:00 promiscuity 0 gso_max_size 65536";
+        assert_eq!(parse_link_kind(lo), "device");
+        assert_eq!(parse_link_kind(""), "device");
     }
 }
