@@ -9,7 +9,9 @@
 //! Each command is a thin adapter (kube, HTTP) around plain functions that decide and render, so that the rules
 //! (what `connect` refuses, how a status table reads) are testable without a cluster.
 
+pub mod clustermesh;
 pub mod egress;
+pub mod external_workload;
 pub mod kubectx;
 pub mod promtext;
 pub mod sandbox;

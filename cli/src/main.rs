@@ -38,6 +38,16 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Connect clusters into a mesh: certificates, cluster name/ID, peer configs, status.
+    Clustermesh {
+        #[command(subcommand)]
+        action: MeshAction,
+    },
+    /// VMs and bare-metal hosts joining a cluster.
+    ExternalWorkload {
+        #[command(subcommand)]
+        action: ExternalWorkloadAction,
+    },
     /// Egress gateway policies.
     Egress {
         #[command(subcommand)]
@@ -50,6 +60,103 @@ enum Command {
         /// Where the sandbox keeps its state, certificates and logs.
         #[arg(long, default_value = ".sandbox", env = "CAUSEWAY_SANDBOX_DIR", global = true)]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum MeshAction {
+    /// Store the cluster's name and ID, create the mesh CA and the server, admin and externalworkload
+    /// certificates in Secrets. Idempotent: a second run changes nothing.
+    Enable {
+        #[command(flatten)]
+        kube: KubeArgs,
+        /// Namespace of Causeway's objects.
+        #[arg(long, short = 'n', default_value = causeway::clustermesh::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// Unique name of this cluster in the mesh (at most 32 of a-z, 0-9, '-'; not "default").
+        #[arg(long)]
+        cluster_name: String,
+        /// Unique ID of this cluster in the mesh, 1..=255 (1..=511 with --max-connected-clusters 511).
+        #[arg(long)]
+        cluster_id: u32,
+        /// 255 or 511; the same on every cluster of the mesh.
+        #[arg(long, default_value_t = 255)]
+        max_connected_clusters: u32,
+        /// Extra DNS name or IP for the clustermesh-apiserver's server certificate (repeatable).
+        #[arg(long = "server-san")]
+        server_sans: Vec<String>,
+    },
+    /// Renew the server, admin and externalworkload certificates from the same CA (peers keep trusting).
+    RotateCerts {
+        #[command(flatten)]
+        kube: KubeArgs,
+        #[arg(long, short = 'n', default_value = causeway::clustermesh::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// Extra DNS name or IP for the server certificate (repeatable); the old certificate's names are kept.
+        #[arg(long = "server-san")]
+        server_sans: Vec<String>,
+    },
+    /// Connect two clusters: each side gets a peer config for the other in its remotes Secret.
+    Connect {
+        #[command(flatten)]
+        kube: KubeArgs,
+        /// The other cluster's context (in the same kubeconfig).
+        #[arg(long)]
+        destination_context: String,
+        #[arg(long, short = 'n', default_value = causeway::clustermesh::DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+    /// Disconnect two clusters: removes each side's peer config for the other.
+    Disconnect {
+        #[command(flatten)]
+        kube: KubeArgs,
+        #[arg(long)]
+        destination_context: String,
+        #[arg(long, short = 'n', default_value = causeway::clustermesh::DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+    /// Per remote cluster: connected, synced, entry counts, last error (from identity-sync's /status).
+    Status {
+        #[command(flatten)]
+        kube: KubeArgs,
+        #[arg(long, short = 'n', default_value = causeway::clustermesh::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// identity-sync's /status URL (e.g. through a port-forward). Default: the kube API's service proxy.
+        #[arg(long)]
+        status_url: Option<String>,
+        /// identity-sync's Service, for the service proxy.
+        #[arg(long, default_value = "identity-sync")]
+        sync_service: String,
+        /// Port (name or number) of identity-sync's Service serving /status.
+        #[arg(long, default_value = "metrics")]
+        sync_port: String,
+        /// Poll until every remote is ready, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        wait_timeout: Duration,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExternalWorkloadAction {
+    /// Print a bash script that joins a VM or bare-metal host NAME (run it there as root).
+    Install {
+        /// The host's name (a DNS label); it becomes the node name.
+        name: String,
+        #[command(flatten)]
+        kube: KubeArgs,
+        #[arg(long, short = 'n', default_value = causeway::clustermesh::DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// Path of the node agent binary on the host (the script installs it from there).
+        #[arg(long, default_value = "./causeway-node-agent")]
+        agent_binary: String,
+        /// identity-sync's MeshView gRPC address as reachable from the host.
+        #[arg(long)]
+        identity_sync_addr: Option<String>,
     },
 }
 
@@ -69,6 +176,44 @@ enum EgressAction {
         #[arg(long, default_value = "2s", value_parser = parse_duration)]
         agent_timeout: Duration,
     },
+}
+
+async fn mesh(action: MeshAction) -> anyhow::Result<()> {
+    use causeway::clustermesh::{self, connect, status, ClusterSettings};
+    match action {
+        MeshAction::Enable { kube, namespace, cluster_name, cluster_id, max_connected_clusters, server_sans } => {
+            let settings = ClusterSettings { name: cluster_name, id: cluster_id, max_connected_clusters };
+            let changes = clustermesh::enable(&kube.target(), &namespace, &settings, &server_sans).await?;
+            print!("{}", changes.render());
+        }
+        MeshAction::RotateCerts { kube, namespace, server_sans } => {
+            let changes = clustermesh::rotate_certs(&kube.target(), &namespace, &server_sans).await?;
+            print!("{}", changes.render());
+        }
+        MeshAction::Connect { kube, destination_context, namespace } => {
+            let dest = causeway::KubeTarget::new(kube.kubeconfig.clone(), Some(destination_context));
+            let report = connect::connect(&kube.target(), &dest, &namespace).await?;
+            println!("{}", report.lines.join("\n"));
+        }
+        MeshAction::Disconnect { kube, destination_context, namespace } => {
+            let dest = causeway::KubeTarget::new(kube.kubeconfig.clone(), Some(destination_context));
+            let report = connect::disconnect(&kube.target(), &dest, &namespace).await?;
+            println!("{}", report.lines.join("\n"));
+        }
+        MeshAction::Status { kube, namespace, status_url, sync_service, sync_port, wait, wait_timeout, output } => {
+            let source = match status_url {
+                Some(url) => status::Source::Url(url),
+                None => status::Source::ServiceProxy { service: sync_service, port: sync_port },
+            };
+            let wait = wait.then_some(wait_timeout);
+            let outcome = status::status(&kube.target(), &namespace, &source, wait, |line| eprintln!("{line}")).await?;
+            match output {
+                Output::Table => print!("{}", status::render(&outcome.status, &outcome.rows)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&outcome.rows)?),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -101,6 +246,20 @@ enum SandboxAction {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Clustermesh { action } => mesh(action).await?,
+        Command::ExternalWorkload {
+            action: ExternalWorkloadAction::Install { name, kube, namespace, agent_binary, identity_sync_addr },
+        } => {
+            let script = causeway::external_workload::install(
+                &kube.target(),
+                &namespace,
+                &name,
+                &agent_binary,
+                identity_sync_addr,
+            )
+            .await?;
+            print!("{script}");
+        }
         Command::Egress { action: EgressAction::Status { kube, output, agent_metrics_port, agent_timeout } } => {
             let report = causeway::egress::collect(&kube.target(), agent_metrics_port, agent_timeout).await?;
             match output {
