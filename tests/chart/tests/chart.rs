@@ -1,0 +1,688 @@
+//! The Helm chart in charts/causeway, rendered by a real `helm template`: every manifest parses into its
+//! k8s-openapi type without losing a field, every container command line is accepted by the binary it runs, RBAC
+//! grants exactly what each binary calls, the node agent gets the host access its datapath needs, Services select
+//! their pods, the certificates Helm generates are usable for etcd mTLS, bad values are refused, and the chart's
+//! CRDs are the generated ones.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{bail, Context as _, Result};
+use causeway_chart_tests::{binary, check_command_line, helm_template, parse_manifests, Manifest};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Container, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+const NS: &str = "kube-system";
+
+/// Minimal values: what `causeway clustermesh enable` needs a cluster to have (name and ID); everything else default.
+const MINIMAL: &str = "cluster:\n  name: east\n  id: 1\n";
+
+/// Every option switched away from its default, so each template branch is rendered and checked.
+const EVERYTHING: &str = r#"
+cluster:
+  name: west-2
+  id: 300
+  maxConnectedClusters: 511
+logFormat: text
+clustermesh:
+  apiserver:
+    peers: [east, north]
+    enableMcsApi: true
+    identityGcGrace: 1h
+    service:
+      type: LoadBalancer
+      loadBalancerIP: 192.0.2.10
+      loadBalancerSourceRanges: [198.51.100.0/24]
+      annotations:
+        service.beta.kubernetes.io/aws-load-balancer-internal: "true"
+  tls:
+    source: helm
+    serverCertDnsNames: [mesh.west.example]
+    serverCertIPs: [192.0.2.10]
+identitySync:
+  cacheTtl: 10m
+  remoteReadyTimeout: 30s
+  endpointSliceInterval: 100ms
+  peersSecret: my-peers
+egressGateway:
+  podCidrs: [10.2.0.0/16]
+  serviceCidrs: [10.102.0.0/16]
+  meshPodCidrs:
+    east: [10.1.0.0/16]
+    north: [10.3.0.0/16, 10.33.0.0/16]
+  probe: {rise: 2, fall: 4, holdDown: 10s, staleAfter: 1s, port: 9000, interval: 200ms}
+  grpcPort: 19967
+nodeAgent:
+  podInterfacePrefix: lxc
+  podInterfaces: [eth9]
+  externalInterface: eth1
+  enforceIdentityPolicy: true
+  wireguard: {interface: wg-mesh, port: 51999}
+  priorityClassName: ""
+"#;
+
+fn render(values: &str) -> Result<Vec<Manifest>> {
+    parse_manifests(&helm_template(values, NS, &[])?)
+}
+
+fn one<'a>(ms: &'a [Manifest], kind: &str, name: &str) -> Result<&'a Manifest> {
+    ms.iter().find(|m| m.kind == kind && m.name == name).with_context(|| {
+        format!("no {kind} {name} rendered; have {:?}", ms.iter().map(|m| (&m.kind, &m.name)).collect::<Vec<_>>())
+    })
+}
+
+fn typed<T: DeserializeOwned>(m: &Manifest) -> Result<T> {
+    serde_json::from_value(m.doc.clone())
+        .with_context(|| format!("{} {} does not parse as its API type", m.kind, m.name))
+}
+
+/// Drops what serialization legitimately leaves out (nulls, empty maps) so that a typed round trip can be compared
+/// with what helm printed.
+fn normalize(v: &Value) -> Value {
+    match v {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), normalize(v)))
+                .filter(|(_, v)| !matches!(v, Value::Object(m) if m.is_empty()))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(normalize).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Parses the manifest into `T` and back: a field the API type does not know (a typo such as `hostNetwrok`, a
+/// field at the wrong level) is dropped by the typed parse, so the round trip differs and the test names it.
+fn round_trip<T: DeserializeOwned + Serialize>(m: &Manifest) -> Result<()> {
+    let obj: T = typed(m)?;
+    let back = normalize(&serde_json::to_value(&obj)?);
+    let orig = normalize(&m.doc);
+    if back != orig {
+        bail!(
+            "{} {} ({}) has fields its API type does not know:\n{}",
+            m.kind,
+            m.name,
+            m.source,
+            first_difference("", &orig, &back)
+        );
+    }
+    Ok(())
+}
+
+fn first_difference(path: &str, a: &Value, b: &Value) -> String {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, v) in x {
+                match y.get(k) {
+                    None => return format!("{path}.{k} is not a field of the type"),
+                    Some(w) if v != w => return first_difference(&format!("{path}.{k}"), v, w),
+                    _ => {}
+                }
+            }
+            format!("{path}: the typed object has extra fields")
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (v, w)) in x.iter().zip(y).enumerate() {
+                if v != w {
+                    return first_difference(&format!("{path}[{i}]"), v, w);
+                }
+            }
+            format!("{path}: arrays differ")
+        }
+        _ => format!("{path}: {a} became {b}"),
+    }
+}
+
+fn check_all_typed(ms: &[Manifest]) -> Result<()> {
+    for m in ms {
+        let api = m.doc["apiVersion"].as_str().unwrap_or("");
+        match (api, m.kind.as_str()) {
+            ("apps/v1", "Deployment") => round_trip::<Deployment>(m)?,
+            ("apps/v1", "DaemonSet") => round_trip::<DaemonSet>(m)?,
+            ("v1", "Service") => round_trip::<Service>(m)?,
+            ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(m)?,
+            ("v1", "Secret") => round_trip::<Secret>(m)?,
+            ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(m)?,
+            ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => round_trip::<ClusterRoleBinding>(m)?,
+            ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(m)?,
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(m)?,
+            _ => bail!("{} {} has an apiVersion/kind this test does not check: {api} {}", m.kind, m.name, m.kind),
+        }
+    }
+    Ok(())
+}
+
+fn pod_spec(ms: &[Manifest], kind: &str, name: &str) -> Result<PodSpec> {
+    let m = one(ms, kind, name)?;
+    let spec = match kind {
+        "Deployment" => typed::<Deployment>(m)?.spec.and_then(|s| s.template.spec),
+        "DaemonSet" => typed::<DaemonSet>(m)?.spec.and_then(|s| s.template.spec),
+        _ => bail!("{kind} has no pod template"),
+    };
+    spec.with_context(|| format!("{kind} {name} has no pod spec"))
+}
+
+fn container<'a>(spec: &'a PodSpec, name: &str) -> Result<&'a Container> {
+    spec.containers.iter().find(|c| c.name == name).with_context(|| format!("no container {name}"))
+}
+
+fn arg_value<'a>(c: &'a Container, flag: &str) -> Option<&'a str> {
+    c.args.iter().flatten().find_map(|a| a.strip_prefix(&format!("{flag}=")))
+}
+
+/// Sample values for the environment a pod gets from the downward API, so `$(VAR)` references and env fallbacks can
+/// be handed to the binary.
+fn container_env(c: &Container) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for e in c.env.iter().flatten() {
+        let value = match (&e.value, e.value_from.as_ref().and_then(|f| f.field_ref.as_ref())) {
+            (Some(v), _) => v.clone(),
+            (None, Some(f)) if f.field_path == "spec.nodeName" => "node-a".to_string(),
+            (None, Some(f)) if f.field_path == "status.hostIP" || f.field_path == "status.podIP" => {
+                "10.0.0.7".to_string()
+            }
+            (None, Some(f)) => format!("sample-{}", f.field_path),
+            (None, None) => continue,
+        };
+        env.insert(e.name.clone(), value);
+    }
+    env
+}
+
+/// Every container that runs a Causeway binary, with that binary's name (the image's /usr/local/bin/<name>).
+fn causeway_containers(ms: &[Manifest]) -> Result<Vec<(String, Container)>> {
+    let mut out = Vec::new();
+    for m in ms.iter().filter(|m| m.kind == "Deployment" || m.kind == "DaemonSet") {
+        let spec = pod_spec(ms, &m.kind, &m.name)?;
+        for c in spec.containers.iter() {
+            let Some(bin) =
+                c.command.as_ref().and_then(|cmd| cmd.first()).and_then(|p| p.strip_prefix("/usr/local/bin/"))
+            else {
+                continue;
+            };
+            out.push((format!("{bin}@{}/{}", m.name, c.name), c.clone()));
+        }
+    }
+    Ok(out)
+}
+
+fn check_command_lines(ms: &[Manifest]) -> Result<BTreeSet<String>> {
+    let mut seen = BTreeSet::new();
+    for (label, c) in causeway_containers(ms)? {
+        let bin = label.split('@').next().unwrap_or_default().to_string();
+        let env = container_env(&c);
+        let args: Vec<String> = c.args.iter().flatten().map(|a| causeway_chart_tests::expand_vars(a, &env)).collect();
+        check_command_line(&binary(&bin)?, &args, &env).with_context(|| format!("container {label}"))?;
+        seen.insert(bin);
+    }
+    Ok(seen)
+}
+
+#[test]
+fn minimal_values_render_every_component_as_valid_api_objects() -> Result<()> {
+    let ms = render(MINIMAL)?;
+    check_all_typed(&ms)?;
+    let kinds: BTreeSet<(String, String)> = ms.iter().map(|m| (m.kind.clone(), m.name.clone())).collect();
+    for (kind, name) in [
+        ("Deployment", "causeway-clustermesh-apiserver"),
+        ("Service", "causeway-clustermesh-apiserver"),
+        ("Deployment", "causeway-identity-sync"),
+        ("Service", "causeway-identity-sync"),
+        ("Deployment", "causeway-egress-gw"),
+        ("Service", "causeway-egress-gw"),
+        ("DaemonSet", "causeway-node-agent"),
+    ] {
+        assert!(kinds.contains(&(kind.to_string(), name.to_string())), "missing {kind} {name}");
+    }
+    // With certificates from `causeway clustermesh enable`, the chart must not create (and so overwrite) them.
+    assert!(!ms.iter().any(|m| m.kind == "Secret"), "tls.source=secrets renders no Secret");
+    for m in ms.iter().filter(|m| m.kind != "ClusterRole" && m.kind != "ClusterRoleBinding") {
+        let expected = if m.kind.starts_with("Role") { "default" } else { NS };
+        assert_eq!(m.namespace.as_deref(), Some(expected), "{} {} namespace", m.kind, m.name);
+    }
+    Ok(())
+}
+
+#[test]
+fn every_option_renders_as_valid_api_objects() -> Result<()> {
+    let ms = render(EVERYTHING)?;
+    check_all_typed(&ms)?;
+    assert_eq!(ms.iter().filter(|m| m.kind == "Secret").count(), 3, "CA, server and admin Secrets");
+    Ok(())
+}
+
+#[test]
+fn every_container_command_line_is_accepted_by_its_binary() -> Result<()> {
+    for (what, values) in [("minimal", MINIMAL), ("everything", EVERYTHING)] {
+        let ms = render(values)?;
+        let seen = check_command_lines(&ms).with_context(|| format!("{what} values"))?;
+        let expected: BTreeSet<String> = ["clustermesh-apiserver", "identity-sync", "egress-gw", "causeway-node-agent"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert_eq!(seen, expected, "{what}: every binary is run by the chart and checked");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_command_line_check_rejects_unknown_flags_bad_values_and_missing_required_flags() -> Result<()> {
+    // The check above must be able to fail: a flag the binary lacks, a value its parser refuses, a required flag
+    // that is missing.
+    let ms = render(MINIMAL)?;
+    let spec = pod_spec(&ms, "Deployment", "causeway-identity-sync")?;
+    let c = container(&spec, "identity-sync")?;
+    let bin = binary("identity-sync")?;
+    let args: Vec<String> = c.args.iter().flatten().cloned().collect();
+    let env = container_env(c);
+    check_command_line(&bin, &args, &env).context("the chart's own arguments")?;
+
+    let mut unknown = args.clone();
+    unknown.push("--no-such-flag=1".into());
+    let err = check_command_line(&bin, &unknown, &env).expect_err("unknown flag accepted");
+    assert!(format!("{err:#}").contains("--no-such-flag"), "{err:#}");
+
+    let bad_value: Vec<String> = args
+        .iter()
+        .map(|a| if a.starts_with("--cluster-id=") { "--cluster-id=east".into() } else { a.clone() })
+        .collect();
+    let err = check_command_line(&bin, &bad_value, &env).expect_err("bad value accepted");
+    assert!(format!("{err:#}").contains("cluster-id"), "{err:#}");
+
+    let missing: Vec<String> = args.iter().filter(|a| !a.starts_with("--cluster-name=")).cloned().collect();
+    let err = check_command_line(&bin, &missing, &env).expect_err("missing required flag accepted");
+    assert!(format!("{err:#}").contains("--cluster-name"), "{err:#}");
+
+    // The node agent takes its node name and IP from the downward API through env fallbacks: without them the
+    // required flags are missing.
+    let spec = pod_spec(&ms, "DaemonSet", "causeway-node-agent")?;
+    let agent = container(&spec, "node-agent")?;
+    let args: Vec<String> = agent.args.iter().flatten().cloned().collect();
+    let err = check_command_line(&binary("causeway-node-agent")?, &args, &BTreeMap::new())
+        .expect_err("node agent without node name accepted");
+    assert!(format!("{err:#}").contains("--node-"), "{err:#}");
+    Ok(())
+}
+
+/// (apiGroup, resource, verbs) of every rule, flattened, so order and grouping do not matter.
+fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for r in rules {
+        for g in r.api_groups.iter().flatten() {
+            for res in r.resources.iter().flatten() {
+                for v in &r.verbs {
+                    out.insert((g.clone(), res.clone(), v.clone()));
+                }
+            }
+        }
+        assert!(r.resource_names.is_none() && r.non_resource_urls.is_none(), "unexpected rule shape {r:?}");
+    }
+    out
+}
+
+fn set(items: &[(&str, &str, &[&str])]) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for (g, r, verbs) in items {
+        for v in *verbs {
+            out.insert((g.to_string(), r.to_string(), v.to_string()));
+        }
+    }
+    out
+}
+
+fn cluster_role(ms: &[Manifest], name: &str) -> Result<BTreeSet<(String, String, String)>> {
+    let role: ClusterRole = typed(one(ms, "ClusterRole", name)?)?;
+    Ok(grants(role.rules.as_deref().unwrap_or_default()))
+}
+
+#[test]
+fn rbac_grants_each_component_exactly_the_calls_its_binary_makes() -> Result<()> {
+    const LW: &[&str] = &["list", "watch"];
+    let ms = render(MINIMAL)?;
+    // clustermesh-apiserver/src/kube/mod.rs (watchers) and src/identity/kube.rs (identity objects).
+    let apiserver = set(&[
+        ("", "namespaces", LW),
+        ("", "pods", LW),
+        ("", "nodes", LW),
+        ("", "services", LW),
+        ("discovery.k8s.io", "endpointslices", LW),
+        ("causeway.io", "causewayidentities", &["list", "get", "create", "delete"]),
+        ("causeway.io", "causewayidentities/status", &["patch"]),
+    ]);
+    assert_eq!(cluster_role(&ms, "causeway-clustermesh-apiserver")?, apiserver);
+    // identity-sync/src/kube: watch Services and EndpointSlices, server-side apply (patch + create) and delete slices.
+    assert_eq!(
+        cluster_role(&ms, "causeway-identity-sync")?,
+        set(&[
+            ("", "services", LW),
+            ("discovery.k8s.io", "endpointslices", &["list", "watch", "create", "patch", "delete"])
+        ])
+    );
+    // egress-gw/src/kube/mod.rs: watchers and the status merge patch; Events through a Role in "default" only.
+    assert_eq!(
+        cluster_role(&ms, "causeway-egress-gw")?,
+        set(&[
+            ("", "pods", LW),
+            ("", "namespaces", LW),
+            ("", "nodes", LW),
+            ("causeway.io", "egressgatewaypolicies", LW),
+            ("causeway.io", "egressgatewaypolicies/status", &["patch"]),
+        ])
+    );
+    let events: Role = typed(one(&ms, "Role", "causeway-egress-gw-events")?)?;
+    assert_eq!(events.metadata.namespace.as_deref(), Some("default"));
+    assert_eq!(
+        grants(events.rules.as_deref().unwrap_or_default()),
+        set(&[("events.k8s.io", "events", &["create", "patch"])])
+    );
+
+    // The MCS API switch adds exactly the ServiceExport watch.
+    let mcs = render(&format!("{MINIMAL}clustermesh:\n  apiserver:\n    enableMcsApi: true\n"))?;
+    let mut with_mcs = apiserver.clone();
+    with_mcs.extend(set(&[("multicluster.x-k8s.io", "serviceexports", LW)]));
+    assert_eq!(cluster_role(&mcs, "causeway-clustermesh-apiserver")?, with_mcs);
+
+    // Each binding gives its role to its component's ServiceAccount and to nothing else.
+    for name in ["causeway-clustermesh-apiserver", "causeway-identity-sync", "causeway-egress-gw"] {
+        let b: ClusterRoleBinding = typed(one(&ms, "ClusterRoleBinding", name)?)?;
+        assert_eq!(b.role_ref.name, name);
+        let subjects = b.subjects.unwrap_or_default();
+        assert_eq!(subjects.len(), 1, "{name}");
+        assert_eq!((subjects[0].kind.as_str(), subjects[0].name.as_str()), ("ServiceAccount", name));
+        assert_eq!(subjects[0].namespace.as_deref(), Some(NS));
+        let spec = pod_spec(&ms, "Deployment", name)?;
+        assert_eq!(spec.service_account_name.as_deref(), Some(name), "{name} runs as its own ServiceAccount");
+    }
+    // The node agent does not call the kube API: no token, no binding.
+    let spec = pod_spec(&ms, "DaemonSet", "causeway-node-agent")?;
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert!(!ms.iter().any(|m| m.kind.ends_with("Binding") && m.doc.to_string().contains("causeway-node-agent")));
+    Ok(())
+}
+
+#[test]
+fn node_agent_gets_the_host_access_its_datapath_needs() -> Result<()> {
+    let ms = render(EVERYTHING)?;
+    let spec = pod_spec(&ms, "DaemonSet", "causeway-node-agent")?;
+    assert_eq!(spec.host_network, Some(true));
+    assert_eq!(spec.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"), "resolves the Service names it dials");
+    let agent = container(&spec, "node-agent")?;
+    assert_eq!(agent.security_context.as_ref().and_then(|s| s.privileged), Some(true));
+    let host_paths: BTreeMap<String, String> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| Some((v.name.clone(), v.host_path.as_ref()?.path.clone())))
+        .collect();
+    let mounts: BTreeMap<String, String> =
+        agent.volume_mounts.iter().flatten().map(|m| (m.mount_path.clone(), m.name.clone())).collect();
+    let host_of = |path: &str| mounts.get(path).and_then(|v| host_paths.get(v)).cloned();
+    assert_eq!(host_of("/sys/fs/bpf").as_deref(), Some("/sys/fs/bpf"), "bpffs from the host");
+    assert_eq!(host_of("/dev/net/tun").as_deref(), Some("/dev/net/tun"), "TUN for userspace WireGuard");
+    let state = arg_value(agent, "--state-dir").context("--state-dir")?;
+    assert_eq!(host_of(state).as_deref(), Some(state), "state dir (shadow journal, WireGuard key) on the host");
+    let bpffs = arg_value(agent, "--bpffs-root").context("--bpffs-root")?;
+    assert!(bpffs.starts_with("/sys/fs/bpf/"), "pins go to the mounted bpffs, not {bpffs}");
+    // It dials the Services the chart creates, on their ports.
+    let sync_svc: Service = typed(one(&ms, "Service", "causeway-identity-sync")?)?;
+    let sync_port = sync_svc.spec.as_ref().and_then(|s| s.ports.as_ref()).and_then(|p| p.first()).map(|p| p.port);
+    assert_eq!(
+        arg_value(agent, "--identity-sync-addr"),
+        Some(format!("http://causeway-identity-sync.{NS}.svc:{}", sync_port.unwrap_or_default()).as_str())
+    );
+    let egress_svc: Service = typed(one(&ms, "Service", "causeway-egress-gw")?)?;
+    let egress_port = egress_svc.spec.as_ref().and_then(|s| s.ports.as_ref()).and_then(|p| p.first()).map(|p| p.port);
+    assert_eq!(
+        arg_value(agent, "--egress-addr"),
+        Some(format!("http://causeway-egress-gw.{NS}.svc:{}", egress_port.unwrap_or_default()).as_str())
+    );
+    assert_eq!(arg_value(agent, "--external-interface"), Some("eth1"));
+    // egress-gw serves the stream on the port its Service targets, and probes the port the agents answer on.
+    let egw = pod_spec(&ms, "Deployment", "causeway-egress-gw")?;
+    let egw = container(&egw, "egress-gw")?;
+    let grpc_port = egw.ports.iter().flatten().find(|p| p.name.as_deref() == Some("grpc")).map(|p| p.container_port);
+    assert_eq!(arg_value(egw, "--grpc-addr"), Some(format!("0.0.0.0:{}", grpc_port.unwrap_or_default()).as_str()));
+    assert_eq!(egress_port, Some(19967));
+    assert_eq!(arg_value(egw, "--probe-port"), Some("9000"));
+    assert_eq!(arg_value(agent, "--probe-addr"), Some("0.0.0.0:9000"));
+    // The init container mounts a bpffs when the host has none, and propagates it back to the host.
+    let init = spec.init_containers.as_ref().and_then(|c| c.first()).context("mount-bpf-fs init container")?;
+    let m = init.volume_mounts.iter().flatten().find(|m| m.mount_path == "/sys/fs/bpf").context("bpffs mount")?;
+    assert_eq!(m.mount_propagation.as_deref(), Some("Bidirectional"));
+    Ok(())
+}
+
+/// The Service's selector matches its pods' labels and its target port names a container port.
+fn check_service_targets(ms: &[Manifest], svc_name: &str, kind: &str, workload: &str) -> Result<Service> {
+    let svc: Service = typed(one(ms, "Service", svc_name)?)?;
+    let spec = svc.spec.clone().context("service spec")?;
+    let selector = spec.selector.clone().unwrap_or_default();
+    let m = one(ms, kind, workload)?;
+    let labels: BTreeMap<String, String> =
+        serde_json::from_value(m.doc["spec"]["template"]["metadata"]["labels"].clone()).context("pod labels")?;
+    assert!(!selector.is_empty(), "{svc_name} selects something");
+    for (k, v) in &selector {
+        assert_eq!(labels.get(k), Some(v), "{svc_name} selector {k}={v} matches the {workload} pods");
+    }
+    let pod = pod_spec(ms, kind, workload)?;
+    let port_names: BTreeSet<String> =
+        pod.containers.iter().flat_map(|c| c.ports.iter().flatten()).filter_map(|p| p.name.clone()).collect();
+    for p in spec.ports.iter().flatten() {
+        let target = match &p.target_port {
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s)) => s.clone(),
+            other => bail!("{svc_name} port {} targets {other:?}, not a named container port", p.port),
+        };
+        assert!(port_names.contains(&target), "{svc_name} targets port {target}; pods have {port_names:?}");
+    }
+    Ok(svc)
+}
+
+#[test]
+fn services_select_their_pods_and_the_apiserver_service_type_follows_values() -> Result<()> {
+    let ms = render(MINIMAL)?;
+    let svc =
+        check_service_targets(&ms, "causeway-clustermesh-apiserver", "Deployment", "causeway-clustermesh-apiserver")?;
+    let spec = svc.spec.context("spec")?;
+    assert_eq!(spec.type_.as_deref(), Some("NodePort"));
+    assert_eq!(spec.ports.as_ref().and_then(|p| p.first()).and_then(|p| p.node_port), Some(32379));
+    check_service_targets(&ms, "causeway-identity-sync", "Deployment", "causeway-identity-sync")?;
+    check_service_targets(&ms, "causeway-egress-gw", "Deployment", "causeway-egress-gw")?;
+
+    let lb = render(EVERYTHING)?;
+    let svc =
+        check_service_targets(&lb, "causeway-clustermesh-apiserver", "Deployment", "causeway-clustermesh-apiserver")?;
+    let spec = svc.spec.context("spec")?;
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(spec.load_balancer_ip.as_deref(), Some("192.0.2.10"));
+    assert_eq!(spec.ports.as_ref().and_then(|p| p.first()).and_then(|p| p.node_port), None);
+    Ok(())
+}
+
+#[test]
+fn apiserver_runs_etcd_as_a_sidecar_with_client_certificate_auth() -> Result<()> {
+    let ms = render(EVERYTHING)?;
+    let spec = pod_spec(&ms, "Deployment", "causeway-clustermesh-apiserver")?;
+    let etcd = container(&spec, "etcd")?;
+    let api = container(&spec, "clustermesh-apiserver")?;
+    let etcd_args: Vec<&str> = etcd.command.iter().flatten().map(String::as_str).collect();
+    assert!(etcd_args.contains(&"--client-cert-auth"), "{etcd_args:?}");
+    assert!(etcd_args.contains(&"--listen-client-urls=https://0.0.0.0:2379"), "TLS on the client port");
+
+    // Secret volume name → secret name, and mount path → volume for each container.
+    let secrets: BTreeMap<String, String> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| Some((v.name.clone(), v.secret.as_ref()?.secret_name.clone()?)))
+        .collect();
+    let secret_of = |c: &Container, file: &str| -> Option<(String, String)> {
+        let m = c.volume_mounts.iter().flatten().find(|m| file.starts_with(&format!("{}/", m.mount_path)))?;
+        let key = file.strip_prefix(&format!("{}/", m.mount_path))?.to_string();
+        Some((secrets.get(&m.name)?.clone(), key))
+    };
+    for flag in ["--cert-file", "--key-file", "--trusted-ca-file"] {
+        let file = etcd_args.iter().find_map(|a| a.strip_prefix(&format!("{flag}="))).context(flag)?;
+        let (secret, key) =
+            secret_of(etcd, file).with_context(|| format!("etcd {flag} {file} is not in a mounted Secret"))?;
+        assert_eq!(secret, "causeway-clustermesh-server");
+        assert!(["tls.crt", "tls.key", "ca.crt"].contains(&key.as_str()), "{key}");
+    }
+    for flag in ["--etcd-ca", "--etcd-cert", "--etcd-key"] {
+        let file = arg_value(api, flag).context(flag)?;
+        let (secret, _) =
+            secret_of(api, file).with_context(|| format!("apiserver {flag} {file} is not in a mounted Secret"))?;
+        assert_eq!(secret, "causeway-clustermesh-admin");
+    }
+    assert_eq!(arg_value(api, "--etcd-endpoints"), Some("https://127.0.0.1:2379"));
+    assert_eq!(arg_value(api, "--peers"), Some("east,north"));
+    assert_eq!(arg_value(api, "--cluster-id"), Some("300"));
+    assert_eq!(arg_value(api, "--max-connected-clusters"), Some("511"));
+    // identity-sync reads the peer config Secret as a directory at its --remotes-dir, and starts without it.
+    let sync = pod_spec(&ms, "Deployment", "causeway-identity-sync")?;
+    let c = container(&sync, "identity-sync")?;
+    let dir = arg_value(c, "--remotes-dir").context("--remotes-dir")?;
+    let mount = c.volume_mounts.iter().flatten().find(|m| m.mount_path == dir).context("remotes mount")?;
+    let vol = sync.volumes.iter().flatten().find(|v| v.name == mount.name).context("remotes volume")?;
+    let secret = vol.secret.as_ref().context("remotes volume is a Secret")?;
+    assert_eq!(secret.secret_name.as_deref(), Some("my-peers"));
+    assert_eq!(secret.optional, Some(true));
+    Ok(())
+}
+
+fn pem_der(data: &BTreeMap<String, k8s_openapi::ByteString>, key: &str) -> Result<Vec<u8>> {
+    let bytes = &data.get(key).with_context(|| format!("no {key}"))?.0;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(bytes).map_err(|e| anyhow::anyhow!("{key} is not PEM: {e}"))?;
+    Ok(pem.contents)
+}
+
+#[test]
+fn helm_generated_certificates_name_the_service_and_chain_to_the_ca() -> Result<()> {
+    use x509_parser::prelude::*;
+    let ms = render(EVERYTHING)?;
+    let data = |name: &str| -> Result<BTreeMap<String, k8s_openapi::ByteString>> {
+        let s: Secret = typed(one(&ms, "Secret", name)?)?;
+        Ok(s.data.unwrap_or_default())
+    };
+    let ca_data = data("causeway-clustermesh-ca")?;
+    assert!(ca_data.contains_key("ca.key"), "the CA key is kept for `clustermesh connect` to sign remote certs");
+    let ca_der = pem_der(&ca_data, "ca.crt")?;
+    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| anyhow::anyhow!("CA: {e}"))?;
+    assert!(ca.is_ca());
+
+    let server_data = data("causeway-clustermesh-server")?;
+    let server_der = pem_der(&server_data, "tls.crt")?;
+    let (_, server) = X509Certificate::from_der(&server_der).map_err(|e| anyhow::anyhow!("server: {e}"))?;
+    server.verify_signature(Some(ca.public_key())).map_err(|e| anyhow::anyhow!("server not signed by the CA: {e}"))?;
+    let san = server.subject_alternative_name().ok().flatten().context("server SANs")?;
+    let mut dns = BTreeSet::new();
+    let mut ips = BTreeSet::new();
+    for n in &san.value.general_names {
+        match n {
+            GeneralName::DNSName(d) => {
+                dns.insert(d.to_string());
+            }
+            GeneralName::IPAddress(ip) => {
+                ips.insert(ip.to_vec());
+            }
+            _ => {}
+        }
+    }
+    for name in [
+        "causeway-clustermesh-apiserver".to_string(),
+        format!("causeway-clustermesh-apiserver.{NS}.svc"),
+        "mesh.west.example".to_string(),
+    ] {
+        assert!(dns.contains(&name), "server certificate lacks {name}: {dns:?}");
+    }
+    assert!(ips.contains(&vec![127, 0, 0, 1]), "loopback, for the apiserver in the same pod");
+    assert!(ips.contains(&vec![192, 0, 2, 10]), "the LoadBalancer IP from values");
+
+    let admin_data = data("causeway-clustermesh-admin")?;
+    let admin_der = pem_der(&admin_data, "tls.crt")?;
+    let (_, admin) = X509Certificate::from_der(&admin_der).map_err(|e| anyhow::anyhow!("admin: {e}"))?;
+    admin.verify_signature(Some(ca.public_key())).map_err(|e| anyhow::anyhow!("admin not signed by the CA: {e}"))?;
+    let cn: Vec<&str> = admin.subject().iter_common_name().filter_map(|c| c.as_str().ok()).collect();
+    assert_eq!(cn, vec!["root"], "etcd takes the user from the CN; creating peer users needs root");
+    let eku = admin.extended_key_usage().ok().flatten().context("admin EKU")?;
+    assert!(eku.value.client_auth, "a client certificate");
+    // Every Secret carries the same CA that etcd trusts.
+    assert_eq!(pem_der(&server_data, "ca.crt")?, ca_der);
+    assert_eq!(pem_der(&admin_data, "ca.crt")?, ca_der);
+    Ok(())
+}
+
+#[test]
+fn bad_values_are_refused_with_a_clear_message() -> Result<()> {
+    for (values, expect) in [
+        ("", "cluster.name is required"),
+        ("cluster: {name: default, id: 1}", "must not be \"default\""),
+        ("cluster: {name: East, id: 1}", "use a-z"),
+        ("cluster: {name: east, id: 0}", "cluster.id must be between 1 and 255"),
+        ("cluster: {name: east, id: 256}", "cluster.id must be between 1 and 255"),
+        ("cluster: {name: east, id: 1, maxConnectedClusters: 300}", "must be 255 or 511"),
+        (
+            "cluster: {name: east, id: 1}\nclustermesh: {apiserver: {service: {type: ExternalName}}}",
+            "must be NodePort, LoadBalancer or ClusterIP",
+        ),
+        ("cluster: {name: east, id: 1}\nclustermesh: {tls: {source: vault}}", "must be \"secrets\" or \"helm\""),
+        (
+            "cluster: {name: east, id: 1}\nidentitySync: {enabled: false}\negressGateway: {enabled: false}",
+            "no stream to follow",
+        ),
+        ("cluster: {name: east, id: 1}\nnodeAgent: {podInterfacePrefix: \"\"}", "refuses to guess which interfaces"),
+    ] {
+        let err = helm_template(values, NS, &[]).map(|_| ()).expect_err(values);
+        assert!(format!("{err:#}").contains(expect), "values {values:?}: expected {expect:?} in {err:#}");
+    }
+    // ClusterIP (flat networks) is allowed.
+    render(&format!("{MINIMAL}clustermesh: {{apiserver: {{service: {{type: ClusterIP}}}}}}"))?;
+    Ok(())
+}
+
+#[test]
+fn components_can_be_turned_off() -> Result<()> {
+    let ms = render(&format!(
+        "{MINIMAL}egressGateway: {{enabled: false}}\nclustermesh: {{apiserver: {{enabled: false}}}}\n"
+    ))?;
+    check_all_typed(&ms)?;
+    assert!(!ms.iter().any(|m| m.name.contains("egress-gw") || m.name.contains("clustermesh-apiserver")));
+    let spec = pod_spec(&ms, "DaemonSet", "causeway-node-agent")?;
+    assert_eq!(arg_value(container(&spec, "node-agent")?, "--egress-addr"), None, "no egress stream to dial");
+    check_command_lines(&ms)?;
+
+    // Egress only (no mesh): the agent follows the egress stream alone, and its binary accepts that.
+    let ms = render(&format!(
+        "{MINIMAL}identitySync: {{enabled: false}}\nclustermesh: {{apiserver: {{enabled: false}}}}\n"
+    ))?;
+    check_all_typed(&ms)?;
+    let spec = pod_spec(&ms, "DaemonSet", "causeway-node-agent")?;
+    let agent = container(&spec, "node-agent")?;
+    assert_eq!(arg_value(agent, "--identity-sync-addr"), None);
+    assert!(arg_value(agent, "--egress-addr").is_some());
+    check_command_lines(&ms)?;
+    Ok(())
+}
+
+#[test]
+fn chart_crds_are_the_generated_ones() -> Result<()> {
+    let path = causeway_chart_tests::chart_dir().join("crds/causeway.io_crds.yaml");
+    let in_chart = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let generated = causeway_crds::render_yaml()?;
+    assert!(
+        in_chart == generated,
+        "{} differs from the CRD types: run `cargo run -p causeway-crds --bin crdgen > crds/causeway.io_crds.yaml && \
+         cp crds/causeway.io_crds.yaml charts/causeway/crds/`",
+        path.display()
+    );
+    // helm installs them: `--include-crds` renders each one.
+    let with_crds = parse_manifests(&helm_template(MINIMAL, NS, &["--include-crds"])?)?;
+    let names: BTreeSet<String> =
+        with_crds.iter().filter(|m| m.kind == "CustomResourceDefinition").map(|m| m.name.clone()).collect();
+    let expected: BTreeSet<String> = causeway_crds::all_crds().into_iter().filter_map(|c| c.metadata.name).collect();
+    assert_eq!(names, expected);
+    Ok(())
+}
