@@ -65,7 +65,8 @@ async fn enable_twice_changes_nothing_and_rotate_renews_leaves_only() -> anyhow:
     assert_eq!(cm_data.get("cluster-id").map(String::as_str), Some("1"));
 
     let admin = data(&secret(&client, ADMIN_SECRET).await.unwrap_or_default());
-    assert_eq!(common_name(&admin["tls.crt"]), "admin-east");
+    // The apiserver's client certificate is etcd's root user: it creates the remote-<peer> users.
+    assert_eq!(common_name(&admin["tls.crt"]), "root");
     let ew = data(&secret(&client, EXTERNAL_WORKLOAD_SECRET).await.unwrap_or_default());
     assert_eq!(common_name(&ew["tls.crt"]), "externalworkload");
 
@@ -188,6 +189,12 @@ async fn connect_writes_peer_configs_identity_sync_accepts_and_disconnect_remove
         assert!(causeway::clustermesh::sans(&server).iter().any(|s| s == host), "{peer}'s server cert lacks {host}");
     }
 
+    // Each side lists the other as a peer for its apiserver (which creates the remote-<peer> etcd user).
+    for (client, peer) in [(&east, "west"), (&west, "east")] {
+        let cm = Api::<ConfigMap>::namespaced(client.clone(), NS).get(CONFIG_MAP).await?;
+        assert_eq!(cm.data.unwrap_or_default().get("peers").map(String::as_str), Some(peer));
+    }
+
     // A third cluster reusing west's ID is refused, naming the clash.
     let north = clusters.client("north").await?;
     create_apiserver_service(&north, Some("198.51.100.30")).await?;
@@ -208,6 +215,8 @@ async fn connect_writes_peer_configs_identity_sync_accepts_and_disconnect_remove
         assert!(data(&remotes).is_empty(), "{local} still has {:?}", data(&remotes).keys().collect::<Vec<_>>());
         assert!(mount_and_parse(&remotes, &tmp.path().join(format!("{local}-after"))).is_empty());
     }
+    let cm = Api::<ConfigMap>::namespaced(east.clone(), NS).get(CONFIG_MAP).await?;
+    assert_eq!(cm.data.unwrap_or_default().get("peers").map(String::as_str), Some(""));
     // Now north may take ID 2.
     clusters
         .causeway(&["clustermesh", "connect", "--context", "east", "--destination-context", "north"])

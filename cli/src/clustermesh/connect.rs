@@ -275,7 +275,8 @@ async fn write_peer(
     ids.insert(peer.name.clone(), peer.id);
     let annotations = secret.metadata.annotations.get_or_insert_with(BTreeMap::new);
     annotations.insert(PEER_IDS_ANNOTATION.into(), serde_json::to_string(&ids).unwrap_or_default());
-    local.cluster.put_secret(secret, local.remotes.as_ref()).await
+    local.cluster.put_secret(secret, local.remotes.as_ref()).await?;
+    local.cluster.set_peers(&ids.into_keys().collect::<Vec<_>>()).await
 }
 
 /// `clustermesh connect`: validates both sides, then writes each side's peer config for the other.
@@ -376,6 +377,7 @@ pub async fn disconnect(a: &KubeTarget, b: &KubeTarget, namespace: &str) -> Resu
             .insert(PEER_IDS_ANNOTATION.into(), serde_json::to_string(&ids).unwrap_or_default());
         // put_secret merges annotations with the old ones; the map above already holds the full new value.
         local.cluster.put_secret(secret, Some(existing)).await?;
+        local.cluster.set_peers(&ids.into_keys().collect::<Vec<_>>()).await?;
         lines.push(format!(
             "removed peer {:?} from Secret {namespace}/{REMOTES_SECRET} in {}",
             peer.settings.name,

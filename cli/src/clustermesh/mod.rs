@@ -4,10 +4,10 @@
 //!
 //! | object | keys | written by |
 //! |---|---|---|
-//! | ConfigMap `causeway-config` | `cluster-name`, `cluster-id`, `max-connected-clusters` | `enable` |
+//! | ConfigMap `causeway-config` | `cluster-name`, `cluster-id`, `max-connected-clusters`; `peers` | `enable`; `connect`/`disconnect` |
 //! | Secret `causeway-clustermesh-ca` | `ca.crt`, `ca.key` | `enable` (never rotated by the CLI) |
 //! | Secret `clustermesh-apiserver-server-cert` | `ca.crt`, `tls.crt`, `tls.key` (etcd's server certificate) | `enable`, `rotate-certs` |
-//! | Secret `clustermesh-apiserver-admin-cert` | same, CN `admin-<cluster>` | `enable`, `rotate-certs` |
+//! | Secret `clustermesh-apiserver-admin-cert` | same, CN `root` (the apiserver creates etcd users) | `enable`, `rotate-certs` |
 //! | Secret `clustermesh-apiserver-external-workload-cert` | same, CN `externalworkload` | `enable`, `rotate-certs` |
 //! | Secret `causeway-clustermesh-remotes` | per peer `<peer>`, `<peer>.ca.crt`, `<peer>.crt`, `<peer>.key` | `connect`, `disconnect` |
 //!
@@ -42,6 +42,8 @@ pub const CONFIG_MAP: &str = "causeway-config";
 pub const KEY_CLUSTER_NAME: &str = "cluster-name";
 pub const KEY_CLUSTER_ID: &str = "cluster-id";
 pub const KEY_MAX_CONNECTED_CLUSTERS: &str = "max-connected-clusters";
+/// Comma-separated names of the connected peers (for the apiserver's `--peers`: it creates their etcd users).
+pub const KEY_PEERS: &str = "peers";
 /// The mesh CA of this cluster (signs its etcd's server certificate and every client allowed in).
 pub const CA_SECRET: &str = "causeway-clustermesh-ca";
 pub const CA_KEY_FILE: &str = "ca.key";
@@ -183,6 +185,28 @@ impl Cluster {
         ClusterSettings::from_data(&data)
             .map_err(|e| Error::Refused(format!("{}: ConfigMap {CONFIG_MAP}: {e}", self.target.label())))?
             .ok_or_else(not_enabled)
+    }
+
+    /// Sets the `peers` key of the ConfigMap to `peers` (sorted, comma-separated), keeping its other keys.
+    pub async fn set_peers(&self, peers: &[String]) -> Result<(), Error> {
+        let what = format!("updating {KEY_PEERS} in ConfigMap {}/{CONFIG_MAP}", self.namespace);
+        let Some(mut cm) = self.config_maps().get_opt(CONFIG_MAP).await.map_err(Error::kube(&self.target, &what))?
+        else {
+            return Ok(());
+        };
+        let mut sorted = peers.to_vec();
+        sorted.sort();
+        let value = sorted.join(",");
+        let data = cm.data.get_or_insert_with(BTreeMap::new);
+        if data.get(KEY_PEERS) == Some(&value) {
+            return Ok(());
+        }
+        data.insert(KEY_PEERS.to_string(), value);
+        self.config_maps()
+            .replace(CONFIG_MAP, &PostParams::default(), &cm)
+            .await
+            .map_err(Error::kube(&self.target, what))?;
+        Ok(())
     }
 
     /// The cluster's CA, or a message saying to run `enable`.
@@ -350,10 +374,12 @@ impl Changes {
 }
 
 /// The leaf certificates `enable` creates and `rotate-certs` renews: Secret name, CN, server or client.
-fn leaves(cluster: &str) -> [(&'static str, String, bool); 3] {
+fn leaves() -> [(&'static str, String, bool); 3] {
     [
         (SERVER_SECRET, "clustermesh-apiserver".to_string(), true),
-        (ADMIN_SECRET, users::admin(cluster), false),
+        // The local apiserver's etcd client certificate. CN `root`, not `admin-<cluster>`: the apiserver creates
+        // the `remote-<peer>` users and enables etcd auth, which only the root user may do.
+        (ADMIN_SECRET, users::ROOT.to_string(), false),
         (EXTERNAL_WORKLOAD_SECRET, users::EXTERNAL_WORKLOAD.to_string(), false),
     ]
 }
@@ -463,7 +489,7 @@ pub async fn enable(
     if let Some(svc) = &svc {
         sans_wanted.extend(connect::node_port_addresses(svc, &connect::some_nodes(&c.client, 50).await));
     }
-    for (secret_name, cn, server) in leaves(&settings.name) {
+    for (secret_name, cn, server) in leaves() {
         let label = format!("Secret {namespace}/{secret_name}");
         let existing = c.get_secret(secret_name).await?;
         let valid = existing.as_ref().and_then(|s| secret_str(s, causeway_pki::CERT_FILE)).is_some_and(|cert| {
@@ -512,7 +538,7 @@ pub async fn rotate_certs(target: &KubeTarget, namespace: &str, extra_sans: &[St
     if let Some(svc) = &svc {
         sans_wanted.extend(connect::node_port_addresses(svc, &connect::some_nodes(&c.client, 50).await));
     }
-    for (secret_name, cn, server) in leaves(&settings.name) {
+    for (secret_name, cn, server) in leaves() {
         let existing = c.get_secret(secret_name).await?;
         let mut extra = sans_wanted.clone();
         if server {
