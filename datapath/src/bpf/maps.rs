@@ -38,7 +38,12 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> BpfError {
 
 /// `ENOENT` from a delete or lookup: the entry was not there.
 fn is_not_found(e: &MapError) -> bool {
-    matches!(e, MapError::KeyNotFound | MapError::ElementNotFound)
+    // aya 0.14 reports a lookup miss as KeyNotFound, but a delete miss as the raw syscall's ENOENT.
+    match e {
+        MapError::KeyNotFound | MapError::ElementNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(nix::libc::ENOENT),
+        _ => false,
+    }
 }
 
 fn be_u16(b: [u8; 2]) -> u16 {

@@ -434,6 +434,8 @@ fn remove(map: &mut SnatMap, key: &SnatKey) -> Result<bool, KernelError> {
     match map.remove(key) {
         Ok(()) => Ok(true),
         Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(false),
+        // aya 0.14 reports a delete miss (e.g. the entry went by LRU a moment ago) as the syscall's ENOENT.
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => Ok(false),
         Err(source) => Err(BpfError::Map { map: "cw_snat", source }.into()),
     }
 }
