@@ -44,13 +44,16 @@ for c in "${clusters[@]}"; do
     kind create cluster --config "$dir/$c.kind.yaml" --wait 120s
   fi
   kind load docker-image causeway:dev --name "$c"
-  helm upgrade --install causeway charts/causeway --kube-context "kind-$c" --namespace kube-system \
+  helm upgrade --install causeway charts/causeway --kube-context "kind-$c" --namespace causeway --create-namespace \
     --values "$dir/$c.values.yaml" --wait=false
 done
 
-# Certificates and Secrets first (idempotent), then the peer configs, pair by pair (connect writes both sides).
+# Certificates and Secrets (idempotent; the name and ID must be the ones in the values, which the chart put in the
+# causeway-config ConfigMap), then the peer configs, pair by pair (connect writes both sides).
 for c in "${clusters[@]}"; do
-  "$causeway" clustermesh enable --context "kind-$c"
+  id="$(awk '/^cluster:/ {in_cluster = 1; next} /^[^ ]/ {in_cluster = 0} in_cluster && $1 == "id:" {print $2}' \
+    "$dir/$c.values.yaml")"
+  "$causeway" clustermesh enable --context "kind-$c" --cluster-name "$c" --cluster-id "$id"
 done
 for ((i = 0; i < ${#clusters[@]}; i++)); do
   for ((j = i + 1; j < ${#clusters[@]}; j++)); do

@@ -7,15 +7,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context as _, Result};
+use causeway::clustermesh as cli;
 use causeway_chart_tests::{binary, check_command_line, helm_template, parse_manifests, Manifest};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Container, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-const NS: &str = "kube-system";
+const NS: &str = "causeway";
 
 /// Minimal values: what `causeway clustermesh enable` needs a cluster to have (name and ID); everything else default.
 const MINIMAL: &str = "cluster:\n  name: east\n  id: 1\n";
@@ -146,6 +147,7 @@ fn check_all_typed(ms: &[Manifest]) -> Result<()> {
             ("v1", "Service") => round_trip::<Service>(m)?,
             ("v1", "ServiceAccount") => round_trip::<ServiceAccount>(m)?,
             ("v1", "Secret") => round_trip::<Secret>(m)?,
+            ("v1", "ConfigMap") => round_trip::<ConfigMap>(m)?,
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(m)?,
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => round_trip::<ClusterRoleBinding>(m)?,
             ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(m)?,
@@ -174,23 +176,46 @@ fn arg_value<'a>(c: &'a Container, flag: &str) -> Option<&'a str> {
     c.args.iter().flatten().find_map(|a| a.strip_prefix(&format!("{flag}=")))
 }
 
-/// Sample values for the environment a pod gets from the downward API, so `$(VAR)` references and env fallbacks can
-/// be handed to the binary.
-fn container_env(c: &Container) -> BTreeMap<String, String> {
+/// The data of ConfigMap `causeway-config`: the chart's when it renders one, else what `causeway clustermesh enable`
+/// writes (a sample in the CLI's format).
+fn cluster_config(ms: &[Manifest]) -> Result<BTreeMap<String, String>> {
+    match ms.iter().find(|m| m.kind == "ConfigMap" && m.name == cli::CONFIG_MAP) {
+        Some(m) => Ok(typed::<ConfigMap>(m)?.data.unwrap_or_default()),
+        None => Ok(BTreeMap::from([
+            (cli::KEY_CLUSTER_NAME.to_string(), "south".to_string()),
+            (cli::KEY_CLUSTER_ID.to_string(), "7".to_string()),
+            (cli::KEY_MAX_CONNECTED_CLUSTERS.to_string(), "255".to_string()),
+        ])),
+    }
+}
+
+/// The environment a container gets: literal values, the downward API (sample node name and IP) and keys of
+/// `causeway-config`; so `$(VAR)` references and env fallbacks can be handed to the binary.
+fn container_env(c: &Container, config: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
     let mut env = BTreeMap::new();
     for e in c.env.iter().flatten() {
-        let value = match (&e.value, e.value_from.as_ref().and_then(|f| f.field_ref.as_ref())) {
-            (Some(v), _) => v.clone(),
-            (None, Some(f)) if f.field_path == "spec.nodeName" => "node-a".to_string(),
-            (None, Some(f)) if f.field_path == "status.hostIP" || f.field_path == "status.podIP" => {
+        let from = e.value_from.as_ref();
+        let field = from.and_then(|f| f.field_ref.as_ref());
+        let key = from.and_then(|f| f.config_map_key_ref.as_ref());
+        let value = match (&e.value, field, key) {
+            (Some(v), _, _) => v.clone(),
+            (None, Some(f), _) if f.field_path == "spec.nodeName" => "node-a".to_string(),
+            (None, Some(f), _) if f.field_path == "status.hostIP" || f.field_path == "status.podIP" => {
                 "10.0.0.7".to_string()
             }
-            (None, Some(f)) => format!("sample-{}", f.field_path),
-            (None, None) => continue,
+            (None, Some(f), _) => bail!("{}: unexpected downward API field {}", e.name, f.field_path),
+            (None, None, Some(k)) => {
+                assert_eq!(k.name, cli::CONFIG_MAP, "{}: reads the ConfigMap the CLI writes", e.name);
+                config
+                    .get(&k.key)
+                    .cloned()
+                    .with_context(|| format!("{}: causeway-config has no key {}", e.name, k.key))?
+            }
+            (None, None, None) => bail!("{}: a value source this test does not know", e.name),
         };
         env.insert(e.name.clone(), value);
     }
-    env
+    Ok(env)
 }
 
 /// Every container that runs a Causeway binary, with that binary's name (the image's /usr/local/bin/<name>).
@@ -212,9 +237,10 @@ fn causeway_containers(ms: &[Manifest]) -> Result<Vec<(String, Container)>> {
 
 fn check_command_lines(ms: &[Manifest]) -> Result<BTreeSet<String>> {
     let mut seen = BTreeSet::new();
+    let config = cluster_config(ms)?;
     for (label, c) in causeway_containers(ms)? {
         let bin = label.split('@').next().unwrap_or_default().to_string();
-        let env = container_env(&c);
+        let env = container_env(&c, &config)?;
         let args: Vec<String> = c.args.iter().flatten().map(|a| causeway_chart_tests::expand_vars(a, &env)).collect();
         check_command_line(&binary(&bin)?, &args, &env).with_context(|| format!("container {label}"))?;
         seen.insert(bin);
@@ -228,13 +254,14 @@ fn minimal_values_render_every_component_as_valid_api_objects() -> Result<()> {
     check_all_typed(&ms)?;
     let kinds: BTreeSet<(String, String)> = ms.iter().map(|m| (m.kind.clone(), m.name.clone())).collect();
     for (kind, name) in [
-        ("Deployment", "causeway-clustermesh-apiserver"),
-        ("Service", "causeway-clustermesh-apiserver"),
-        ("Deployment", "causeway-identity-sync"),
-        ("Service", "causeway-identity-sync"),
-        ("Deployment", "causeway-egress-gw"),
-        ("Service", "causeway-egress-gw"),
+        ("Deployment", "clustermesh-apiserver"),
+        ("Service", "clustermesh-apiserver"),
+        ("Deployment", "identity-sync"),
+        ("Service", "identity-sync"),
+        ("Deployment", "egress-gw"),
+        ("Service", "egress-gw"),
         ("DaemonSet", "causeway-node-agent"),
+        ("ConfigMap", "causeway-config"),
     ] {
         assert!(kinds.contains(&(kind.to_string(), name.to_string())), "missing {kind} {name}");
     }
@@ -274,11 +301,11 @@ fn the_command_line_check_rejects_unknown_flags_bad_values_and_missing_required_
     // The check above must be able to fail: a flag the binary lacks, a value its parser refuses, a required flag
     // that is missing.
     let ms = render(MINIMAL)?;
-    let spec = pod_spec(&ms, "Deployment", "causeway-identity-sync")?;
-    let c = container(&spec, "identity-sync")?;
-    let bin = binary("identity-sync")?;
+    let spec = pod_spec(&ms, "Deployment", "egress-gw")?;
+    let c = container(&spec, "egress-gw")?;
+    let bin = binary("egress-gw")?;
     let args: Vec<String> = c.args.iter().flatten().cloned().collect();
-    let env = container_env(c);
+    let env = container_env(c, &cluster_config(&ms)?)?;
     check_command_line(&bin, &args, &env).context("the chart's own arguments")?;
 
     let mut unknown = args.clone();
@@ -288,13 +315,20 @@ fn the_command_line_check_rejects_unknown_flags_bad_values_and_missing_required_
 
     let bad_value: Vec<String> = args
         .iter()
-        .map(|a| if a.starts_with("--cluster-id=") { "--cluster-id=east".into() } else { a.clone() })
+        .map(|a| if a.starts_with("--hold-down=") { "--hold-down=soon".into() } else { a.clone() })
         .collect();
     let err = check_command_line(&bin, &bad_value, &env).expect_err("bad value accepted");
-    assert!(format!("{err:#}").contains("cluster-id"), "{err:#}");
+    assert!(format!("{err:#}").contains("hold-down"), "{err:#}");
 
-    let missing: Vec<String> = args.iter().filter(|a| !a.starts_with("--cluster-name=")).cloned().collect();
-    let err = check_command_line(&bin, &missing, &env).expect_err("missing required flag accepted");
+    // identity-sync takes --cluster-name from the ConfigMap through its env fallback: without it, it is missing.
+    let spec = pod_spec(&ms, "Deployment", "identity-sync")?;
+    let c = container(&spec, "identity-sync")?;
+    let bin = binary("identity-sync")?;
+    let args: Vec<String> = c.args.iter().flatten().cloned().collect();
+    let mut env = container_env(c, &cluster_config(&ms)?)?;
+    check_command_line(&bin, &args, &env).context("the chart's own arguments")?;
+    env.remove("CAUSEWAY_CLUSTER_NAME");
+    let err = check_command_line(&bin, &args, &env).expect_err("missing required flag accepted");
     assert!(format!("{err:#}").contains("--cluster-name"), "{err:#}");
 
     // The node agent takes its node name and IP from the downward API through env fallbacks: without them the
@@ -387,15 +421,19 @@ fn rbac_grants_each_component_exactly_the_calls_its_binary_makes() -> Result<()>
     assert_eq!(cluster_role(&mcs, "causeway-clustermesh-apiserver")?, with_mcs);
 
     // Each binding gives its role to its component's ServiceAccount and to nothing else.
-    for name in ["causeway-clustermesh-apiserver", "causeway-identity-sync", "causeway-egress-gw"] {
+    for (workload, name) in [
+        ("clustermesh-apiserver", "causeway-clustermesh-apiserver"),
+        ("identity-sync", "causeway-identity-sync"),
+        ("egress-gw", "causeway-egress-gw"),
+    ] {
         let b: ClusterRoleBinding = typed(one(&ms, "ClusterRoleBinding", name)?)?;
         assert_eq!(b.role_ref.name, name);
         let subjects = b.subjects.unwrap_or_default();
         assert_eq!(subjects.len(), 1, "{name}");
         assert_eq!((subjects[0].kind.as_str(), subjects[0].name.as_str()), ("ServiceAccount", name));
         assert_eq!(subjects[0].namespace.as_deref(), Some(NS));
-        let spec = pod_spec(&ms, "Deployment", name)?;
-        assert_eq!(spec.service_account_name.as_deref(), Some(name), "{name} runs as its own ServiceAccount");
+        let spec = pod_spec(&ms, "Deployment", workload)?;
+        assert_eq!(spec.service_account_name.as_deref(), Some(name), "{workload} runs as its own ServiceAccount");
     }
     // The node agent does not call the kube API: no token, no binding.
     let spec = pod_spec(&ms, "DaemonSet", "causeway-node-agent")?;
@@ -428,21 +466,21 @@ fn node_agent_gets_the_host_access_its_datapath_needs() -> Result<()> {
     let bpffs = arg_value(agent, "--bpffs-root").context("--bpffs-root")?;
     assert!(bpffs.starts_with("/sys/fs/bpf/"), "pins go to the mounted bpffs, not {bpffs}");
     // It dials the Services the chart creates, on their ports.
-    let sync_svc: Service = typed(one(&ms, "Service", "causeway-identity-sync")?)?;
+    let sync_svc: Service = typed(one(&ms, "Service", "identity-sync")?)?;
     let sync_port = sync_svc.spec.as_ref().and_then(|s| s.ports.as_ref()).and_then(|p| p.first()).map(|p| p.port);
     assert_eq!(
         arg_value(agent, "--identity-sync-addr"),
-        Some(format!("http://causeway-identity-sync.{NS}.svc:{}", sync_port.unwrap_or_default()).as_str())
+        Some(format!("http://identity-sync.{NS}.svc:{}", sync_port.unwrap_or_default()).as_str())
     );
-    let egress_svc: Service = typed(one(&ms, "Service", "causeway-egress-gw")?)?;
+    let egress_svc: Service = typed(one(&ms, "Service", "egress-gw")?)?;
     let egress_port = egress_svc.spec.as_ref().and_then(|s| s.ports.as_ref()).and_then(|p| p.first()).map(|p| p.port);
     assert_eq!(
         arg_value(agent, "--egress-addr"),
-        Some(format!("http://causeway-egress-gw.{NS}.svc:{}", egress_port.unwrap_or_default()).as_str())
+        Some(format!("http://egress-gw.{NS}.svc:{}", egress_port.unwrap_or_default()).as_str())
     );
     assert_eq!(arg_value(agent, "--external-interface"), Some("eth1"));
     // egress-gw serves the stream on the port its Service targets, and probes the port the agents answer on.
-    let egw = pod_spec(&ms, "Deployment", "causeway-egress-gw")?;
+    let egw = pod_spec(&ms, "Deployment", "egress-gw")?;
     let egw = container(&egw, "egress-gw")?;
     let grpc_port = egw.ports.iter().flatten().find(|p| p.name.as_deref() == Some("grpc")).map(|p| p.container_port);
     assert_eq!(arg_value(egw, "--grpc-addr"), Some(format!("0.0.0.0:{}", grpc_port.unwrap_or_default()).as_str()));
@@ -484,17 +522,15 @@ fn check_service_targets(ms: &[Manifest], svc_name: &str, kind: &str, workload: 
 #[test]
 fn services_select_their_pods_and_the_apiserver_service_type_follows_values() -> Result<()> {
     let ms = render(MINIMAL)?;
-    let svc =
-        check_service_targets(&ms, "causeway-clustermesh-apiserver", "Deployment", "causeway-clustermesh-apiserver")?;
+    let svc = check_service_targets(&ms, cli::APISERVER_SERVICE, "Deployment", "clustermesh-apiserver")?;
     let spec = svc.spec.context("spec")?;
     assert_eq!(spec.type_.as_deref(), Some("NodePort"));
     assert_eq!(spec.ports.as_ref().and_then(|p| p.first()).and_then(|p| p.node_port), Some(32379));
-    check_service_targets(&ms, "causeway-identity-sync", "Deployment", "causeway-identity-sync")?;
-    check_service_targets(&ms, "causeway-egress-gw", "Deployment", "causeway-egress-gw")?;
+    check_service_targets(&ms, "identity-sync", "Deployment", "identity-sync")?;
+    check_service_targets(&ms, "egress-gw", "Deployment", "egress-gw")?;
 
     let lb = render(EVERYTHING)?;
-    let svc =
-        check_service_targets(&lb, "causeway-clustermesh-apiserver", "Deployment", "causeway-clustermesh-apiserver")?;
+    let svc = check_service_targets(&lb, cli::APISERVER_SERVICE, "Deployment", "clustermesh-apiserver")?;
     let spec = svc.spec.context("spec")?;
     assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
     assert_eq!(spec.load_balancer_ip.as_deref(), Some("192.0.2.10"));
@@ -505,7 +541,7 @@ fn services_select_their_pods_and_the_apiserver_service_type_follows_values() ->
 #[test]
 fn apiserver_runs_etcd_as_a_sidecar_with_client_certificate_auth() -> Result<()> {
     let ms = render(EVERYTHING)?;
-    let spec = pod_spec(&ms, "Deployment", "causeway-clustermesh-apiserver")?;
+    let spec = pod_spec(&ms, "Deployment", "clustermesh-apiserver")?;
     let etcd = container(&spec, "etcd")?;
     let api = container(&spec, "clustermesh-apiserver")?;
     let etcd_args: Vec<&str> = etcd.command.iter().flatten().map(String::as_str).collect();
@@ -528,21 +564,19 @@ fn apiserver_runs_etcd_as_a_sidecar_with_client_certificate_auth() -> Result<()>
         let file = etcd_args.iter().find_map(|a| a.strip_prefix(&format!("{flag}="))).context(flag)?;
         let (secret, key) =
             secret_of(etcd, file).with_context(|| format!("etcd {flag} {file} is not in a mounted Secret"))?;
-        assert_eq!(secret, "causeway-clustermesh-server");
+        assert_eq!(secret, cli::SERVER_SECRET);
         assert!(["tls.crt", "tls.key", "ca.crt"].contains(&key.as_str()), "{key}");
     }
     for flag in ["--etcd-ca", "--etcd-cert", "--etcd-key"] {
         let file = arg_value(api, flag).context(flag)?;
         let (secret, _) =
             secret_of(api, file).with_context(|| format!("apiserver {flag} {file} is not in a mounted Secret"))?;
-        assert_eq!(secret, "causeway-clustermesh-admin");
+        assert_eq!(secret, cli::ADMIN_SECRET);
     }
     assert_eq!(arg_value(api, "--etcd-endpoints"), Some("https://127.0.0.1:2379"));
     assert_eq!(arg_value(api, "--peers"), Some("east,north"));
-    assert_eq!(arg_value(api, "--cluster-id"), Some("300"));
-    assert_eq!(arg_value(api, "--max-connected-clusters"), Some("511"));
     // identity-sync reads the peer config Secret as a directory at its --remotes-dir, and starts without it.
-    let sync = pod_spec(&ms, "Deployment", "causeway-identity-sync")?;
+    let sync = pod_spec(&ms, "Deployment", "identity-sync")?;
     let c = container(&sync, "identity-sync")?;
     let dir = arg_value(c, "--remotes-dir").context("--remotes-dir")?;
     let mount = c.volume_mounts.iter().flatten().find(|m| m.mount_path == dir).context("remotes mount")?;
@@ -567,13 +601,16 @@ fn helm_generated_certificates_name_the_service_and_chain_to_the_ca() -> Result<
         let s: Secret = typed(one(&ms, "Secret", name)?)?;
         Ok(s.data.unwrap_or_default())
     };
-    let ca_data = data("causeway-clustermesh-ca")?;
-    assert!(ca_data.contains_key("ca.key"), "the CA key is kept for `clustermesh connect` to sign remote certs");
+    let ca_data = data(cli::CA_SECRET)?;
+    assert!(
+        ca_data.contains_key(cli::CA_KEY_FILE),
+        "the CA key is kept for `clustermesh connect` to sign remote certs"
+    );
     let ca_der = pem_der(&ca_data, "ca.crt")?;
     let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| anyhow::anyhow!("CA: {e}"))?;
     assert!(ca.is_ca());
 
-    let server_data = data("causeway-clustermesh-server")?;
+    let server_data = data(cli::SERVER_SECRET)?;
     let server_der = pem_der(&server_data, "tls.crt")?;
     let (_, server) = X509Certificate::from_der(&server_der).map_err(|e| anyhow::anyhow!("server: {e}"))?;
     server.verify_signature(Some(ca.public_key())).map_err(|e| anyhow::anyhow!("server not signed by the CA: {e}"))?;
@@ -592,8 +629,8 @@ fn helm_generated_certificates_name_the_service_and_chain_to_the_ca() -> Result<
         }
     }
     for name in [
-        "causeway-clustermesh-apiserver".to_string(),
-        format!("causeway-clustermesh-apiserver.{NS}.svc"),
+        cli::APISERVER_SERVICE.to_string(),
+        format!("{}.{NS}.svc", cli::APISERVER_SERVICE),
         "mesh.west.example".to_string(),
     ] {
         assert!(dns.contains(&name), "server certificate lacks {name}: {dns:?}");
@@ -601,7 +638,7 @@ fn helm_generated_certificates_name_the_service_and_chain_to_the_ca() -> Result<
     assert!(ips.contains(&vec![127, 0, 0, 1]), "loopback, for the apiserver in the same pod");
     assert!(ips.contains(&vec![192, 0, 2, 10]), "the LoadBalancer IP from values");
 
-    let admin_data = data("causeway-clustermesh-admin")?;
+    let admin_data = data(cli::ADMIN_SECRET)?;
     let admin_der = pem_der(&admin_data, "tls.crt")?;
     let (_, admin) = X509Certificate::from_der(&admin_der).map_err(|e| anyhow::anyhow!("admin: {e}"))?;
     admin.verify_signature(Some(ca.public_key())).map_err(|e| anyhow::anyhow!("admin not signed by the CA: {e}"))?;
@@ -618,7 +655,7 @@ fn helm_generated_certificates_name_the_service_and_chain_to_the_ca() -> Result<
 #[test]
 fn bad_values_are_refused_with_a_clear_message() -> Result<()> {
     for (values, expect) in [
-        ("", "cluster.name is required"),
+        ("cluster: {id: 3}", "set both, or neither"),
         ("cluster: {name: default, id: 1}", "must not be \"default\""),
         ("cluster: {name: East, id: 1}", "use a-z"),
         ("cluster: {name: east, id: 0}", "cluster.id must be between 1 and 255"),
@@ -629,6 +666,10 @@ fn bad_values_are_refused_with_a_clear_message() -> Result<()> {
             "must be NodePort, LoadBalancer or ClusterIP",
         ),
         ("cluster: {name: east, id: 1}\nclustermesh: {tls: {source: vault}}", "must be \"secrets\" or \"helm\""),
+        (
+            "cluster: {name: east, id: 1}\nclustermesh: {apiserver: {peers: [west]}}",
+            "needs a `root` etcd client certificate",
+        ),
         (
             "cluster: {name: east, id: 1}\nidentitySync: {enabled: false}\negressGateway: {enabled: false}",
             "no stream to follow",
@@ -650,6 +691,7 @@ fn components_can_be_turned_off() -> Result<()> {
     ))?;
     check_all_typed(&ms)?;
     assert!(!ms.iter().any(|m| m.name.contains("egress-gw") || m.name.contains("clustermesh-apiserver")));
+    assert!(ms.iter().any(|m| m.name == "identity-sync"));
     let spec = pod_spec(&ms, "DaemonSet", "causeway-node-agent")?;
     assert_eq!(arg_value(container(&spec, "node-agent")?, "--egress-addr"), None, "no egress stream to dial");
     check_command_lines(&ms)?;
@@ -684,5 +726,60 @@ fn chart_crds_are_the_generated_ones() -> Result<()> {
         with_crds.iter().filter(|m| m.kind == "CustomResourceDefinition").map(|m| m.name.clone()).collect();
     let expected: BTreeSet<String> = causeway_crds::all_crds().into_iter().filter_map(|c| c.metadata.name).collect();
     assert_eq!(names, expected);
+    Ok(())
+}
+
+#[test]
+fn chart_and_cli_agree_on_the_objects_they_share() -> Result<()> {
+    // With name and ID in the values, the chart's ConfigMap is what `causeway clustermesh enable` reads and accepts.
+    let ms = render(MINIMAL)?;
+    let data = cluster_config(&ms)?;
+    let settings = cli::ClusterSettings::from_data(&data).map_err(anyhow::Error::msg)?.context("settings")?;
+    settings.validate()?;
+    assert_eq!((settings.name.as_str(), settings.id, settings.max_connected_clusters), ("east", 1, 255));
+
+    // Without them the chart renders no ConfigMap (enable creates it) and every component reads the CLI's keys.
+    let ms = render("")?;
+    check_all_typed(&ms)?;
+    assert!(!ms.iter().any(|m| m.kind == "ConfigMap"), "enable owns causeway-config");
+    for workload in ["clustermesh-apiserver", "identity-sync"] {
+        let spec = pod_spec(&ms, "Deployment", workload)?;
+        let c = container(&spec, workload)?;
+        let keys: BTreeSet<String> = c
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| e.value_from.as_ref()?.config_map_key_ref.as_ref())
+            .filter(|k| k.name == cli::CONFIG_MAP)
+            .map(|k| k.key.clone())
+            .collect();
+        let want: BTreeSet<String> = [cli::KEY_CLUSTER_NAME, cli::KEY_CLUSTER_ID, cli::KEY_MAX_CONNECTED_CLUSTERS]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert_eq!(keys, want, "{workload}");
+    }
+    check_command_lines(&ms)?;
+
+    // identity-sync reads the remotes Secret `connect` writes, and serves /status on the Service port the CLI's
+    // status command proxies to by default (`--sync-service identity-sync --sync-port metrics`).
+    let sync = pod_spec(&ms, "Deployment", "identity-sync")?;
+    let vol = sync.volumes.iter().flatten().find_map(|v| v.secret.as_ref()).context("remotes Secret volume")?;
+    assert_eq!(vol.secret_name.as_deref(), Some(cli::REMOTES_SECRET));
+    let svc: Service = typed(one(&ms, "Service", "identity-sync")?)?;
+    let port =
+        svc.spec.and_then(|s| s.ports).unwrap_or_default().into_iter().find(|p| p.name.as_deref() == Some("metrics"));
+    let port = port.context("identity-sync Service has a port named metrics")?;
+    let metrics_addr = arg_value(container(&sync, "identity-sync")?, "--metrics-addr").context("--metrics-addr")?;
+    assert_eq!(metrics_addr, format!("0.0.0.0:{}", port.port), "the metrics port serves /status");
+
+    // `connect` finds etcd on the apiserver Service's port named `etcd`; `egress status` scrapes agents on the node.
+    let svc: Service = typed(one(&ms, "Service", cli::APISERVER_SERVICE)?)?;
+    assert!(svc.spec.and_then(|s| s.ports).unwrap_or_default().iter().any(|p| p.name.as_deref() == Some("etcd")));
+    let agent = pod_spec(&ms, "DaemonSet", "causeway-node-agent")?;
+    assert_eq!(
+        arg_value(container(&agent, "node-agent")?, "--metrics-addr"),
+        Some(format!("0.0.0.0:{}", causeway::egress::DEFAULT_AGENT_METRICS_PORT).as_str())
+    );
     Ok(())
 }
