@@ -362,7 +362,11 @@ pub fn render_table(report: &EgressReport) -> String {
         }
         for c in &p.problems {
             let msg = if c.message.is_empty() { String::new() } else { format!(": {}", c.message) };
-            lines.push(format!("{}: {} {}{msg}", p.name, c.type_, c.reason));
+            if c.type_ == CONDITION_READY {
+                lines.push(format!("{}: not Ready ({}){msg}", p.name, c.reason));
+            } else {
+                lines.push(format!("{}: {} {}{msg}", p.name, c.type_, c.reason));
+            }
         }
         for l in lines {
             if std::mem::take(&mut first) {
@@ -398,12 +402,23 @@ async fn scrape(http: reqwest::Client, node_ip: String, port: u16) -> (String, R
 }
 
 fn describe_reqwest(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".to_string()
+    // The innermost cause ("Connection refused (os error 111)") is what tells an operator what to check.
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let kind = if e.is_timeout() {
+        "timed out"
     } else if e.is_connect() {
-        "connection failed".to_string()
+        "connection failed"
     } else {
-        e.to_string()
+        return e.to_string();
+    };
+    let detail = cause.to_string();
+    if detail.is_empty() || std::ptr::addr_eq(cause, e as &dyn std::error::Error) {
+        kind.to_string()
+    } else {
+        format!("{kind}: {detail}")
     }
 }
 

@@ -73,12 +73,13 @@ enum MeshAction {
         /// Namespace of Causeway's objects.
         #[arg(long, short = 'n', default_value = causeway::clustermesh::DEFAULT_NAMESPACE)]
         namespace: String,
-        /// Unique name of this cluster in the mesh (at most 32 of a-z, 0-9, '-'; not "default").
-        #[arg(long)]
-        cluster_name: String,
+        /// Unique name of this cluster in the mesh (at most 32 of a-z, 0-9, '-'; not "default"). Without it (and
+        /// --cluster-id), the name and ID already in ConfigMap causeway-config (e.g. from the chart) are used.
+        #[arg(long, requires = "cluster_id")]
+        cluster_name: Option<String>,
         /// Unique ID of this cluster in the mesh, 1..=255 (1..=511 with --max-connected-clusters 511).
-        #[arg(long)]
-        cluster_id: u32,
+        #[arg(long, requires = "cluster_name")]
+        cluster_id: Option<u32>,
         /// 255 or 511; the same on every cluster of the mesh.
         #[arg(long, default_value_t = 255)]
         max_connected_clusters: u32,
@@ -182,8 +183,11 @@ async fn mesh(action: MeshAction) -> anyhow::Result<()> {
     use causeway::clustermesh::{self, connect, status, ClusterSettings};
     match action {
         MeshAction::Enable { kube, namespace, cluster_name, cluster_id, max_connected_clusters, server_sans } => {
-            let settings = ClusterSettings { name: cluster_name, id: cluster_id, max_connected_clusters };
-            let changes = clustermesh::enable(&kube.target(), &namespace, &settings, &server_sans).await?;
+            let settings = match (cluster_name, cluster_id) {
+                (Some(name), Some(id)) => Some(ClusterSettings { name, id, max_connected_clusters }),
+                _ => None,
+            };
+            let changes = clustermesh::enable(&kube.target(), &namespace, settings.as_ref(), &server_sans).await?;
             print!("{}", changes.render());
         }
         MeshAction::RotateCerts { kube, namespace, server_sans } => {

@@ -246,8 +246,17 @@ async fn connect_refuses_default_name_id_zero_and_duplicate_ids() -> anyhow::Res
     let r = enable(&clusters, "east", "east", "0").await;
     assert!(!r.ok && r.stderr.contains("cluster ID 0 is reserved"), "{r:?}");
 
+    // Without flags, enable takes the name and ID the chart wrote, and refuses the chart's defaults too.
+    let plain = || clusters.causeway(&["clustermesh", "enable", "--context", "west"]);
+    let r = plain().await?;
+    assert!(!r.ok && r.stderr.contains("pass --cluster-name and --cluster-id"), "{r:?}");
+    write_settings(&west, "default", "0").await?;
+    let r = plain().await?;
+    assert!(!r.ok && r.stderr.contains("\"default\" is not allowed"), "{r:?}");
+    write_settings(&west, "west", "2").await?;
+    plain().await?.expect_ok("enable west from the chart's ConfigMap");
+
     enable(&clusters, "east", "east", "1").await.expect_ok("enable east");
-    enable(&clusters, "west", "west", "2").await.expect_ok("enable west");
     create_apiserver_service(&east, Some("198.51.100.10")).await?;
     create_apiserver_service(&west, Some("198.51.100.20")).await?;
     let connect =

@@ -386,13 +386,18 @@ fn leaves() -> [(&'static str, String, bool); 3] {
 
 /// `clustermesh enable`: stores the cluster's name and ID, creates the CA and the leaf certificates. Idempotent:
 /// objects that exist and are valid are left alone, so a second run changes nothing.
+///
+/// `requested`: the name and ID to store. None: use the ones already in the ConfigMap (written by the chart from
+/// its values), which must then exist and be valid.
 pub async fn enable(
     target: &KubeTarget,
     namespace: &str,
-    settings: &ClusterSettings,
+    requested: Option<&ClusterSettings>,
     extra_sans: &[String],
 ) -> Result<Changes, Error> {
-    settings.validate()?;
+    if let Some(s) = requested {
+        s.validate()?;
+    }
     let c = Cluster::open(target, namespace).await?;
     let mut changes = Changes::default();
 
@@ -416,6 +421,28 @@ pub async fn enable(
     let cm_label = format!("ConfigMap {namespace}/{CONFIG_MAP}");
     let existing =
         c.config_maps().get_opt(CONFIG_MAP).await.map_err(Error::kube(target, format!("reading {cm_label}")))?;
+    let settings = match (requested, &existing) {
+        (Some(s), _) => s.clone(),
+        (None, Some(cm)) => match ClusterSettings::from_data(&cm.data.clone().unwrap_or_default()) {
+            Ok(Some(s)) => {
+                s.validate().map_err(|e| Error::Refused(format!("{}: {cm_label}: {e}", target.label())))?;
+                s
+            }
+            Ok(None) | Err(_) => {
+                return Err(Error::Refused(format!(
+                    "{}: {cm_label} has no valid cluster name and ID: pass --cluster-name and --cluster-id",
+                    target.label()
+                )))
+            }
+        },
+        (None, None) => {
+            return Err(Error::Refused(format!(
+                "{}: no {cm_label} yet: pass --cluster-name and --cluster-id (or set cluster.name and cluster.id in                  the chart's values)",
+                target.label()
+            )))
+        }
+    };
+    let settings = &settings;
     match existing {
         None => {
             let cm = ConfigMap {
