@@ -10,7 +10,8 @@
 //!
 //! Egress duties besides the maps (`causeway_datapath::egress`): it answers the egress-gw controller's UDP health
 //! probes on `--probe-addr`, flagging "gateway ready" while SNAT is attached on `--external-interface`.
-//! `--identity-sync-addr` is optional: an egress-only gateway node runs with `--egress-addr` alone.
+//! `--identity-sync-addr` is optional: an egress-only gateway node runs with `--egress-addr` alone. With
+//! `--kubeconfig` (or `--publish-interfaces` in a pod) it publishes its interfaces and addresses on its Node.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -19,7 +20,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use causeway_datapath::agent::run::{self, AgentConfig, AgentMetrics};
 use causeway_datapath::agent::{GcPolicy, InMemoryDatapath, LocalNode};
+use causeway_datapath::egress::interfaces::PublishFilter;
+use causeway_datapath::egress::netlink;
 use causeway_datapath::egress::probe::{self, GatewayReady, ProbeMetrics};
+use causeway_datapath::egress::publish::{self, PublishConfig, PublishMetrics};
 use causeway_datapath::kernel::install::{self, InstallOptions};
 use causeway_datapath::kernel::{KernelConfig, KernelDatapath};
 use causeway_datapath::wireguard::{PrivateKey, Tunnel, TunnelConfig};
@@ -53,6 +57,19 @@ struct Args {
     /// gateway-ready flag when SNAT is attached on --external-interface (never with --dry-run).
     #[arg(long, env = "CAUSEWAY_PROBE_ADDR", default_value = "0.0.0.0:9966")]
     probe_addr: SocketAddr,
+    /// Kubeconfig used to publish this node's interfaces and addresses on its Node (annotations
+    /// egress.causeway.io/interfaces and egress.causeway.io/default-interface, read by egress-gw). Given: publishing
+    /// is on. Absent: see --publish-interfaces.
+    #[arg(long, env = "CAUSEWAY_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Publish the interfaces with the in-cluster service account (KUBERNETES_SERVICE_HOST must be set) when no
+    /// --kubeconfig is given. Off by default: without either, nothing is published (the controller then cannot
+    /// check egressIP placement or resolve `interface:` groups on this node).
+    #[arg(long, env = "CAUSEWAY_PUBLISH_INTERFACES")]
+    publish_interfaces: bool,
+    /// Seconds between reads of this node's addresses (a change is published at the next read).
+    #[arg(long, env = "CAUSEWAY_PUBLISH_INTERVAL", default_value_t = 5)]
+    publish_interval: u64,
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "CAUSEWAY_METRICS_ADDR", default_value = "0.0.0.0:9964")]
     metrics_addr: SocketAddr,
@@ -170,6 +187,18 @@ async fn main() -> Result<()> {
         std::future::pending(),
     ));
 
+    if let Some(client) = kube_client(&args).await? {
+        let publish_metrics = PublishMetrics::default();
+        publish_metrics.register(&health);
+        let cfg = PublishConfig {
+            node: args.node_name.clone(),
+            filter: publish_filter(&args),
+            interval: Duration::from_secs(args.publish_interval.max(1)),
+            refresh: Duration::from_secs(600),
+        };
+        tokio::spawn(publish::run(client, cfg, netlink::read, publish_metrics, std::future::pending()));
+    }
+
     let cfg = AgentConfig {
         local: LocalNode { name: args.node_name.clone(), ip: args.node_ip, wireguard_port: args.wireguard_port },
         mesh_endpoint: args.identity_sync_addr.clone(),
@@ -215,6 +244,41 @@ async fn main() -> Result<()> {
     // re-attaches to it with the same key and re-applies the peers.
     run::run(cfg, dp, health, metrics, shutdown).await;
     Ok(())
+}
+
+/// The kube client for publishing interfaces: from --kubeconfig, else in-cluster with --publish-interfaces, else
+/// none.
+async fn kube_client(args: &Args) -> Result<Option<kube::Client>> {
+    let config = match (&args.kubeconfig, args.publish_interfaces) {
+        (Some(path), _) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        (None, true) => {
+            if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+                bail!(
+                    "--publish-interfaces without --kubeconfig needs the in-cluster config (KUBERNETES_SERVICE_HOST)"
+                );
+            }
+            kube::Config::incluster().context("in-cluster kube config")?
+        }
+        (None, false) => {
+            info!("no --kubeconfig and no --publish-interfaces: this node's interfaces are not published");
+            return Ok(None);
+        }
+    };
+    Ok(Some(kube::Client::try_from(config).context("creating the kube client")?))
+}
+
+/// The agent's own devices and the pods' interfaces are never egress interfaces.
+fn publish_filter(args: &Args) -> PublishFilter {
+    let mut skip_names: std::collections::BTreeSet<String> = args.pod_interfaces.iter().cloned().collect();
+    skip_names.insert(args.vxlan_device.clone());
+    skip_names.extend(args.wireguard_interface.clone());
+    PublishFilter { skip_names, skip_prefixes: args.pod_interface_prefix.clone().into_iter().collect() }
 }
 
 /// Keeps the probe's gateway-ready flag in line with the SNAT attachment: set once install attached it, cleared if
