@@ -16,7 +16,7 @@ use causeway_egress_gw::server::{self, AssignmentHub, StreamConfig, StreamMetric
 use causeway_runtime::{Health, LogFormat};
 use clap::Parser;
 use ipnet::IpNet;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Debug, Parser)]
 #[command(name = "egress-gw", version, about)]
@@ -105,12 +105,17 @@ async fn main() -> Result<()> {
         remote_pod_cidrs: mesh,
     }))
     .await?;
-    let probe = HealthConfig {
-        rise: args.probe_rise,
-        fall: args.probe_fall,
-        hold_down: args.hold_down,
-        stale_after: args.stale_after,
+    // The prober reports every node every round; a staleness limit under a few rounds would take healthy
+    // gateways down between two reports.
+    let min_stale = args.probe_interval * 3;
+    let stale_after = if args.stale_after < min_stale {
+        warn!(stale_after = ?args.stale_after, probe_interval = ?args.probe_interval, raised_to = ?min_stale,
+              "--stale-after is under three probe intervals; raising it");
+        min_stale
+    } else {
+        args.stale_after
     };
+    let probe = HealthConfig { rise: args.probe_rise, fall: args.probe_fall, hold_down: args.hold_down, stale_after };
     // Readiness comes from the controller after its first full list; bind the gRPC listener before that, so that
     // ready also means agents can connect.
     let listener = tokio::net::TcpListener::bind(args.grpc_addr)
