@@ -60,6 +60,11 @@ for ((i = 0; i < ${#clusters[@]}; i++)); do
     "$causeway" clustermesh connect --context "kind-${clusters[$i]}" --destination-context "kind-${clusters[$j]}"
   done
 done
+# connect records each peer in causeway-config's `peers`; the apiserver reads it at start and then creates the
+# read-only etcd user remote-<peer> for each.
+for c in "${clusters[@]}"; do
+  kubectl --context "kind-$c" -n causeway rollout restart deploy/clustermesh-apiserver
+done
 for c in "${clusters[@]}"; do
   "$causeway" clustermesh status --context "kind-$c" --wait
 done

@@ -185,6 +185,7 @@ fn cluster_config(ms: &[Manifest]) -> Result<BTreeMap<String, String>> {
             (cli::KEY_CLUSTER_NAME.to_string(), "south".to_string()),
             (cli::KEY_CLUSTER_ID.to_string(), "7".to_string()),
             (cli::KEY_MAX_CONNECTED_CLUSTERS.to_string(), "255".to_string()),
+            (cli::KEY_PEERS.to_string(), "east,west".to_string()),
         ])),
     }
 }
@@ -206,10 +207,12 @@ fn container_env(c: &Container, config: &BTreeMap<String, String>) -> Result<BTr
             (None, Some(f), _) => bail!("{}: unexpected downward API field {}", e.name, f.field_path),
             (None, None, Some(k)) => {
                 assert_eq!(k.name, cli::CONFIG_MAP, "{}: reads the ConfigMap the CLI writes", e.name);
-                config
-                    .get(&k.key)
-                    .cloned()
-                    .with_context(|| format!("{}: causeway-config has no key {}", e.name, k.key))?
+                match config.get(&k.key) {
+                    Some(v) => v.clone(),
+                    // An optional key that is absent leaves the variable unset, as kubelet does.
+                    None if k.optional == Some(true) => continue,
+                    None => bail!("{}: causeway-config has no key {}", e.name, k.key),
+                }
             }
             (None, None, None) => bail!("{}: a value source this test does not know", e.name),
         };
@@ -667,10 +670,6 @@ fn bad_values_are_refused_with_a_clear_message() -> Result<()> {
         ),
         ("cluster: {name: east, id: 1}\nclustermesh: {tls: {source: vault}}", "must be \"secrets\" or \"helm\""),
         (
-            "cluster: {name: east, id: 1}\nclustermesh: {apiserver: {peers: [west]}}",
-            "needs a `root` etcd client certificate",
-        ),
-        (
             "cluster: {name: east, id: 1}\nidentitySync: {enabled: false}\negressGateway: {enabled: false}",
             "no stream to follow",
         ),
@@ -742,22 +741,25 @@ fn chart_and_cli_agree_on_the_objects_they_share() -> Result<()> {
     let ms = render("")?;
     check_all_typed(&ms)?;
     assert!(!ms.iter().any(|m| m.kind == "ConfigMap"), "enable owns causeway-config");
-    for workload in ["clustermesh-apiserver", "identity-sync"] {
+    for (workload, extra) in [("clustermesh-apiserver", Some(cli::KEY_PEERS)), ("identity-sync", None)] {
         let spec = pod_spec(&ms, "Deployment", workload)?;
         let c = container(&spec, workload)?;
-        let keys: BTreeSet<String> = c
+        let refs: BTreeMap<String, bool> = c
             .env
             .iter()
             .flatten()
             .filter_map(|e| e.value_from.as_ref()?.config_map_key_ref.as_ref())
             .filter(|k| k.name == cli::CONFIG_MAP)
-            .map(|k| k.key.clone())
+            .map(|k| (k.key.clone(), k.optional == Some(true)))
             .collect();
-        let want: BTreeSet<String> = [cli::KEY_CLUSTER_NAME, cli::KEY_CLUSTER_ID, cli::KEY_MAX_CONNECTED_CLUSTERS]
-            .into_iter()
-            .map(String::from)
-            .collect();
-        assert_eq!(keys, want, "{workload}");
+        let mut want: BTreeMap<String, bool> =
+            [cli::KEY_CLUSTER_NAME, cli::KEY_CLUSTER_ID, cli::KEY_MAX_CONNECTED_CLUSTERS]
+                .into_iter()
+                .map(|k| (k.to_string(), false))
+                .collect();
+        // The peers `connect` records become the apiserver's --peers; optional until the first connect.
+        want.extend(extra.map(|k| (k.to_string(), true)));
+        assert_eq!(refs, want, "{workload}: ConfigMap keys (and whether optional)");
     }
     check_command_lines(&ms)?;
 
