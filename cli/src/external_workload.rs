@@ -189,8 +189,9 @@ pub async fn install(
     let (ca_pem, cert_pem, key_pem) =
         (get(causeway_pki::CA_CERT_FILE)?, get(causeway_pki::CERT_FILE)?, get(causeway_pki::KEY_FILE)?);
     let svc: Option<Service> = c.services().get_opt(APISERVER_SERVICE).await.ok().flatten();
+    let nodes = crate::clustermesh::connect::some_nodes(&c.client, 50).await;
     let apiserver_endpoint = svc
-        .and_then(|s| pick_endpoint(&s, &[]).ok())
+        .and_then(|s| pick_endpoint(&s, &nodes).ok())
         .map(|e| e.url())
         .filter(|u| u.chars().all(|c| c.is_ascii_alphanumeric() || ".:/[]-".contains(c)));
     Ok(render_script(&JoinParams {

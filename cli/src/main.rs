@@ -213,7 +213,16 @@ async fn mesh(action: MeshAction) -> anyhow::Result<()> {
             let outcome = status::status(&kube.target(), &namespace, &source, wait, |line| eprintln!("{line}")).await?;
             match output {
                 Output::Table => print!("{}", status::render(&outcome.status, &outcome.rows)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&outcome.rows)?),
+                Output::Json => {
+                    let doc = serde_json::json!({
+                        "cluster": outcome.status.cluster,
+                        "clusterId": outcome.status.cluster_id,
+                        "ready": outcome.status.ready,
+                        "allRemotesReady": outcome.all_ready,
+                        "remotes": outcome.rows,
+                    });
+                    println!("{}", serde_json::to_string_pretty(&doc)?)
+                }
             }
         }
     }

@@ -57,6 +57,16 @@ async fn status_shows_each_remote_and_wait_follows_progress() -> anyhow::Result<
         assert!(row.contains(cell), "{cell} missing from {row:?}\n{}", once.stdout);
     }
 
+    let json = clusters
+        .causeway(&["clustermesh", "status", "--context", "east", "--status-url", &url, "-o", "json"])
+        .await?
+        .expect_ok("status -o json");
+    let v: serde_json::Value = serde_json::from_str(&json.stdout)?;
+    assert_eq!(v["cluster"], "east");
+    assert_eq!(v["allRemotesReady"], false);
+    assert_eq!(v["remotes"][0]["name"], "west");
+    assert_eq!(v["remotes"][0]["entries"]["identities"], 3);
+
     // Never ready: --wait gives up after its timeout and fails, saying which remote it waited for.
     let stuck = clusters
         .causeway(&[
