@@ -11,15 +11,18 @@
 //! Egress duties besides the maps (`causeway_datapath::egress`): it answers the egress-gw controller's UDP health
 //! probes on `--probe-addr`, flagging "gateway ready" while SNAT is attached on `--external-interface`.
 //! `--identity-sync-addr` is optional: an egress-only gateway node runs with `--egress-addr` alone. With
-//! `--kubeconfig` (or `--publish-interfaces` in a pod) it publishes its interfaces and addresses on its Node.
+//! `--kubeconfig` (or `--publish-interfaces` in a pod) it publishes its interfaces and addresses on its Node. When
+//! it becomes an active gateway for an egress IPv4 address configured on one of its interfaces, it sends gratuitous
+//! ARP there (the address must already be configured; the agent does not add it).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use causeway_datapath::agent::run::{self, AgentConfig, AgentMetrics};
+use causeway_datapath::agent::run::{self, AgentConfig, AgentMetrics, RunHooks};
 use causeway_datapath::agent::{GcPolicy, InMemoryDatapath, LocalNode};
+use causeway_datapath::egress::garp::{self, GarpConfig, GarpMetrics};
 use causeway_datapath::egress::interfaces::PublishFilter;
 use causeway_datapath::egress::netlink;
 use causeway_datapath::egress::probe::{self, GatewayReady, ProbeMetrics};
@@ -230,9 +233,17 @@ async fn main() -> Result<()> {
         }
         info!("shutting down; the datapath keeps its entries");
     };
+    // Gratuitous ARP when this node takes over an egress IP (decided and logged only with --dry-run).
+    let (local_egress, active_egress) = tokio::sync::watch::channel(std::collections::BTreeSet::new());
+    let garp_metrics = GarpMetrics::default();
+    garp_metrics.register(&health);
+    let garp_cfg = GarpConfig { send: !args.dry_run, ..GarpConfig::default() };
+    tokio::spawn(garp::run(active_egress, garp_cfg, netlink::read, garp_metrics, std::future::pending()));
+    let hooks = RunHooks { local_egress: Some(local_egress) };
+
     if args.dry_run {
         // Nothing is attached: the gateway-ready flag stays off.
-        run::run(cfg, InMemoryDatapath::new(), health, metrics, shutdown).await;
+        run::run_with(cfg, InMemoryDatapath::new(), health, metrics, hooks, shutdown).await;
         return Ok(());
     }
     let dp = kernel_datapath(&args)?;
@@ -242,7 +253,7 @@ async fn main() -> Result<()> {
     // Maps and programs stay pinned and attached after the loop ends. The WireGuard interface is a persistent TUN:
     // boringtun stops with the process, the device and its routes stay (dropping packets), and the next agent
     // re-attaches to it with the same key and re-applies the peers.
-    run::run(cfg, dp, health, metrics, shutdown).await;
+    run::run_with(cfg, dp, health, metrics, hooks, shutdown).await;
     Ok(())
 }
 

@@ -4,10 +4,12 @@
 //! - [`interfaces`] (sans-IO) and [`netlink`] (the rtnetlink reader): which interfaces and addresses this node has
 //!   and which of them to publish;
 //! - [`publish`]: writes them on this node's Node (optional; needs a kube client);
+//! - [`garp`]: gratuitous ARP when this node takes over an egress IP.
 //!
 //! Each module keeps its decisions sans-IO (plain functions over bytes and domain types) with a thin adapter for
 //! the socket, netlink or the kube API.
 
+pub mod garp;
 pub mod interfaces;
 pub mod netlink;
 pub mod probe;
