@@ -390,6 +390,7 @@ pub fn metrics_url(node_ip: &str, port: u16) -> String {
 async fn scrape(http: reqwest::Client, node_ip: String, port: u16) -> (String, Result<Vec<Sample>, AgentError>) {
     let url = metrics_url(&node_ip, port);
     let err = |error: String| AgentError { node_ip: node_ip.clone(), url: url.clone(), error };
+    tracing::debug!(node = %node_ip, %url, "scraping node agent metrics");
     let result = match http.get(&url).send().await {
         Err(e) => Err(err(describe_reqwest(&e))),
         Ok(resp) if !resp.status().is_success() => Err(err(format!("HTTP {}", resp.status()))),
@@ -423,6 +424,7 @@ fn describe_reqwest(e: &reqwest::Error) -> String {
 }
 
 /// Lists the policies and scrapes every gateway's agent (concurrently, each bounded by `timeout`).
+#[tracing::instrument(skip_all, fields(context = ?target.context))]
 pub async fn collect(target: &KubeTarget, agent_port: u16, timeout: Duration) -> Result<EgressReport, Error> {
     let client = target.client().await?;
     let ar = ApiResource::erase::<EgressGatewayPolicy>(&());

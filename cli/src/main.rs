@@ -258,6 +258,11 @@ enum SandboxAction {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Logs go to stderr and are quiet unless asked for (RUST_LOG=causeway=debug shows every kube write and scrape).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
     match cli.command {
         Command::Clustermesh { action } => mesh(action).await?,
         Command::ExternalWorkload {

@@ -280,6 +280,7 @@ async fn write_peer(
 }
 
 /// `clustermesh connect`: validates both sides, then writes each side's peer config for the other.
+#[tracing::instrument(skip_all, fields(context = ?a.context, destination = ?b.context, namespace))]
 pub async fn connect(a: &KubeTarget, b: &KubeTarget, namespace: &str) -> Result<ConnectReport, Error> {
     let sa = Side::open(a, namespace).await?;
     let sb = Side::open(b, namespace).await?;
@@ -343,6 +344,7 @@ pub async fn connect(a: &KubeTarget, b: &KubeTarget, namespace: &str) -> Result<
 
 /// `clustermesh disconnect`: removes each side's peer config for the other. Removing the file makes identity-sync
 /// drop the connection and drain that peer's entries.
+#[tracing::instrument(skip_all, fields(context = ?a.context, destination = ?b.context, namespace))]
 pub async fn disconnect(a: &KubeTarget, b: &KubeTarget, namespace: &str) -> Result<ConnectReport, Error> {
     let sa = Side::open(a, namespace).await?;
     let sb = Side::open(b, namespace).await?;

@@ -152,6 +152,7 @@ impl Cluster {
     /// writer: a conflict fails rather than overwriting someone else's change).
     pub async fn put_secret(&self, mut secret: Secret, existing: Option<&Secret>) -> Result<(), Error> {
         let name = secret.metadata.name.clone().unwrap_or_default();
+        tracing::debug!(secret = %name, namespace = %self.namespace, replace = existing.is_some(), "writing Secret");
         let pp = PostParams::default();
         match existing {
             None => self.secrets().create(&pp, &secret).await.map(drop),
@@ -389,6 +390,7 @@ fn leaves() -> [(&'static str, String, bool); 3] {
 ///
 /// `requested`: the name and ID to store. None: use the ones already in the ConfigMap (written by the chart from
 /// its values), which must then exist and be valid.
+#[tracing::instrument(skip_all, fields(context = ?target.context, namespace))]
 pub async fn enable(
     target: &KubeTarget,
     namespace: &str,
@@ -551,6 +553,7 @@ pub async fn enable(
 /// `clustermesh rotate-certs`: issues new leaf certificates from the existing CA and replaces them in their
 /// Secrets. The CA is kept, so peers (which trust the CA, not the leaf) keep trusting the new certificates, and
 /// the old ones stay valid until they expire, so nothing breaks while Secret volumes catch up.
+#[tracing::instrument(skip_all, fields(context = ?target.context, namespace))]
 pub async fn rotate_certs(target: &KubeTarget, namespace: &str, extra_sans: &[String]) -> Result<Changes, Error> {
     let c = Cluster::open(target, namespace).await?;
     let settings = c.settings().await?;

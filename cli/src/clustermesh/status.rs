@@ -163,6 +163,7 @@ pub struct StatusOutcome {
 
 /// Reads the status once, or with `wait` until every remote is ready or `timeout` passes (then an error).
 /// `progress_out` receives a line whenever the progress changes.
+#[tracing::instrument(skip_all, fields(context = ?target.context, namespace))]
 pub async fn status(
     target: &KubeTarget,
     namespace: &str,
