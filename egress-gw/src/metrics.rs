@@ -47,6 +47,8 @@ pub struct Metrics {
     pub health_changes: Family<HealthLabels, Counter>,
     /// Current health of each probed gateway node after hysteresis (1 healthy, 0 not).
     pub gateway_healthy: Family<NodeLabels, Gauge>,
+    /// Recomputations of every policy (only when an input changed something).
+    pub reconciles: Counter,
     /// Status patches written, and those that failed.
     pub status_writes: Counter,
     pub status_write_errors: Counter,
@@ -76,6 +78,7 @@ impl Metrics {
             "Gateway node health after hysteresis (1 healthy, 0 not)",
             self.gateway_healthy.clone(),
         );
+        registry.register("egress_reconciles", "Recomputations after a change", self.reconciles.clone());
         registry.register("egress_status_writes", "Policy status patches written", self.status_writes.clone());
         registry.register(
             "egress_status_write_errors",

@@ -203,10 +203,16 @@ async fn a_gateway_that_stops_answering_probes_leaves_the_stream() -> Result<()>
     // Wired as in main.rs, with the binary's default health settings and probe interval.
     let health = causeway_runtime::Health::new();
     let probe_metrics = ProbeMetrics::default();
-    health.with_registry(|r| probe_metrics.register(r));
+    let metrics = causeway_egress_gw::metrics::Metrics::default();
+    health.with_registry(|r| {
+        probe_metrics.register(r);
+        metrics.register(r);
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr: SocketAddr = listener.local_addr()?;
-    let controller = Controller::new(client.clone(), HealthConfig::default()).with_health(health.clone());
+    let controller = Controller::new(client.clone(), HealthConfig::default())
+        .with_health(health.clone())
+        .with_metrics(metrics.clone());
     let hub = AssignmentHub::new(StreamConfig::default(), StreamMetrics::default(), controller.node_zones());
     let feeder = hub.follow(controller.assignments(), controller.synced());
     let grpc = tokio::spawn(serve(listener, hub.clone()));
@@ -230,6 +236,25 @@ async fn a_gateway_that_stops_answering_probes_leaves_the_stream() -> Result<()>
     let p = view.policies.get("partner-api").context("policy")?;
     assert_eq!(p.source_ips, vec!["10.0.1.5"]);
     assert_eq!(p.groups[0].egress_ips, vec!["192.0.2.20"]);
+
+    // Steady state: probe rounds that change no gateway's health cost no recomputation. (Our own status patch
+    // comes back as a policy update and recomputes once, and gw-b may still be rising: wait for a quiet stretch.)
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (reconciles, rounds) = (metrics.reconciles.get(), probe_metrics.rounds.get());
+        while probe_metrics.rounds.get() < rounds + 5 {
+            if tokio::time::Instant::now() > deadline {
+                bail!("the prober stopped");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if metrics.reconciles.get() == reconciles {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("probe rounds keep causing recomputation ({} so far)", metrics.reconciles.get());
+        }
+    }
 
     // gw-a's agent dies: after `fall` failed rounds, w1 falls back to gw-b in the other zone.
     gw_a.answering.store(false, Ordering::Release);

@@ -356,6 +356,7 @@ impl Controller {
     /// Computes, publishes assignments, and writes status and events for what changed.
     pub async fn reconcile(&mut self) {
         self.dirty = false;
+        self.metrics.reconciles.inc();
         let outputs = self.index.compute();
         let assignments: BTreeMap<String, PolicyAssignment> =
             outputs.iter().filter_map(|(n, o)| Some((n.clone(), o.assignment.clone()?))).collect();
