@@ -50,7 +50,10 @@ pub struct AppConfig {
     /// MeshView gRPC stream for node agents.
     pub grpc_addr: SocketAddr,
     pub timing: Timing,
+    /// Least time between two writes of one EndpointSlice (zero: as soon as its previous write finished).
     pub slice_debounce: Duration,
+    /// EndpointSlice writes in flight at once, over all slices.
+    pub slice_concurrency: usize,
 }
 
 /// Addresses actually bound (useful with port 0) and the status board.
@@ -80,7 +83,10 @@ pub async fn start(cfg: AppConfig, kube: kube::Client) -> Result<Running, AppErr
     let env = TaskEnv { local_id, mode: cfg.mode, claims: IdClaims::default(), events: events_tx, timing: cfg.timing };
     tokio::spawn(crate::remotes::run(cfg.remotes_dir, cfg.rescan, env, status.clone()));
     tokio::spawn(local_services::run(kube.clone(), local_tx));
-    tokio::spawn(SliceWriter::new(kube, status.clone()).with_debounce(cfg.slice_debounce).run(slices_rx));
+    let writer = SliceWriter::new(kube, status.clone())
+        .with_debounce(cfg.slice_debounce)
+        .with_concurrency(cfg.slice_concurrency);
+    tokio::spawn(writer.run(slices_rx));
     let metrics = StreamMetrics::default();
     metrics.register(&health);
     let hub =

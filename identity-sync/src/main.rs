@@ -42,10 +42,15 @@ struct Args {
     /// Address for /metrics, /healthz, /readyz and /status.
     #[arg(long, env = "CAUSEWAY_METRICS_ADDR", default_value = "0.0.0.0:9891")]
     metrics_addr: SocketAddr,
-    /// Least time between two EndpointSlice write passes; changes within it coalesce into one write per slice.
+    /// Least time between two writes of one EndpointSlice; changes within it coalesce into one write. With 0, a
+    /// slice is rewritten as soon as its previous write finished (changes during a write still coalesce).
     #[arg(long, env = "CAUSEWAY_ENDPOINTSLICE_INTERVAL", value_parser = humantime::parse_duration,
-          default_value = "50ms")]
+          default_value = "0s")]
     endpointslice_interval: Duration,
+    /// EndpointSlice writes in flight at once, over all slices (one per slice at a time).
+    #[arg(long, env = "CAUSEWAY_ENDPOINTSLICE_CONCURRENCY", default_value_t = 8,
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    endpointslice_concurrency: u16,
     /// Log format: text or json.
     #[arg(long, env = "CAUSEWAY_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -88,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
         grpc_addr: args.grpc_addr,
         timing: Timing::default(),
         slice_debounce: args.endpointslice_interval,
+        slice_concurrency: usize::from(args.endpointslice_concurrency),
     };
     let running = app::start(cfg, kube).await.context("starting identity-sync")?;
     tracing::info!(metrics = %running.metrics_addr, "identity-sync started");

@@ -161,7 +161,8 @@ fn test_config(dir: &Path) -> anyhow::Result<AppConfig> {
             probe_interval: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(2),
         },
-        slice_debounce: Duration::from_millis(50),
+        slice_debounce: Duration::ZERO,
+        slice_concurrency: 8,
     })
 }
 

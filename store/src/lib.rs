@@ -6,7 +6,8 @@
 //!
 //! - [`cluster`]: cluster names, IDs, `maxConnectedClusters` modes and identity ranges.
 //! - [`keys`]: typed keys and their string forms.
-//! - [`values`]: the JSON value shapes (cluster config, services, nodes, ipcache entries, identity labels).
+//! - [`values`]: the JSON value shapes (cluster config, services, MCS service exports, nodes, ipcache entries,
+//!   identity labels).
 //! - [`canary`]: RFC 3339 timestamps of the synced canaries and the heartbeat.
 //! - [`validate`]: strict checks a reader applies before anything enters the merged view.
 
@@ -22,7 +23,10 @@ pub use cluster::{ClusterId, ClusterInfo, ClusterName, IdentityRange, MaxConnect
 pub use keys::{Kind, StoreKey};
 pub use labels::{Label, LabelSet};
 pub use validate::{Rejected, RemoteContext};
-pub use values::{ClusterConfig, ClusterService, IpCacheEntry, NamedPort, Node, NodeAddress, PortConfig};
+pub use values::{
+    ClusterConfig, ClusterService, IpCacheEntry, McsServicePort, NamedPort, Node, NodeAddress, PortConfig,
+    ServiceExportSpec,
+};
 
 /// Largest value (bytes) a reader accepts for any key. Real entries are well below 64 KiB; a service with thousands
 /// of backends can approach a few hundred KiB, so the ceiling is 1 MiB, which is also etcd's default request limit.

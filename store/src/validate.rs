@@ -11,7 +11,7 @@ use thiserror::Error;
 use crate::cluster::{ClusterError, ClusterId, ClusterName, IdentityRange, MaxConnectedClusters};
 use crate::keys::{KeyError, StoreKey};
 use crate::labels::{LabelError, LabelSet};
-use crate::values::{ClusterConfig, ClusterService, IpCacheEntry, Node};
+use crate::values::{ClusterConfig, ClusterService, IpCacheEntry, Node, ServiceExportSpec};
 use crate::MAX_VALUE_BYTES;
 
 /// Kubernetes object names are DNS subdomains: at most 253 characters.
@@ -55,6 +55,8 @@ pub enum Rejected {
     AddressFamily { field: &'static str, net: String },
     #[error("port protocol {0:?} is not TCP, UDP, SCTP or ANY")]
     Protocol(String),
+    #[error("{field} is {value:?}, which is not one of {allowed}")]
+    Enum { field: &'static str, value: String, allowed: &'static str },
     #[error("invalid cluster config: {0}")]
     ClusterConfig(String),
     #[error(transparent)]
@@ -76,6 +78,7 @@ impl Rejected {
             Rejected::Labels(_) => "bad_labels",
             Rejected::AddressFamily { .. } => "bad_address",
             Rejected::Protocol(_) => "bad_protocol",
+            Rejected::Enum { .. } => "bad_value",
             Rejected::ClusterConfig(_) | Rejected::Cluster(_) => "bad_cluster_config",
         }
     }
@@ -223,6 +226,72 @@ impl RemoteContext {
             }
             other => Err(Rejected::KeyMismatch(format!("{other} is not a state entry"))),
         }
+    }
+
+    /// Decodes and validates a `cilium/state/serviceexports/v1/...` entry (MCS-API). Kept apart from
+    /// [`RemoteContext::decode`] because only an MCS importer reads this prefix; the same rules as Cilium's reader
+    /// apply: the names match the key and the remote, the export time is set, and every enumerated field holds a
+    /// value Kubernetes defines.
+    pub fn decode_service_export(&self, key: &str, value: &[u8]) -> Result<ServiceExportSpec, Rejected> {
+        let StoreKey::ServiceExport { cluster, namespace, name } = StoreKey::parse(key)? else {
+            return Err(Rejected::KeyMismatch(format!("{key} is not a service export key")));
+        };
+        let spec: ServiceExportSpec = parse_json(value)?;
+        self.check_cluster(&cluster)?;
+        self.check_cluster(&spec.cluster)?;
+        check_name("service export namespace", &spec.namespace)?;
+        check_name("service export name", &spec.name)?;
+        if spec.namespace != namespace || spec.name != name {
+            return Err(Rejected::KeyMismatch(format!(
+                "key names {namespace}/{name}, value names {}/{}",
+                spec.namespace, spec.name
+            )));
+        }
+        if spec.export_creation_timestamp.is_none() {
+            return Err(Rejected::Empty { what: "exportCreationTimestamp" });
+        }
+        let one_of = |field: &'static str, value: &str, allowed: &'static [&'static str], text: &'static str| {
+            if allowed.contains(&value) {
+                Ok(())
+            } else {
+                Err(Rejected::Enum { field, value: value.chars().take(64).collect(), allowed: text })
+            }
+        };
+        one_of(
+            "type",
+            &spec.kind,
+            &[ServiceExportSpec::CLUSTER_SET_IP, ServiceExportSpec::HEADLESS],
+            "ClusterSetIP, Headless",
+        )?;
+        one_of("sessionAffinity", &spec.session_affinity, &["None", "ClientIP"], "None, ClientIP")?;
+        if let Some(p) = &spec.internal_traffic_policy {
+            one_of("internalTrafficPolicy", p, &["Cluster", "Local"], "Cluster, Local")?;
+        }
+        if let Some(d) = &spec.traffic_distribution {
+            one_of(
+                "trafficDistribution",
+                d,
+                &["PreferClose", "PreferSameZone", "PreferSameNode"],
+                "PreferClose, PreferSameZone, PreferSameNode",
+            )?;
+        }
+        for f in &spec.ip_families {
+            one_of("ipFamilies", f, &["IPv4", "IPv6"], "IPv4, IPv6")?;
+        }
+        check_limit("service export ports", spec.ports.len(), MAX_LABELS)?;
+        for p in &spec.ports {
+            if !(1..=65535).contains(&p.port) {
+                return Err(Rejected::Enum { field: "ports[].port", value: p.port.to_string(), allowed: "1..65535" });
+            }
+            // Kubernetes defaults an unset protocol to TCP; Cilium's ANY is never in a Kubernetes port.
+            match p.protocol.as_str() {
+                "" | "TCP" | "UDP" | "SCTP" => {}
+                other => return Err(Rejected::Protocol(other.chars().take(32).collect())),
+            }
+        }
+        check_limit("service export labels", spec.labels.len(), MAX_LABELS)?;
+        check_limit("service export annotations", spec.annotations.len(), MAX_LABELS)?;
+        Ok(spec)
     }
 
     fn check_service(&self, svc: &ClusterService) -> Result<(), Rejected> {

@@ -176,6 +176,82 @@ pub struct IpCacheEntry {
     pub named_ports: Vec<NamedPort>,
 }
 
+/// `cilium/state/serviceexports/v1/<cluster>/<namespace>/<name>`: a Service marked for export by an MCS-API
+/// `ServiceExport`, as Cilium's clustermesh-apiserver publishes it with MCS-API on (the service's shape, not its
+/// backends; backends travel in the cluster service). Field order and names are Cilium's `MCSAPIServiceSpec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceExportSpec {
+    pub cluster: String,
+    pub name: String,
+    pub namespace: String,
+    /// The ServiceExport's `spec.exportedAnnotations`.
+    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// The ServiceExport's `spec.exportedLabels`.
+    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The ServiceExport's creation time (Go `metav1.Time`: RFC 3339, whole seconds, UTC; `null` when unset, which
+    /// readers refuse). Conflicting exports are resolved in favour of the oldest.
+    #[serde(rename = "exportCreationTimestamp", default, with = "go_meta_time")]
+    pub export_creation_timestamp: Option<chrono::DateTime<chrono::Utc>>,
+    /// Always written, `[]` when the service has no ports; `null` reads as empty.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub ports: Vec<McsServicePort>,
+    /// `ClusterSetIP`, or `Headless` when the Service's clusterIP is `None`.
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    /// `None` or `ClientIP`.
+    #[serde(rename = "sessionAffinity", default)]
+    pub session_affinity: String,
+    #[serde(rename = "sessionAffinityConfig", default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_config: Option<SessionAffinityConfig>,
+    /// `IPv4` / `IPv6`, in the Service's order.
+    #[serde(
+        rename = "ipFamilies",
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub ip_families: Vec<String>,
+    /// `Cluster` or `Local`.
+    #[serde(rename = "internalTrafficPolicy", default, skip_serializing_if = "Option::is_none")]
+    pub internal_traffic_policy: Option<String>,
+    /// `PreferClose`, `PreferSameZone` or `PreferSameNode`.
+    #[serde(rename = "trafficDistribution", default, skip_serializing_if = "Option::is_none")]
+    pub traffic_distribution: Option<String>,
+}
+
+impl ServiceExportSpec {
+    pub const CLUSTER_SET_IP: &'static str = "ClusterSetIP";
+    pub const HEADLESS: &'static str = "Headless";
+}
+
+/// An MCS-API `ServicePort`: `{"name": "http", "protocol": "TCP", "appProtocol": "http", "port": 80}`, every field
+/// but `port` omitted when empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct McsServicePort {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+    #[serde(rename = "appProtocol", default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+    pub port: i32,
+}
+
+/// Kubernetes' `SessionAffinityConfig`: `{"clientIP": {"timeoutSeconds": 10800}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SessionAffinityConfig {
+    #[serde(rename = "clientIP", default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<ClientIpConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ClientIpConfig {
+    #[serde(rename = "timeoutSeconds", default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<i32>,
+}
+
 fn null_as_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
@@ -274,5 +350,26 @@ mod go_ipnet {
             };
         }
         (expected == bits).then_some(ones as u8)
+    }
+}
+
+/// Go's `metav1.Time` in JSON: an RFC 3339 string in UTC with whole seconds, or `null` for the zero time. Readers
+/// accept any RFC 3339 time.
+mod go_meta_time {
+    use super::*;
+    use chrono::{DateTime, Utc};
+
+    pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&crate::canary::format_timestamp(*t)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(s) => crate::canary::parse_timestamp(s.as_bytes()).map(Some).map_err(serde::de::Error::custom),
+        }
     }
 }

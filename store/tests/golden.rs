@@ -11,7 +11,7 @@ use causeway_store::validate::RemoteEntry;
 use causeway_store::values::{BackendZone, ForZone};
 use causeway_store::{
     format_timestamp, parse_timestamp, ClusterConfig, ClusterId, ClusterName, ClusterService, IpCacheEntry, LabelSet,
-    MaxConnectedClusters, Node, PortConfig, RemoteContext,
+    MaxConnectedClusters, McsServicePort, Node, PortConfig, RemoteContext, ServiceExportSpec,
 };
 use ipnet::IpNet;
 
@@ -208,4 +208,37 @@ fn rfc3339_canary() {
     let t = parse_timestamp(s.as_bytes()).unwrap();
     assert_eq!(t.timestamp(), 1_714_564_807);
     assert_eq!(format_timestamp(t), s);
+}
+
+#[test]
+fn service_export_full() {
+    let spec: ServiceExportSpec = round_trip("service-export.json", "service-export.json");
+    assert_eq!((spec.cluster.as_str(), spec.namespace.as_str(), spec.name.as_str()), ("east", "shop", "cart"));
+    assert_eq!(spec.annotations, BTreeMap::from([("team".to_string(), "shop".to_string())]));
+    assert_eq!(spec.labels, BTreeMap::from([("tier".to_string(), "web".to_string())]));
+    assert_eq!(spec.export_creation_timestamp.map(format_timestamp).as_deref(), Some("2026-11-23T10:00:00Z"));
+    assert_eq!(
+        spec.ports,
+        vec![
+            McsServicePort { name: "http".into(), protocol: "TCP".into(), app_protocol: Some("http".into()), port: 80 },
+            McsServicePort { name: "dns".into(), protocol: "UDP".into(), app_protocol: None, port: 53 },
+        ]
+    );
+    assert_eq!((spec.kind.as_str(), spec.session_affinity.as_str()), ("ClusterSetIP", "ClientIP"));
+    assert_eq!(spec.session_affinity_config.and_then(|c| c.client_ip).and_then(|c| c.timeout_seconds), Some(10800));
+    assert_eq!(spec.ip_families, vec!["IPv4", "IPv6"]);
+    assert_eq!(spec.internal_traffic_policy.as_deref(), Some("Cluster"));
+    assert_eq!(spec.traffic_distribution.as_deref(), Some("PreferClose"));
+}
+
+#[test]
+fn service_export_headless_minimal_and_go_nils() {
+    // Optional fields absent; `ports` is always written, `[]` when empty.
+    let spec: ServiceExportSpec = round_trip("service-export-headless.json", "service-export-headless.json");
+    assert_eq!(spec.kind, ServiceExportSpec::HEADLESS);
+    assert!(spec.ports.is_empty() && spec.labels.is_empty() && spec.session_affinity_config.is_none());
+    // Go's nil maps and slices (`null`), a non-UTC export time, an unknown field: all read, and
+    // written back in the canonical form (UTC).
+    let nils: ServiceExportSpec = round_trip("service-export-go-nils.json", "service-export-go-nils.normalized.json");
+    assert_eq!(nils, spec);
 }

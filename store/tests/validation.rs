@@ -79,12 +79,13 @@ fn variant(r: &Rejected) -> &'static str {
         Rejected::LabelCluster { .. } => "LabelCluster",
         Rejected::AddressFamily { .. } => "AddressFamily",
         Rejected::Protocol(_) => "Protocol",
+        Rejected::Enum { .. } => "Enum",
         Rejected::ClusterConfig(_) => "ClusterConfig",
         Rejected::Cluster(_) => "Cluster",
     }
 }
 
-const ALL_VARIANTS: [&str; 16] = [
+const ALL_VARIANTS: [&str; 17] = [
     "Key",
     "TooLarge",
     "Json",
@@ -99,6 +100,7 @@ const ALL_VARIANTS: [&str; 16] = [
     "LabelCluster",
     "AddressFamily",
     "Protocol",
+    "Enum",
     "ClusterConfig",
     "Cluster",
 ];
@@ -419,6 +421,95 @@ fn cluster_config_accepts_good_and_legacy_values() {
 fn every_variant_is_covered() {
     let mut seen: BTreeSet<&str> = decode_cases().iter().map(|c| c.3).collect();
     seen.extend(config_cases().iter().map(|c| c.3));
+    seen.extend(export_cases().iter().map(|c| c.3));
     let all: BTreeSet<&str> = ALL_VARIANTS.into_iter().collect();
     assert_eq!(seen, all, "each Rejected variant needs a realistic case above");
+}
+
+// ---- MCS service exports (`cilium/state/serviceexports/v1/...`) ----------------------------------------------
+
+const EXPORT_KEY: &str = "cilium/state/serviceexports/v1/east/shop/cart";
+
+fn export(path: &[&str], new: Value) -> Vec<u8> {
+    bytes(&with(golden("service-export.json"), path, new))
+}
+
+fn export_cases() -> Vec<DecodeCase> {
+    let k = EXPORT_KEY.to_string();
+    vec![
+        ("value names another cluster", k.clone(), export(&["cluster"], json!("west")), "WrongCluster", "west"),
+        (
+            "key under another cluster's prefix",
+            "cilium/state/serviceexports/v1/west/shop/cart".into(),
+            export(&[], json!(null)),
+            "WrongCluster",
+            "west",
+        ),
+        ("name differs from the key", k.clone(), export(&["name"], json!("payments")), "KeyMismatch", "payments"),
+        (
+            "a service key is not an export",
+            SVC_KEY.into(),
+            export(&[], json!(null)),
+            "KeyMismatch",
+            "not a service export",
+        ),
+        ("empty namespace", k.clone(), export(&["namespace"], json!("")), "Empty", "namespace"),
+        (
+            "no export time (Go zero time)",
+            k.clone(),
+            export(&["exportCreationTimestamp"], json!(null)),
+            "Empty",
+            "exportCreationTimestamp",
+        ),
+        (
+            "export time not RFC 3339",
+            k.clone(),
+            export(&["exportCreationTimestamp"], json!("yesterday")),
+            "Json",
+            "RFC 3339",
+        ),
+        ("unknown service type", k.clone(), export(&["type"], json!("LoadBalancer")), "Enum", "LoadBalancer"),
+        ("unknown session affinity", k.clone(), export(&["sessionAffinity"], json!("Sticky")), "Enum", "Sticky"),
+        ("unknown traffic policy", k.clone(), export(&["internalTrafficPolicy"], json!("Node")), "Enum", "Node"),
+        (
+            "unknown traffic distribution",
+            k.clone(),
+            export(&["trafficDistribution"], json!("Random")),
+            "Enum",
+            "Random",
+        ),
+        ("unknown IP family", k.clone(), export(&["ipFamilies", "1"], json!("IPX")), "Enum", "IPX"),
+        ("port 0", k.clone(), export(&["ports", "0", "port"], json!(0)), "Enum", "1..65535"),
+        ("port out of range", k.clone(), export(&["ports", "1", "port"], json!(70000)), "Enum", "70000"),
+        ("port protocol ICMP", k.clone(), export(&["ports", "0", "protocol"], json!("ICMP")), "Protocol", "ICMP"),
+        ("not JSON", k.clone(), b"{\"cluster\":".to_vec(), "Json", "JSON"),
+        ("over the size limit", k, vec![b' '; MAX_VALUE_BYTES + 1], "TooLarge", "limit"),
+    ]
+}
+
+#[test]
+fn every_service_export_rejection_has_a_realistic_cause() {
+    let remote = east7();
+    for (what, key, value, want, needle) in export_cases() {
+        match remote.decode_service_export(&key, &value) {
+            Ok(spec) => panic!("{what}: accepted {spec:?}"),
+            Err(e) => {
+                assert_eq!(variant(&e), want, "{what}: got {e}");
+                assert!(e.to_string().contains(needle), "{what}: message {e:?} lacks {needle:?}");
+                assert!(!e.reason().is_empty());
+            }
+        }
+    }
+}
+
+#[test]
+fn service_export_fixtures_are_accepted() {
+    let remote = east7();
+    let spec = remote.decode_service_export(EXPORT_KEY, &bytes(&golden("service-export.json")));
+    assert!(spec.is_ok_and(|s| s.name == "cart" && s.ports.len() == 2), "full fixture");
+    for name in ["service-export-headless.json", "service-export-go-nils.json"] {
+        let key = "cilium/state/serviceexports/v1/east/shop/db";
+        let spec = remote.decode_service_export(key, &bytes(&golden(name)));
+        assert!(spec.is_ok_and(|s| s.kind == "Headless"), "{name}");
+    }
 }

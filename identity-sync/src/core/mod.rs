@@ -12,6 +12,7 @@
 pub mod local;
 pub mod model;
 pub mod remote;
+pub mod slice_writes;
 pub mod slices;
 pub mod view;
 
