@@ -448,14 +448,16 @@ fn parse_link_kind(line: &str) -> String {
 
 /// Deletes the node's WireGuard interface `ifname` from the calling thread's network namespace, and the UAPI
 /// socket file a killed boringtun left behind: the uninstall counterpart of the interface outliving the agent.
-/// Returns whether there was an interface. Refuses while a live device still answers on the socket (an agent is
-/// running).
+/// Returns whether there was an interface. It is deleted even while an agent's boringtun still serves it (the
+/// documented uninstall runs `--uninstall` inside the running agent's pod, and nothing would delete the device once
+/// the agent is gone): boringtun sees its TUN queues fail and stops, and removes its own socket.
 pub fn delete_interface(ifname: &str) -> Result<bool, Error> {
     let sock = uapi_socket(ifname);
     if UnixStream::connect(&sock).is_ok() {
-        return Err(Error::InterfaceInUse(ifname.to_owned()));
+        warn!(ifname, "deleting a WireGuard interface a running agent still serves; its tunnel stops now");
+    } else {
+        let _ = std::fs::remove_file(&sock);
     }
-    let _ = std::fs::remove_file(&sock);
     if link_kind(ifname)?.is_none() {
         return Ok(false);
     }
