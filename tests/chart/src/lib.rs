@@ -86,8 +86,18 @@ fn tempfile_dir() -> Result<PathBuf> {
 
 /// Splits helm's output into documents, keeping the `# Source:` template name of each.
 pub fn parse_manifests(rendered: &str) -> Result<Vec<Manifest>> {
+    // Documents are separated by lines that are exactly `---` (a `---` inside a value is not a separator).
+    let mut chunks: Vec<String> = vec![String::new()];
+    for line in rendered.lines() {
+        if line.trim_end() == "---" {
+            chunks.push(String::new());
+        } else if let Some(current) = chunks.last_mut() {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
     let mut out = Vec::new();
-    for chunk in rendered.split("\n---\n").flat_map(|c| c.split("---\n")) {
+    for chunk in &chunks {
         let source = chunk.lines().find_map(|l| l.strip_prefix("# Source: ")).map(str::to_string).unwrap_or_default();
         let value: serde_yaml::Value =
             serde_yaml::from_str(chunk).with_context(|| format!("document from {source} is not YAML:\n{chunk}"))?;
@@ -227,4 +237,24 @@ pub fn check_command_line(binary: &Path, args: &[String], env: &BTreeMap<String,
         }
     }
     Ok(())
+}
+
+/// Runs `helm lint --strict` on the chart in `chart` with `values_yaml`; returns helm's output, or its complaints as
+/// `Err`.
+pub fn helm_lint(chart: &Path, values_yaml: &str, namespace: &str) -> Result<String> {
+    let dir = tempfile_dir()?;
+    let values = dir.join("values.yaml");
+    std::fs::write(&values, values_yaml).context("writing the values file")?;
+    let out = Command::new(helm()?)
+        .args(["lint", "--strict", "--namespace", namespace, "--values"])
+        .arg(&values)
+        .arg(chart)
+        .output()
+        .context("running helm lint")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("{}", text.trim());
+    }
+    Ok(text)
 }

@@ -785,3 +785,35 @@ fn chart_and_cli_agree_on_the_objects_they_share() -> Result<()> {
     );
     Ok(())
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn helm_lint_strict_passes_and_catches_a_broken_template() -> Result<()> {
+    let chart = causeway_chart_tests::chart_dir();
+    for values in [MINIMAL, EVERYTHING, ""] {
+        causeway_chart_tests::helm_lint(&chart, values, NS).with_context(|| format!("values {values:?}"))?;
+    }
+    // Lint is a real check: a copy of the chart with a template that renders invalid YAML fails it.
+    let tmp = tempfile::tempdir()?;
+    let broken = tmp.path().join("causeway");
+    copy_dir(&chart, &broken)?;
+    let template = broken.join("templates/egress-gw.yaml");
+    let text = std::fs::read_to_string(&template)?;
+    std::fs::write(&template, text.replacen("  replicas: 1", "  replicas: [1", 1))?;
+    let err = causeway_chart_tests::helm_lint(&broken, MINIMAL, NS).expect_err("lint accepted a broken template");
+    assert!(format!("{err:#}").contains("egress-gw.yaml"), "{err:#}");
+    Ok(())
+}
