@@ -325,7 +325,15 @@ pub async fn connect(a: &KubeTarget, b: &KubeTarget, namespace: &str) -> Result<
     let cert_for_a = ca_b.issue_client(&users::remote(&sa.settings.name))?;
     let cert_for_b = ca_a.issue_client(&users::remote(&sb.settings.name))?;
     write_peer(&sa, &sb.settings, &ep_b, ca_b.cert_pem(), &cert_for_a).await?;
-    write_peer(&sb, &sa.settings, &ep_a, ca_a.cert_pem(), &cert_for_b).await?;
+    write_peer(&sb, &sa.settings, &ep_a, ca_a.cert_pem(), &cert_for_b).await.map_err(|e| {
+        // Half a connection: A reads B but B does not read A. Re-running connect completes it (and disconnect
+        // undoes it), so say so rather than leave the operator guessing.
+        Error::Refused(format!(
+            "{e}\n{} was configured to read {:?}, but writing the other direction failed: re-run `causeway \
+             clustermesh connect` to complete it, or `clustermesh disconnect` to undo it",
+            sa.settings.name, sb.settings.name
+        ))
+    })?;
     for (local, peer) in [(&sa, &sb), (&sb, &sa)] {
         lines.push(format!(
             "wrote Secret {namespace}/{REMOTES_SECRET} in {}: peer {:?} (client certificate CN {})",
