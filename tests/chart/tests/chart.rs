@@ -438,10 +438,91 @@ fn rbac_grants_each_component_exactly_the_calls_its_binary_makes() -> Result<()>
         let spec = pod_spec(&ms, "Deployment", workload)?;
         assert_eq!(spec.service_account_name.as_deref(), Some(name), "{workload} runs as its own ServiceAccount");
     }
-    // The node agent does not call the kube API: no token, no binding.
+    // The node agent's one kube call is the merge patch of its Node's annotations (datapath/src/egress/publish.rs),
+    // made only with --publish-interfaces, which the chart passes when egress gateways are on.
+    assert_eq!(cluster_role(&ms, "causeway-node-agent")?, set(&[("", "nodes", &["patch"])]));
+    let spec = pod_spec(&ms, "DaemonSet", "causeway-node-agent")?;
+    assert_eq!(spec.automount_service_account_token, Some(true));
+    assert!(container(&spec, "node-agent")?.args.iter().flatten().any(|a| a == "--publish-interfaces"));
+    // Without egress gateways it does not call the kube API: no token, no role, no binding.
+    let ms = render(&format!("{MINIMAL}egressGateway: {{enabled: false}}\n"))?;
     let spec = pod_spec(&ms, "DaemonSet", "causeway-node-agent")?;
     assert_eq!(spec.automount_service_account_token, Some(false));
-    assert!(!ms.iter().any(|m| m.kind.ends_with("Binding") && m.doc.to_string().contains("causeway-node-agent")));
+    assert!(!container(&spec, "node-agent")?.args.iter().flatten().any(|a| a == "--publish-interfaces"));
+    assert!(!ms.iter().any(|m| m.kind.starts_with("ClusterRole") && m.name == "causeway-node-agent"));
+    Ok(())
+}
+
+/// The (apiGroup, resource) of every Kubernetes type a component's non-test source names in `Api<T>` /
+/// `Api::<T>`, plus Events when it makes a `Recorder`: the resources its ClusterRole must cover, read from the code.
+fn resources_in_source(dirs: &[&str]) -> Result<BTreeSet<(String, String)>> {
+    let mut files = Vec::new();
+    let mut stack: Vec<std::path::PathBuf> = dirs.iter().map(|d| causeway_chart_tests::repo_root().join(d)).collect();
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if !(name == "tests.rs" || name.ends_with("_tests.rs")) {
+                files.push(p);
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f)?;
+        if text.contains("Recorder::new(") {
+            out.insert(("events.k8s.io".to_string(), "events".to_string()));
+        }
+        for pat in ["Api::<", "Api<"] {
+            for (i, _) in text.match_indices(pat) {
+                let ident: String =
+                    text[i + pat.len()..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                let r = match ident.as_str() {
+                    "Namespace" | "KNamespace" => ("", "namespaces"),
+                    "Pod" | "KPod" => ("", "pods"),
+                    "Node" | "KNode" => ("", "nodes"),
+                    "Service" | "KService" => ("", "services"),
+                    "EndpointSlice" => ("discovery.k8s.io", "endpointslices"),
+                    "CausewayIdentity" => ("causeway.io", "causewayidentities"),
+                    "EgressGatewayPolicy" => ("causeway.io", "egressgatewaypolicies"),
+                    // The ServiceExport watch (a DynamicObject) is checked with enableMcsApi above; `K` is a generic.
+                    "DynamicObject" | "K" => continue,
+                    other => bail!("{}: Api<{other}>: a kind this test cannot map to a resource; add it", f.display()),
+                };
+                out.insert((r.0.to_string(), r.1.to_string()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn every_kind_a_component_calls_is_in_its_role_and_no_other() -> Result<()> {
+    let ms = render(MINIMAL)?;
+    let roles = |names: &[&str]| -> Result<BTreeSet<(String, String)>> {
+        let mut out = BTreeSet::new();
+        for name in names {
+            let m = ms.iter().find(|m| (m.kind == "ClusterRole" || m.kind == "Role") && m.name == *name);
+            let m = m.with_context(|| format!("no role {name}"))?;
+            let rules: Vec<PolicyRule> = serde_json::from_value(m.doc["rules"].clone())?;
+            // Subresources (status) belong to their resource.
+            out.extend(
+                grants(&rules).into_iter().map(|(g, r, _)| (g, r.split('/').next().unwrap_or_default().to_string())),
+            );
+        }
+        Ok(out)
+    };
+    for (dirs, role_names) in [
+        (&["clustermesh-apiserver/src"][..], &["causeway-clustermesh-apiserver"][..]),
+        (&["identity-sync/src"][..], &["causeway-identity-sync"][..]),
+        (&["egress-gw/src"][..], &["causeway-egress-gw", "causeway-egress-gw-events"][..]),
+        (&["datapath/src"][..], &["causeway-node-agent"][..]),
+    ] {
+        assert_eq!(roles(role_names)?, resources_in_source(dirs)?, "{dirs:?}: resources in the code vs the role");
+    }
     Ok(())
 }
 
