@@ -86,7 +86,11 @@ impl EgressCluster {
         let kube_server = rt.block_on(FakeApiServer::start("127.0.0.1:0".parse()?))?;
         let kubeconfig = dir.path().join("kubeconfig");
         kube_server.write_kubeconfig(&kubeconfig)?;
-        let kube = kube::Client::try_from(kube::Config::new(kube_server.url().parse()?))?;
+        // The client spawns its buffer task on the runtime it is built in.
+        let kube = {
+            let _guard = rt.enter();
+            kube::Client::try_from(kube::Config::new(kube_server.url().parse()?))?
+        };
         let mut cluster = EgressCluster {
             agents: Vec::new(),
             egress_gw: None,
@@ -344,6 +348,29 @@ impl EgressCluster {
         Ok(h)
     }
 
+    /// Waits until pod `handle`'s node has it in its pinned egress source map (what `bpftool map dump` would show):
+    /// from then on its traffic is steered, and none may leave with its own address.
+    pub fn wait_pod_programmed(&self, handle: usize) -> Result<()> {
+        let pod = &self.pods[handle];
+        let node = &self.topo.nodes[pod.node];
+        let ip = std::net::IpAddr::V4(pod.ip);
+        let deadline = Instant::now() + SOON;
+        loop {
+            let maps = BpfMaps::open(&node.pin_dir)?;
+            if maps.egress_src.get(ip)?.is_some() {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} never appeared in the egress source map on {}:\n{}",
+                pod.name,
+                node.name,
+                self.agent_log(pod.node, 30)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn delete_pod_object(&self, handle: usize) -> Result<()> {
         let api = Api::<KPod>::namespaced(self.kube.clone(), NAMESPACE);
         self.rt.block_on(api.delete(&self.pods[handle].name, &DeleteParams::default()))?;
@@ -435,6 +462,20 @@ impl EgressCluster {
         let mut groups: Vec<String> = maps.egress_groups.entries()?.iter().map(|e| format!("{e:?}")).collect();
         groups.sort();
         Ok(format!("src {src:?}\npolicy {policy:?}\ngroups {groups:?}"))
+    }
+
+    /// What a user would dump when traffic does not flow: every node's egress maps and drop counters.
+    pub fn datapath_report(&self) -> String {
+        let mut out = String::new();
+        for (i, node) in self.topo.nodes.iter().enumerate() {
+            let maps = self.egress_maps(i).unwrap_or_else(|e| format!("unreadable: {e}"));
+            let drops = BpfMaps::open(&node.pin_dir)
+                .and_then(|m| m.drops.counts())
+                .map(|c| format!("{:?}", c.into_iter().filter(|(_, n)| *n > 0).collect::<Vec<_>>()))
+                .unwrap_or_else(|e| format!("unreadable: {e}"));
+            out.push_str(&format!("-- {} maps:\n{maps}\ndrops {drops}\n", node.name));
+        }
+        out
     }
 
     /// The datapath floor for failover: removes `gateway` from every egress group pinned on node `i` by writing the

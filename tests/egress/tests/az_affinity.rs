@@ -48,6 +48,8 @@ fn local_only_keeps_pods_on_their_zones_gateway_and_drops_when_it_fails() -> Res
     let pod_b = c.add_pod(GW_B, "billing-b", BILLING)?;
     c.create_policy("billing", billing_policy(json!({}), Some("localOnly")))?;
     wait_zonal(&c, &[GW_A], &[GW_B])?;
+    c.wait_pod_programmed(pod_a)?;
+    c.wait_pod_programmed(pod_b)?;
     let t0 = Instant::now();
     let _sa = stream(&c, pod_a, SocketAddr::from((LEGACY_SERVER, UDP_PORT)))?;
     let _sb = stream(&c, pod_b, SocketAddr::from((LEGACY_SERVER, UDP_PORT)))?;
@@ -93,6 +95,8 @@ fn local_only_first_fails_over_to_the_other_zone() -> Result<()> {
     let pod_b = c.add_pod(GW_B, "billing-b", BILLING)?;
     c.create_policy("billing", billing_policy(json!({}), Some("localOnlyFirst")))?;
     wait_zonal(&c, &[GW_A], &[GW_B])?;
+    c.wait_pod_programmed(pod_a)?;
+    c.wait_pod_programmed(pod_b)?;
     let t0 = Instant::now();
     let _sa = stream(&c, pod_a, SocketAddr::from((LEGACY_SERVER, UDP_PORT)))?;
     let _sb = stream(&c, pod_b, SocketAddr::from((LEGACY_SERVER, UDP_PORT)))?;

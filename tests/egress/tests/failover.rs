@@ -31,6 +31,7 @@ fn fail_over(test: &str, how: Failure) -> Result<()> {
     let pod = c.add_pod(WORKER, "billing-1", BILLING)?;
     c.create_policy("billing", billing_policy(json!({}), None))?;
     c.wait_active("billing", &[GW_A, GW_B])?;
+    c.wait_pod_programmed(pod)?;
     let t0 = Instant::now();
     let _stream = stream(&c, pod, SocketAddr::from((LEGACY_SERVER, UDP_PORT)))?;
     // Both gateways are active; the stream is pinned to one of them. That one fails.
@@ -111,6 +112,7 @@ fn a_live_flow_keeps_its_gateway_when_a_gateway_is_added() -> Result<()> {
     let pod = c.add_pod(WORKER, "billing-1", BILLING)?;
     c.create_policy("billing", billing_policy(json!({}), None))?;
     c.wait_active("billing", &[GW_A, GW_B])?;
+    c.wait_pod_programmed(pod)?;
     // Wait for the datapath: a connection gets through a gateway.
     ensure!(
         causeway_testsupport::netns::wait_for(causeway_egress_e2e::SOON, || tcp_source_seen(c.pod(pod), echo.addr)

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context as _, Result};
 use causeway_egress_e2e::topology::{EXCLUDED_SERVER, LEGACY_SERVER};
 use causeway_egress_e2e::traffic::tcp_source_seen;
-use causeway_egress_e2e::{billing_policy, Options, TcpEcho, UdpSink, BILLING, SOON, TCP_PORT, UDP_PORT, WORKER};
+use causeway_egress_e2e::{
+    billing_policy, Options, TcpEcho, UdpSink, BILLING, GW_A, GW_B, SOON, TCP_PORT, UDP_PORT, WORKER,
+};
 use common::*;
 use serde_json::json;
 
@@ -33,23 +35,25 @@ fn traffic_reaches_the_legacy_server_with_the_active_gateways_egress_ip() -> Res
     let sink = legacy_sink(&c)?;
     let echo = TcpEcho::start(&c.topo.server, SocketAddr::from((LEGACY_SERVER, TCP_PORT)))?;
     let pod = c.add_pod(WORKER, "billing-1", BILLING)?;
-    let t0 = Instant::now();
-    let _stream = stream(&c, pod, SocketAddr::from((LEGACY_SERVER, UDP_PORT)))?;
     // One active gateway: the status names it, and its egress IP is what the server must see.
     c.create_policy("billing", billing_policy(json!({"maxGatewayNodes": 1}), None))?;
     let status = c.wait_status("billing", SOON, |s| {
         let ready = condition(s, "Ready").is_some_and(|r| r.status == "True");
         let one = s.group_statuses.first().is_some_and(|g| g.active_gateway_ips.len() == 1);
-        if ready && one {
+        // matchedPods: the one billing pod.
+        if ready && one && s.matched_pods == Some(1) {
             Ok(())
         } else {
-            Err("Ready=True with one active gateway".into())
+            Err("Ready=True with one active gateway and matchedPods 1".into())
         }
     })?;
     let active_ip = &status.group_statuses[0].active_gateway_ips[0];
     let active = c.topo.nodes.iter().position(|n| n.ip.to_string() == *active_ip).context("active IP is a node")?;
     ensure!(c.topo.nodes[active].initially_gateway, "{active_ip} is not a node labelled as gateway");
     let want = IpAddr::V4(c.topo.nodes[active].egress_ip);
+    c.wait_pod_programmed(pod)?;
+    let t0 = Instant::now();
+    let _stream = stream(&c, pod, SocketAddr::from((LEGACY_SERVER, UDP_PORT)))?;
 
     let through = wait_through_gateway(&c, &sink, pod, t0)?;
     assert_eq!(through, active, "the traffic left through another gateway than the status says");
@@ -74,6 +78,8 @@ fn an_excluded_cidr_bypasses_the_gateway() -> Result<()> {
     let open = UdpSink::start(&c.topo.server, SocketAddr::from((EXCLUDED_SERVER, UDP_PORT)))?;
     let pod = c.add_pod(WORKER, "billing-1", BILLING)?;
     c.create_policy("billing", billing_policy(json!({}), None))?;
+    c.wait_active("billing", &[GW_A, GW_B])?;
+    c.wait_pod_programmed(pod)?;
     let t0 = Instant::now();
     let _to_legacy = stream(&c, pod, SocketAddr::from((LEGACY_SERVER, UDP_PORT)))?;
     let _to_excluded = stream(&c, pod, SocketAddr::from((EXCLUDED_SERVER, UDP_PORT)))?;
@@ -105,7 +111,7 @@ fn a_pod_created_after_the_policy_is_covered() -> Result<()> {
     };
     let sink = legacy_sink(&c)?;
     c.create_policy("billing", billing_policy(json!({}), None))?;
-    c.wait_active("billing", &[causeway_egress_e2e::GW_A, causeway_egress_e2e::GW_B])?;
+    c.wait_active("billing", &[GW_A, GW_B])?;
     let mut c = c;
     // The pod's network exists and it already sends; not in the kube API yet, so nothing selects it and the
     // firewall drops its packets (they leave with the pod IP).
@@ -147,6 +153,7 @@ fn invalid_policies_report_invalid_spec_and_leave_the_datapath_alone() -> Result
     let sink = legacy_sink(&c)?;
     let pod = c.add_pod(WORKER, "billing-1", BILLING)?;
     c.create_policy("billing", billing_policy(json!({"maxGatewayNodes": 1}), None))?;
+    c.wait_pod_programmed(pod)?;
     let t0 = Instant::now();
     let _stream = stream(&c, pod, SocketAddr::from((LEGACY_SERVER, UDP_PORT)))?;
     let gw = wait_through_gateway(&c, &sink, pod, t0)?;

@@ -53,10 +53,10 @@ pub fn wait_through_gateway(c: &EgressCluster, sink: &UdpSink, h: usize, since: 
         ensure!(
             Instant::now() < deadline,
             "{name}'s traffic never reached the server through a gateway; it saw {:?}; firewall dropped {} pod-IP \
-             packets\nagent on the pod's node:\n{}",
+             packets\n{}",
             sink.sources(&name, since),
             c.topo.fw_counter("pod_ip").unwrap_or(0),
-            c.agent_log(c.pod(h).node, 30)
+            c.datapath_report()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
