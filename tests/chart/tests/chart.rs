@@ -488,6 +488,7 @@ fn resources_in_source(dirs: &[&str]) -> Result<BTreeSet<(String, String)>> {
                     "EndpointSlice" => ("discovery.k8s.io", "endpointslices"),
                     "CausewayIdentity" => ("causeway.io", "causewayidentities"),
                     "EgressGatewayPolicy" => ("causeway.io", "egressgatewaypolicies"),
+                    "ExternalWorkload" => ("causeway.io", "externalworkloads"),
                     // The ServiceExport watch (a DynamicObject) is checked with enableMcsApi above; `K` is a generic.
                     "DynamicObject" | "K" => continue,
                     other => bail!("{}: Api<{other}>: a kind this test cannot map to a resource; add it", f.display()),
