@@ -1,17 +1,19 @@
 //! The kube adapter: watchers on EgressGatewayPolicy, Pods, Namespaces and Nodes feed the core [`Index`]; after each
-//! batch the controller computes, publishes the assignments (for the node-agent stream), patches each policy's
-//! status when it changed, and records Kubernetes Events when a policy's conditions or active gateways change.
+//! batch the controller computes and publishes the assignments (for the node-agent stream); a status writer task
+//! then patches each policy's status when it changed, and records Kubernetes Events when a policy's conditions or
+//! active gateways change.
 //!
 //! Gateway probe verdicts arrive as [`Input::Probe`] from the prober ([`crate::probe`]), which probes the nodes
 //! published on [`Controller::probe_targets`]; the adapter's timer drives [`Index::tick`] at the core's
 //! [`Index::next_deadline`]. Failover is on the fast path: a batch recomputes and publishes only when something
-//! changed (a probe round that changes no node's health costs nothing), and assignments are published before the
-//! slower status patches and Events.
+//! changed (a probe round that changes no node's health costs nothing), and status patches and Events are written
+//! off the loop, so a slow API server never delays the next publish.
 
 pub mod convert;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use causeway_crds::egress::{EgressGatewayPolicyStatus, EgressGroupStatus, PolicyCondition};
@@ -149,13 +151,12 @@ where
 /// The reconcile loop around the core index.
 pub struct Controller {
     index: Index,
-    api: Api<EgressGatewayPolicy>,
-    recorder: Recorder,
+    /// Taken by [`Controller::run`], which starts it.
+    writer: Option<StatusWriter>,
+    status_jobs: watch::Sender<Option<Arc<StatusJob>>>,
     listed: BTreeSet<Kind>,
     known: BTreeMap<Kind, BTreeSet<String>>,
     policies: BTreeMap<String, PolicyInput>,
-    /// Last active gateway IPs per policy and group, for change events.
-    last_active: BTreeMap<String, Vec<BTreeSet<String>>>,
     assignments: watch::Sender<BTreeMap<String, PolicyAssignment>>,
     /// Node → zone, for the per-node view of the assignment stream.
     zones: watch::Sender<BTreeMap<String, String>>,
@@ -165,9 +166,6 @@ pub struct Controller {
     synced: watch::Sender<bool>,
     /// Something changed since the last reconcile.
     dirty: bool,
-    /// A status patch failed; retry at this time even if nothing changes.
-    retry_at: Option<Instant>,
-    wall_clock: Box<dyn Fn() -> DateTime<Utc> + Send>,
     metrics: Metrics,
     health: Option<causeway_runtime::Health>,
 }
@@ -177,19 +175,23 @@ impl Controller {
         let reporter = Reporter { controller: CONTROLLER_NAME.into(), instance: None };
         Controller {
             index: Index::new(health),
-            api: Api::all(client.clone()),
-            recorder: Recorder::new(client, reporter),
+            writer: Some(StatusWriter {
+                api: Api::all(client.clone()),
+                recorder: Recorder::new(client, reporter),
+                wall_clock: Box::new(Utc::now),
+                metrics: Metrics::default(),
+                written: BTreeMap::new(),
+                last_active: BTreeMap::new(),
+            }),
+            status_jobs: watch::channel(None).0,
             listed: BTreeSet::new(),
             known: BTreeMap::new(),
             policies: BTreeMap::new(),
-            last_active: BTreeMap::new(),
             assignments: watch::channel(BTreeMap::new()).0,
             zones: watch::channel(BTreeMap::new()).0,
             probe_targets: watch::channel(BTreeMap::new()).0,
             synced: watch::channel(false).0,
             dirty: false,
-            retry_at: None,
-            wall_clock: Box::new(Utc::now),
             metrics: Metrics::default(),
             health: None,
         }
@@ -204,6 +206,9 @@ impl Controller {
 
     /// Counts into `metrics` (register them with the process registry first).
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        if let Some(w) = self.writer.as_mut() {
+            w.metrics = metrics.clone();
+        }
         self.metrics = metrics;
         self
     }
@@ -236,12 +241,11 @@ impl Controller {
 
     /// Runs until the input channel closes.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+        if let Some(writer) = self.writer.take() {
+            tokio::spawn(writer.run(self.status_jobs.subscribe()));
+        }
         loop {
-            let deadline = [self.index.next_deadline(), self.retry_at]
-                .into_iter()
-                .flatten()
-                .min()
-                .map(tokio::time::Instant::from_std);
+            let deadline = self.index.next_deadline().map(tokio::time::Instant::from_std);
             tokio::select! {
                 input = rx.recv() => {
                     let Some(input) = input else { return };
@@ -257,10 +261,6 @@ impl Controller {
                     let now = Instant::now();
                     for change in self.index.tick(now) {
                         self.health_changed(&change.node, change.healthy, change.why);
-                    }
-                    if self.retry_at.is_some_and(|t| t <= now) {
-                        self.retry_at = None;
-                        self.dirty = true;
                     }
                 }
             }
@@ -338,7 +338,6 @@ impl Controller {
             Kind::Policy => {
                 self.index.delete_policy(key);
                 self.policies.remove(key);
-                self.last_active.remove(key);
             }
             Kind::Pod => {
                 if let Some((ns, name)) = key.split_once('/') {
@@ -353,7 +352,7 @@ impl Controller {
         }
     }
 
-    /// Computes, publishes assignments, and writes status and events for what changed.
+    /// Computes and publishes the assignments, then hands status and Events to the status writer.
     pub async fn reconcile(&mut self) {
         self.dirty = false;
         self.metrics.reconciles.inc();
@@ -365,13 +364,8 @@ impl Controller {
         publish(&self.assignments, assignments);
         publish(&self.probe_targets, self.index.gateway_candidates());
         self.record_metrics(&outputs);
-        let mut failed = false;
-        for (name, out) in &outputs {
-            failed |= !self.write_status(name, out).await;
-        }
-        if failed && self.retry_at.is_none() {
-            self.retry_at = Some(Instant::now() + STATUS_RETRY);
-        }
+        let seen = self.policies.iter().map(|(n, p)| (n.clone(), (p.uid.clone(), p.status.clone()))).collect();
+        self.status_jobs.send_replace(Some(Arc::new(StatusJob { outputs, seen })));
     }
 
     fn record_metrics(&self, outputs: &BTreeMap<String, PolicyOutput>) {
@@ -394,12 +388,68 @@ impl Controller {
             }
         }
     }
+}
+
+/// What the status writer needs from one reconcile: the outputs, and each policy's uid and last watched status.
+struct StatusJob {
+    outputs: BTreeMap<String, PolicyOutput>,
+    seen: BTreeMap<String, (Option<String>, Option<EgressGatewayPolicyStatus>)>,
+}
+
+/// Writes status patches and Events in its own task, always for the latest reconcile, so that a slow API server
+/// (one patch per changed policy, plus Events) never holds back the next probe verdict or assignment publish.
+struct StatusWriter {
+    api: Api<EgressGatewayPolicy>,
+    recorder: Recorder,
+    wall_clock: Box<dyn Fn() -> DateTime<Utc> + Send>,
+    metrics: Metrics,
+    /// The status last written per policy, with the uid it was written to (a recreated policy starts over).
+    written: BTreeMap<String, (Option<String>, EgressGatewayPolicyStatus)>,
+    /// Last active gateway nodes per policy and group, for change events.
+    last_active: BTreeMap<String, Vec<BTreeSet<String>>>,
+}
+
+impl StatusWriter {
+    /// Runs until the controller drops its end. A failed patch is retried after [`STATUS_RETRY`], or sooner when a
+    /// newer reconcile arrives.
+    async fn run(mut self, mut jobs: watch::Receiver<Option<Arc<StatusJob>>>) {
+        let mut failed = false;
+        loop {
+            if failed {
+                tokio::select! {
+                    r = jobs.changed() => if r.is_err() { return },
+                    () = tokio::time::sleep(STATUS_RETRY) => {}
+                }
+            } else if jobs.changed().await.is_err() {
+                return;
+            }
+            let job = jobs.borrow_and_update().clone();
+            let Some(job) = job else { continue };
+            self.written.retain(|name, _| job.outputs.contains_key(name));
+            self.last_active.retain(|name, _| job.outputs.contains_key(name));
+            failed = false;
+            for (name, out) in &job.outputs {
+                if let Some((uid, status)) = job.seen.get(name) {
+                    failed |= !self.write(name, out, uid.as_deref(), status.as_ref()).await;
+                }
+            }
+        }
+    }
 
     /// Returns false when the status patch failed (to be retried).
     #[instrument(skip_all, fields(policy = %name))]
-    async fn write_status(&mut self, name: &str, out: &PolicyOutput) -> bool {
-        let Some(input) = self.policies.get(name) else { return true };
-        let previous = input.status.clone().unwrap_or_default();
+    async fn write(
+        &mut self,
+        name: &str,
+        out: &PolicyOutput,
+        uid: Option<&str>,
+        seen: Option<&EgressGatewayPolicyStatus>,
+    ) -> bool {
+        // What we wrote last is newer than what the watch has shown us, unless the policy was recreated.
+        let previous = match self.written.get(name) {
+            Some((written_uid, status)) if written_uid.as_deref() == uid => status.clone(),
+            _ => seen.cloned().unwrap_or_default(),
+        };
         let desired = self.status(out, &previous);
         let active: Vec<BTreeSet<String>> = out
             .assignment
@@ -411,7 +461,7 @@ impl Controller {
             api_version: Some(EgressGatewayPolicy::api_version(&()).into_owned()),
             kind: Some(EgressGatewayPolicy::kind(&()).into_owned()),
             name: Some(name.to_string()),
-            uid: input.uid.clone(),
+            uid: uid.map(str::to_string),
             ..Default::default()
         };
         let events = condition_events(&previous, &desired, self.last_active.get(name), &active);
@@ -431,9 +481,7 @@ impl Controller {
                 Ok(_) => {
                     self.metrics.status_writes.inc();
                     debug!("status written");
-                    if let Some(p) = self.policies.get_mut(name) {
-                        p.status = Some(desired);
-                    }
+                    self.written.insert(name.to_string(), (uid.map(str::to_string), desired));
                 }
                 // Deleted meanwhile: its watch event will follow. Otherwise retried shortly.
                 Err(kube::Error::Api(e)) if e.code == 404 => debug!("policy gone; not writing status"),
