@@ -797,8 +797,7 @@ fn chart_crds_are_the_generated_ones() -> Result<()> {
     let generated = causeway_crds::render_yaml()?;
     assert!(
         in_chart == generated,
-        "{} differs from the CRD types: run `cargo run -p causeway-crds --bin crdgen > crds/causeway.io_crds.yaml && \
-         cp crds/causeway.io_crds.yaml charts/causeway/crds/`",
+        "{} differs from the CRD types: run `cargo run -p causeway-chart-tests --bin crd-reference -- --write`",
         path.display()
     );
     // helm installs them: `--include-crds` renders each one.

@@ -4,7 +4,7 @@ use anyhow::{Context as _, Result};
 use causeway_chart_tests::{crd_reference, repo_root};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{JSONSchemaProps, JSONSchemaPropsOrArray};
 
-const REGENERATE: &str = "cargo run -p causeway-chart-tests --bin crd-reference > docs/crd-reference.md";
+const REGENERATE: &str = "cargo run -p causeway-chart-tests --bin crd-reference -- --write";
 
 #[test]
 fn committed_reference_matches_the_types() -> Result<()> {
