@@ -5,7 +5,8 @@
 //!   being one. No privileges.
 //! - `a_neighbour_learns_and_updates_the_egress_ip_after_a_takeover`: the announcer task in a gateway netns with
 //!   real netlink reads and an AF_PACKET socket; a neighbour netns on the same veth (arp_accept=1) learns the new
-//!   egress IP and corrects a stale entry pointing at a previous gateway's MAC (`ip neigh`).
+//!   egress IP and corrects stale entries (IPv4 by gratuitous ARP, IPv6 by unsolicited neighbour advertisement)
+//!   pointing at a previous gateway's MAC (`ip neigh`).
 
 mod egress_agent_support;
 
@@ -111,18 +112,24 @@ fn a_neighbour_learns_and_updates_the_egress_ip_after_a_takeover() -> Result<()>
     // The egress IPs are configured on the gateway's interface beforehand (the agent never adds them).
     gw.ip("addr add 192.168.80.10/32 dev eth0")?;
     gw.ip("addr add 192.168.80.11/32 dev eth0")?;
+    gw.ip("-6 addr add 2001:db8:80::1/64 dev eth0 nodad")?;
+    gw.ip("-6 addr add 2001:db8:80::10/128 dev eth0 nodad")?;
+    nb.ip("-6 addr add 2001:db8:80::2/64 dev eth0 nodad")?;
     // The neighbour (a router or firewall on the segment) accepts gratuitous ARP for addresses it has no entry for.
     nb.sysctl("net.ipv4.conf.all.arp_accept", "1")?;
     nb.sysctl("net.ipv4.conf.eth0.arp_accept", "1")?;
     // .11 was served by a previous gateway: the neighbour still points it at that gateway's MAC.
     let old_mac = "02:00:00:00:00:99";
     nb.ip(&format!("neigh replace 192.168.80.11 lladdr {old_mac} dev eth0 nud stale"))?;
+    // So was the IPv6 egress address: an unsolicited neighbour advertisement (override) corrects it.
+    nb.ip(&format!("-6 neigh replace 2001:db8:80::10 lladdr {old_mac} dev eth0 nud stale"))?;
     let gw_mac = mac_of(&gw, "eth0")?;
 
     // Before the takeover the neighbour knows nothing of .10 and the old MAC for .11.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(neigh(&nb, "192.168.80.10")?, None);
     assert_eq!(neigh(&nb, "192.168.80.11")?.as_deref(), Some(old_mac));
+    assert_eq!(neigh(&nb, "2001:db8:80::10")?.as_deref(), Some(old_mac));
 
     let (tx, rx) = watch::channel(BTreeSet::new());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -147,21 +154,17 @@ fn a_neighbour_learns_and_updates_the_egress_ip_after_a_takeover() -> Result<()>
     let mut stop = Stop(Some(stop));
 
     // This node becomes the active gateway for both (what the agent loop's hook reports).
-    tx.send(set(&["192.168.80.10", "192.168.80.11"]))?;
+    let egress = ["192.168.80.10", "192.168.80.11", "2001:db8:80::10"];
+    tx.send(set(&egress))?;
     let learned = netns::wait_for(Duration::from_secs(10), || {
-        neigh(&nb, "192.168.80.10").ok().flatten().as_deref() == Some(gw_mac.as_str())
-            && neigh(&nb, "192.168.80.11").ok().flatten().as_deref() == Some(gw_mac.as_str())
+        egress.iter().all(|ip| neigh(&nb, ip).ok().flatten().as_deref() == Some(gw_mac.as_str()))
     });
     if !learned {
-        bail!(
-            "neighbour entries after the takeover: .10 {:?}, .11 {:?} (gateway MAC {gw_mac}); garp sent {}",
-            neigh(&nb, "192.168.80.10")?,
-            neigh(&nb, "192.168.80.11")?,
-            metrics.sent.get()
-        );
+        let seen: Vec<_> = egress.iter().map(|ip| (ip, neigh(&nb, ip).ok().flatten())).collect();
+        bail!("neighbour entries after the takeover: {seen:?} (gateway MAC {gw_mac}); sent {}", metrics.sent.get());
     }
     // The counter moves once a whole burst (3 frames, 100 ms apart) is out; the neighbour learned from its first.
-    assert!(netns::wait_for(Duration::from_secs(5), || metrics.sent.get() == 2), "one burst per egress IP");
+    assert!(netns::wait_for(Duration::from_secs(5), || metrics.sent.get() == 3), "one burst per egress IP");
     assert_eq!(metrics.errors.get(), 0);
     if let Some(s) = stop.0.take() {
         let _ = s.send(());

@@ -5,14 +5,15 @@
 //! that sits on one of its Ethernet interfaces, the agent broadcasts a few gratuitous ARPs (RFC 5227 ARP
 //! announcements: sender and target protocol address both the egress IP) so that routers, firewalls and hosts on
 //! that segment point the address at this node's MAC now, instead of after their cache entry for the previous
-//! gateway times out. IPv6 neighbours are not told (no unsolicited neighbour advertisement yet).
+//! gateway times out. For an IPv6 egress address it sends unsolicited neighbour advertisements (override flag)
+//! instead.
 //!
-//! [`frame`] and [`Announcer`] are sans-IO; [`send`] is the AF_PACKET socket; [`run`] is the task the binary runs.
+//! [`frame`], [`unsolicited_na`] and [`Announcer`] are sans-IO; [`send`] is the AF_PACKET socket; [`run`] is the task the binary runs.
 
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
@@ -51,10 +52,61 @@ pub fn frame(mac: [u8; 6], ip: Ipv4Addr) -> [u8; FRAME_LEN] {
     f
 }
 
+const ETH_P_IPV6: u16 = 0x86dd;
+/// Ethernet (14) + IPv6 (40) + neighbour advertisement (24) + target link-layer address option (8).
+pub const NA_FRAME_LEN: usize = 86;
+
+/// An unsolicited IPv6 neighbour advertisement (RFC 4861 7.2.6) from `mac` for `ip`, to all nodes (ff02::1),
+/// with the override flag and the target link-layer address option: Linux neighbours replace an existing entry's
+/// MAC from it (and create one where `accept_untracked_na` is on).
+pub fn unsolicited_na(mac: [u8; 6], ip: Ipv6Addr) -> [u8; NA_FRAME_LEN] {
+    const ALL_NODES: [u8; 16] = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let mut f = [0u8; NA_FRAME_LEN];
+    f[0..6].copy_from_slice(&[0x33, 0x33, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+    // IPv6: version 6, payload 32 bytes, next header ICMPv6 (58), hop limit 255 (receivers drop NDP otherwise).
+    f[14] = 0x60;
+    f[18..20].copy_from_slice(&32u16.to_be_bytes());
+    f[20] = 58;
+    f[21] = 255;
+    f[22..38].copy_from_slice(&ip.octets());
+    f[38..54].copy_from_slice(&ALL_NODES);
+    // ICMPv6 neighbour advertisement: type 136, code 0, checksum, flags (override), target, TLLA option.
+    f[54] = 136;
+    f[58] = 0x20;
+    f[62..78].copy_from_slice(&ip.octets());
+    f[78] = 2;
+    f[79] = 1;
+    f[80..86].copy_from_slice(&mac);
+    let sum = icmpv6_checksum(&ip.octets(), &ALL_NODES, &f[54..86]);
+    f[56..58].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
+/// The Internet checksum of the ICMPv6 message over its pseudo-header (the checksum field must be zero).
+fn icmpv6_checksum(src: &[u8; 16], dst: &[u8; 16], msg: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for c in b.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(src);
+    add(dst);
+    add(&(msg.len() as u32).to_be_bytes());
+    add(&[0, 0, 0, 58]);
+    add(msg);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// One announcement to make.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Announcement {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub ifindex: u32,
     pub ifname: String,
     pub mac: [u8; 6],
@@ -97,12 +149,12 @@ impl Announcer {
                 continue;
             };
             self.announced.insert(*ip);
-            match (ip, link.mac) {
-                (IpAddr::V4(v4), Some(mac)) => {
-                    step.announce.push(Announcement { ip: *v4, ifindex: link.index, ifname: link.name.clone(), mac })
+            match link.mac {
+                Some(mac) => {
+                    step.announce.push(Announcement { ip: *ip, ifindex: link.index, ifname: link.name.clone(), mac })
                 }
-                // IPv6 (no unsolicited NA yet) or a layer-3 device (no neighbours): nothing to send.
-                _ => debug!(%ip, ifname = %link.name, "egress IP needs no gratuitous ARP"),
+                // A layer-3 device (TUN, WireGuard) has no neighbours to tell.
+                None => debug!(%ip, ifname = %link.name, "egress IP on a layer-3 device: nothing to announce"),
             }
         }
         step.newly_missing = missing.difference(&self.missing).copied().collect();
@@ -112,15 +164,23 @@ impl Announcer {
     }
 }
 
+/// The frame announcing `a`, and its ethertype: gratuitous ARP for IPv4, unsolicited NA for IPv6.
+pub fn announcement_frame(a: &Announcement) -> (Vec<u8>, u16) {
+    match a.ip {
+        IpAddr::V4(v4) => (frame(a.mac, v4).to_vec(), ETH_P_ARP),
+        IpAddr::V6(v6) => (unsolicited_na(a.mac, v6).to_vec(), ETH_P_IPV6),
+    }
+}
+
 /// Sends `count` copies of the announcement's frame out of its interface, `gap` apart.
 pub async fn send(a: &Announcement, count: u32, gap: Duration) -> io::Result<()> {
     let sock = PacketSocket::open()?;
-    let f = frame(a.mac, a.ip);
+    let (f, ethertype) = announcement_frame(a);
     for i in 0..count {
         if i > 0 {
             tokio::time::sleep(gap).await;
         }
-        sock.send(a.ifindex, &f)?;
+        sock.send(a.ifindex, ethertype, &f)?;
     }
     Ok(())
 }
@@ -140,15 +200,15 @@ impl PacketSocket {
         Ok(PacketSocket(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
-    fn send(&self, ifindex: u32, frame: &[u8]) -> io::Result<()> {
+    fn send(&self, ifindex: u32, ethertype: u16, frame: &[u8]) -> io::Result<()> {
         // SAFETY: sockaddr_ll is plain old data; all-zero is a valid starting value.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = ETH_P_ARP.to_be();
+        addr.sll_protocol = ethertype.to_be();
         addr.sll_ifindex =
             i32::try_from(ifindex).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "ifindex"))?;
         addr.sll_halen = 6;
-        addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        addr.sll_addr[..6].copy_from_slice(frame.get(..6).unwrap_or(&[0xff; 6]));
         // SAFETY: `frame` and `addr` are valid for the lengths given for the duration of the call.
         let n = unsafe {
             libc::sendto(
@@ -295,6 +355,33 @@ mod tests {
         assert_eq!(f, want);
     }
 
+    #[test]
+    fn unsolicited_na_is_a_valid_override_advertisement() {
+        let mac = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+        let ip: Ipv6Addr = "2001:db8::10".parse().unwrap();
+        let f = unsolicited_na(mac, ip);
+        assert_eq!(&f[0..6], &[0x33, 0x33, 0, 0, 0, 1], "all-nodes multicast MAC");
+        assert_eq!(&f[12..14], &[0x86, 0xdd]);
+        let p = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
+        let Some(etherparse::NetSlice::Ipv6(v6)) = &p.net else { panic!("not IPv6: {:?}", p.net) };
+        assert_eq!(v6.header().hop_limit(), 255);
+        assert_eq!(v6.header().source_addr(), ip);
+        assert_eq!(v6.header().destination_addr(), "ff02::1".parse::<Ipv6Addr>().unwrap());
+        let Some(etherparse::TransportSlice::Icmpv6(icmp)) = &p.transport else { panic!("not ICMPv6") };
+        let etherparse::Icmpv6Type::NeighborAdvertisement(h) = icmp.icmp_type() else { panic!("not an NA") };
+        assert!(h.r#override && !h.solicited && !h.router);
+        // Target address, then the target link-layer address option (type 2, 8 bytes).
+        assert_eq!(icmp.payload(), [ip.octets().as_slice(), &[2, 1], &mac].concat());
+        let want = etherparse::Icmpv6Header::with_checksum(
+            icmp.icmp_type(),
+            ip.octets(),
+            v6.header().destination(),
+            icmp.payload(),
+        )
+        .unwrap();
+        assert_eq!(icmp.checksum(), want.checksum, "checksum over the pseudo-header");
+    }
+
     fn net(with_egress: bool) -> HostNetwork {
         let mut n = HostNetwork {
             links: vec![
@@ -345,8 +432,11 @@ mod tests {
         // Lost and taken over again (failback): announced again.
         assert_eq!(a.step(&set(&[]), &net(true)), Step::default());
         assert_eq!(a.step(&set(&["192.0.2.10"]), &net(true)).announce.len(), 1);
-        // IPv6 and addresses on layer-3 devices need no ARP, and are not reported missing.
+        // An IPv6 egress address is announced too (neighbour advertisement); one on a layer-3 device needs
+        // nothing, and neither is reported missing.
         let s = a.step(&set(&["192.0.2.10", "2001:db8::10", "10.50.0.1"]), &net(true));
-        assert_eq!(s, Step::default());
+        assert_eq!(s.announce.iter().map(|a| a.ip.to_string()).collect::<Vec<_>>(), vec!["2001:db8::10"]);
+        assert!(s.missing.is_empty());
+        assert_eq!(announcement_frame(&s.announce[0]).1, 0x86dd);
     }
 }
