@@ -57,7 +57,8 @@ struct Args {
     #[arg(long, env = "CAUSEWAY_EGRESS_ADDR")]
     egress_addr: Option<String>,
     /// UDP address the egress-gw controller's gateway health probes are answered on. The reply carries the
-    /// gateway-ready flag when SNAT is attached on --external-interface (never with --dry-run).
+    /// gateway-ready flag when SNAT is attached on --external-interface (never with --dry-run). Nodes whose node IP
+    /// is IPv6 use [::]:9966.
     #[arg(long, env = "CAUSEWAY_PROBE_ADDR", default_value = "0.0.0.0:9966")]
     probe_addr: SocketAddr,
     /// Kubeconfig used to publish this node's interfaces and addresses on its Node (annotations
