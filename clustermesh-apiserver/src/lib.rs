@@ -9,6 +9,7 @@
 //! - [`sink`]: the traits the adapter writes through (store writer, identity resolver), with in-memory versions.
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`readiness`]: `/readyz`, combining the export's state and etcd's.
+//! - [`workloads`]: external workloads (VMs) registering over mTLS gRPC, exported like pods.
 
 pub mod export;
 pub mod identity;
@@ -16,3 +17,4 @@ pub mod kube;
 pub mod metrics;
 pub mod readiness;
 pub mod sink;
+pub mod workloads;

@@ -61,6 +61,9 @@ struct Args {
     /// namespace and name, as if it were global and shared. The ServiceExport CRD must be installed.
     #[arg(long, env = "CAUSEWAY_ENABLE_MCS_API")]
     enable_mcs_api: bool,
+    /// External-workload registration (gRPC over mTLS): --workloads-addr and its TLS files.
+    #[command(flatten)]
+    workloads: clustermesh_apiserver::workloads::WorkloadsArgs,
 }
 
 fn cluster_info(args: &Args) -> Result<ClusterInfo> {
@@ -322,6 +325,17 @@ async fn main() -> Result<()> {
         }
         .run(),
     );
+    let workload_metrics = clustermesh_apiserver::workloads::WorkloadMetrics::default();
+    health.with_registry(|r| workload_metrics.register(r));
+    let shared = clustermesh_apiserver::workloads::Shared {
+        client: client.clone(),
+        cluster: cluster.clone(),
+        sink: sink.clone(),
+        identities: identities.clone(),
+        export: tx.clone(),
+        metrics: workload_metrics,
+    };
+    let workloads = clustermesh_apiserver::workloads::start(&args.workloads, shared).await?;
     let watchers = spawn_watchers(client, tx, metrics.clone(), args.enable_mcs_api);
     let mut export =
         ExportLoop::new(Exporter::new(cluster.clone(), metrics.clone()), sink, identities, readiness, metrics);
@@ -340,5 +354,8 @@ async fn main() -> Result<()> {
         w.abort();
     }
     resets.abort();
+    if let Some(w) = workloads {
+        w.abort();
+    }
     Ok(())
 }

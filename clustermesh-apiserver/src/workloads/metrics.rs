@@ -1,0 +1,40 @@
+//! Registration metrics (`causeway_workload_registrations_total{result}`, `causeway_workloads_registered`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadMetrics {
+    /// Register calls by result: `ok`, `denied`, `invalid`, `unknown_workload`, `address_in_use`, `deleting`,
+    /// `error`.
+    pub registrations: Family<ResultLabels, Counter>,
+    /// External workloads registered with this process.
+    pub registered: Gauge,
+}
+
+impl WorkloadMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "workload_registrations",
+            "External-workload Register calls, by result",
+            self.registrations.clone(),
+        );
+        registry.register(
+            "workloads_registered",
+            "External workloads registered with this process",
+            self.registered.clone(),
+        );
+    }
+
+    pub fn result(&self, result: &str) {
+        self.registrations.get_or_create(&ResultLabels { result: result.to_string() }).inc();
+    }
+}

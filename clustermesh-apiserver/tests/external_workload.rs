@@ -1,0 +1,298 @@
+//! External-workload registration end to end: the clustermesh-apiserver binary against real etcd and the fake kube
+//! API (the one test stand-in), called over real mTLS gRPC with certificates minted like `causeway clustermesh
+//! enable` does. A registered host appears with its identity in etcd's ipcache and in its object's status; unknown
+//! names and other certificates are refused; re-registering with a new address leaves no stale entry.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use causeway_api::v1::workloads_client::WorkloadsClient;
+use causeway_api::v1::{RegisterRequest, RegisterResponse};
+use causeway_crds::{CausewayIdentity, ExternalWorkload};
+use causeway_pki::{users, CertificateAuthority, IssuedCert, Pki};
+use causeway_testsupport::{wait_until, Etcd};
+use fake_kube_apiserver::{FakeApiServer, FakeApiServerHandle};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::CustomResourceExt;
+use serde_json::{json, Value};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Kills the apiserver when the test ends, however it ends.
+struct Apiserver(Child);
+
+impl Drop for Apiserver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn get(etcd: &mut etcd_client::Client, key: &str) -> Option<String> {
+    let resp = etcd.get(key, None).await.ok()?;
+    resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+}
+
+async fn keys(etcd: &mut etcd_client::Client, prefix: &str) -> Vec<String> {
+    let Ok(resp) = etcd.get(prefix, Some(etcd_client::GetOptions::new().with_prefix())).await else { return vec![] };
+    resp.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect()
+}
+
+/// Real etcd, the fake kube API with both CRDs, the mesh PKI and the apiserver serving registrations on `port`.
+struct Setup {
+    etcd: Etcd,
+    _kube: FakeApiServerHandle,
+    client: kube::Client,
+    pki: Pki,
+    port: u16,
+    _dir: tempfile::TempDir,
+    apiserver: Apiserver,
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+    Ok(p)
+}
+
+impl Setup {
+    async fn start() -> Result<Setup> {
+        let etcd = Etcd::start().await;
+        let kube = FakeApiServer::start("127.0.0.1:0".parse()?).await?;
+        let kubeconfig = Kubeconfig::from_yaml(&kube.kubeconfig_yaml())?;
+        let client = kube::Client::try_from(
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?,
+        )?;
+        let dir = tempfile::tempdir()?;
+        let kubeconfig_path = dir.path().join("kubeconfig");
+        kube.write_kubeconfig(&kubeconfig_path)?;
+        let crds = Api::<CustomResourceDefinition>::all(client.clone());
+        crds.create(&PostParams::default(), &CausewayIdentity::crd()).await?;
+        crds.create(&PostParams::default(), &ExternalWorkload::crd()).await?;
+
+        let pki = Pki::loopback()?;
+        let ca = write(dir.path(), "ca.crt", pki.ca().cert_pem())?;
+        let cert = write(dir.path(), "tls.crt", &pki.server().cert_pem)?;
+        let key = write(dir.path(), "tls.key", &pki.server().key_pem)?;
+        let port = free_port()?;
+        let metrics_port = free_port()?;
+        let mut apiserver = Apiserver(
+            Command::new(env!("CARGO_BIN_EXE_clustermesh-apiserver"))
+                .env("CAUSEWAY_CLUSTER_NAME", "east")
+                .env("CAUSEWAY_CLUSTER_ID", "7")
+                .arg("--etcd-endpoints")
+                .arg(etcd.endpoint())
+                .arg("--kubeconfig")
+                .arg(&kubeconfig_path)
+                .arg("--metrics-addr")
+                .arg(format!("127.0.0.1:{metrics_port}"))
+                .arg("--workloads-addr")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--workloads-tls-ca")
+                .arg(&ca)
+                .arg("--workloads-tls-cert")
+                .arg(&cert)
+                .arg("--workloads-tls-key")
+                .arg(&key)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting clustermesh-apiserver")?,
+        );
+        let up = wait_until(WAIT, || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() }).await;
+        if let Ok(Some(status)) = apiserver.0.try_wait() {
+            bail!("clustermesh-apiserver exited early: {status}");
+        }
+        assert!(up, "the workloads service never listened on {port}");
+        Ok(Setup { etcd, _kube: kube, client, pki, port, _dir: dir, apiserver })
+    }
+
+    /// A gRPC client presenting `cert` (None: no client certificate) and trusting the mesh CA.
+    async fn connect(&self, cert: Option<&IssuedCert>) -> Result<WorkloadsClient<Channel>> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.pki.ca().cert_pem()))
+            .domain_name("localhost");
+        if let Some(c) = cert {
+            tls = tls.identity(Identity::from_pem(&c.cert_pem, &c.key_pem));
+        }
+        let channel =
+            Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))?.tls_config(tls)?.connect().await?;
+        Ok(WorkloadsClient::new(channel))
+    }
+
+    async fn register_as(
+        &self,
+        cert: Option<&IssuedCert>,
+        name: &str,
+        ipv4: &str,
+        ipv6: &str,
+    ) -> Result<Result<RegisterResponse, tonic::Status>> {
+        let mut c = self.connect(cert).await?;
+        let req = RegisterRequest { name: name.into(), ipv4: ipv4.into(), ipv6: ipv6.into() };
+        Ok(c.register(req).await.map(|r| r.into_inner()))
+    }
+
+    fn workload_cert(&self) -> Result<IssuedCert> {
+        Ok(self.pki.client(users::EXTERNAL_WORKLOAD)?)
+    }
+
+    async fn create_workload(&self, name: &str, labels: Value) -> Result<()> {
+        let obj: ExternalWorkload = serde_json::from_value(json!({
+            "apiVersion": "causeway.io/v1alpha1", "kind": "ExternalWorkload",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"ipv4AllocCIDR": "10.192.1.0/30"}
+        }))?;
+        Api::<ExternalWorkload>::all(self.client.clone()).create(&PostParams::default(), &obj).await?;
+        Ok(())
+    }
+
+    async fn status(&self, name: &str) -> Result<Value> {
+        let obj = Api::<ExternalWorkload>::all(self.client.clone()).get(name).await?;
+        Ok(serde_json::to_value(obj.status)?)
+    }
+
+    fn still_running(&mut self) -> Result<()> {
+        if let Ok(Some(status)) = self.apiserver.0.try_wait() {
+            bail!("clustermesh-apiserver exited: {status}");
+        }
+        Ok(())
+    }
+}
+
+fn ipcache_key(ip: &str) -> String {
+    format!("cilium/state/ip/v1/default/{ip}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_workload_is_exported_with_its_identity_and_status() -> Result<()> {
+    let mut s = Setup::start().await?;
+    s.create_workload("db-vm-1", json!({"app": "postgres", "io.kubernetes.pod.namespace": "legacy"})).await?;
+    let cert = s.workload_cert()?;
+
+    let resp = s.register_as(Some(&cert), "db-vm-1", "192.0.2.7", "2001:db8::7").await?.context("registration")?;
+    assert_eq!((resp.cluster_name.as_str(), resp.cluster_id), ("east", 7));
+    assert!(resp.identity > 7 << 16 && resp.identity < 8 << 16, "identity {} outside cluster 7's range", resp.identity);
+    assert_eq!(
+        resp.identity_labels,
+        "k8s:app=postgres;k8s:io.cilium.k8s.policy.cluster=east;k8s:io.kubernetes.pod.namespace=legacy;"
+    );
+    assert_eq!(resp.ipv4_alloc_cidr, "10.192.1.0/30");
+    let id = resp.identity;
+
+    // The status says so.
+    let status = s.status("db-vm-1").await?;
+    assert_eq!(status["id"], json!(id));
+    assert_eq!(status["ip"], json!("192.0.2.7"));
+    assert_eq!(status["ipv6"], json!("2001:db8::7"));
+    let ready = status["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Ready")).cloned();
+    assert_eq!(ready.as_ref().map(|c| c["status"].clone()), Some(json!("True")), "{status}");
+
+    // etcd has the host's addresses with its identity, and the identity itself, like a pod's.
+    let mut c = s.etcd.client().await;
+    for ip in ["192.0.2.7", "2001:db8::7"] {
+        let found = wait_until(WAIT, || {
+            let mut c = c.clone();
+            async move { get(&mut c, &ipcache_key(ip)).await.is_some() }
+        })
+        .await;
+        assert!(found, "no ipcache entry for {ip}");
+        let entry: Value = serde_json::from_str(&get(&mut c, &ipcache_key(ip)).await.context("entry")?)?;
+        assert_eq!(entry["ID"], json!(id), "{entry}");
+        assert_eq!(entry["IP"], json!(ip));
+        assert_eq!(entry["HostIP"], json!(ip));
+        assert_eq!((entry["K8sNamespace"].clone(), entry["K8sPodName"].clone()), (json!("legacy"), json!("db-vm-1")));
+    }
+    let identity_key = format!("cilium/state/identities/v1/id/{id}");
+    let exported = wait_until(WAIT, || {
+        let mut c = c.clone();
+        let k = identity_key.clone();
+        async move { get(&mut c, &k).await.is_some() }
+    })
+    .await;
+    assert!(exported, "identity {id} never exported");
+    assert_eq!(get(&mut c, &identity_key).await.as_deref(), Some(resp.identity_labels.as_str()));
+
+    // Registering again with a new IPv4 and no IPv6 replaces the entries: same identity, no stale entry.
+    let again = s.register_as(Some(&cert), "db-vm-1", "192.0.2.8", "").await?.context("re-registration")?;
+    assert_eq!(again.identity, id);
+    let moved = wait_until(WAIT, || {
+        let mut c = c.clone();
+        async move {
+            get(&mut c, &ipcache_key("192.0.2.7")).await.is_none()
+                && get(&mut c, &ipcache_key("2001:db8::7")).await.is_none()
+                && get(&mut c, &ipcache_key("192.0.2.8")).await.is_some()
+        }
+    })
+    .await;
+    assert!(moved, "ipcache after re-registration: {:?}", keys(&mut c, "cilium/state/ip/v1/").await);
+    assert_eq!(keys(&mut c, "cilium/state/ip/v1/").await, vec![ipcache_key("192.0.2.8")]);
+    let status = s.status("db-vm-1").await?;
+    assert_eq!((status["id"].clone(), status["ip"].clone()), (json!(id), json!("192.0.2.8")));
+    assert!(status.get("ipv6").is_none_or(Value::is_null), "stale ipv6 in status: {status}");
+
+    // Another host may not take the address.
+    s.create_workload("db-vm-2", json!({"app": "postgres"})).await?;
+    let taken = s.register_as(Some(&cert), "db-vm-2", "192.0.2.8", "").await?;
+    assert_eq!(taken.as_ref().map_err(|e| e.code()).err(), Some(Code::AlreadyExists), "{taken:?}");
+    s.still_running()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_workload_is_refused() -> Result<()> {
+    let mut s = Setup::start().await?;
+    let cert = s.workload_cert()?;
+    let refused = s.register_as(Some(&cert), "no-such-vm", "192.0.2.9", "").await?;
+    let status = refused.err().context("an unknown name was accepted")?;
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains("no ExternalWorkload named \"no-such-vm\""), "{}", status.message());
+    let bad = s.register_as(Some(&cert), "Not_A_Name", "192.0.2.9", "").await?;
+    assert_eq!(bad.err().map(|e| e.code()), Some(Code::InvalidArgument));
+    let mut c = s.etcd.client().await;
+    assert_eq!(get(&mut c, &ipcache_key("192.0.2.9")).await, None);
+    s.still_running()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_other_than_externalworkload_are_refused() -> Result<()> {
+    let mut s = Setup::start().await?;
+    s.create_workload("db-vm-1", json!({"app": "postgres"})).await?;
+
+    // Signed by the mesh CA, but for another user: the handshake succeeds, the call is denied.
+    for user in [users::remote("west"), users::admin("east"), users::ROOT.to_string()] {
+        let cert = s.pki.client(&user)?;
+        let denied = s.register_as(Some(&cert), "db-vm-1", "192.0.2.7", "").await?;
+        let status = denied.err().with_context(|| format!("{user} was allowed to register"))?;
+        assert_eq!(status.code(), Code::PermissionDenied, "{user}: {status:?}");
+        assert!(status.message().contains(&user), "{}", status.message());
+    }
+    // CN externalworkload from another CA, and no certificate at all: the TLS handshake fails.
+    let foreign = CertificateAuthority::generate("someone-else")?.issue_client(users::EXTERNAL_WORKLOAD)?;
+    let foreign_call = match s.register_as(Some(&foreign), "db-vm-1", "192.0.2.7", "").await {
+        Ok(r) => r.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!foreign_call, "a certificate from another CA was accepted");
+    let anonymous = match s.register_as(None, "db-vm-1", "192.0.2.7", "").await {
+        Ok(r) => r.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!anonymous, "a client without a certificate was accepted");
+
+    let mut c = s.etcd.client().await;
+    assert_eq!(get(&mut c, &ipcache_key("192.0.2.7")).await, None);
+    assert!(s.status("db-vm-1").await?.is_null(), "status written for a refused registration");
+    // The right certificate still works (the refusals were about the certificates, not the setup).
+    let ok = s.register_as(Some(&s.workload_cert()?), "db-vm-1", "192.0.2.7", "").await?;
+    assert!(ok.is_ok(), "{ok:?}");
+    s.still_running()
+}
