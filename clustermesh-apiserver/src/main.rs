@@ -252,7 +252,7 @@ async fn main() -> Result<()> {
         capabilities: Capabilities {
             synced_canaries: true,
             max_connected_clusters: cluster.mode.get(),
-            service_exports_enabled: None,
+            service_exports_enabled: Some(args.enable_mcs_api),
         },
     })
     .context("encoding the cluster config")?;

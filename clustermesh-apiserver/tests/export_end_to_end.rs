@@ -154,12 +154,14 @@ async fn exports_cluster_state_into_etcd() -> anyhow::Result<()> {
     let mut c = etcd.client().await;
 
     // Canaries and cluster config.
-    for kind in ["nodes", "services", "ip", "identities"] {
+    for kind in ["nodes", "services", "ip", "identities", "serviceexports"] {
         assert!(get(&mut c, &format!("cilium/synced/east/cilium/state/{kind}/v1")).await.is_some(), "canary {kind}");
     }
     assert_eq!(
         get(&mut c, "cilium/cluster-config/east").await.as_deref(),
-        Some(r#"{"id":7,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255}}"#)
+        Some(
+            r#"{"id":7,"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255,"serviceExportsEnabled":false}}"#
+        )
     );
     assert!(get(&mut c, "cilium/.has-cluster-config").await.is_some());
     assert!(get(&mut c, "cilium/.heartbeat").await.is_some());
@@ -394,7 +396,8 @@ async fn service_exports_export_plain_services() -> anyhow::Result<()> {
     let export = |name: &str| -> anyhow::Result<DynamicObject> {
         from_json(json!({
             "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
-            "metadata": {"name": name, "namespace": "shop"}
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"exportedLabels": {"tier": "web"}}
         }))
     };
     exports.create(&pp, &export("cart")?).await?;
@@ -412,6 +415,28 @@ async fn service_exports_export_plain_services() -> anyhow::Result<()> {
     let cart = get(&mut c, "cilium/state/services/v1/east/shop/cart").await.unwrap_or_default();
     assert!(cart.contains(r#""backends":{"10.1.2.33":"#) && cart.contains(r#""shared":true"#), "{cart}");
 
+    // The MCS spec of each exported service sits under serviceexports/v1, in the shape a peer (Cilium's reader
+    // rules, our RemoteContext) accepts; the annotated global service has no ServiceExport, so no spec.
+    assert_eq!(
+        names(keys(&mut c, "cilium/state/serviceexports/v1/").await),
+        ["cilium/state/serviceexports/v1/east/shop/cart"]
+    );
+    let remote = east7_context()?;
+    let spec_key = "cilium/state/serviceexports/v1/east/shop/cart";
+    let spec = remote
+        .decode_service_export(spec_key, get(&mut c, spec_key).await.unwrap_or_default().as_bytes())
+        .context("the exported MCS spec is refused by a reader")?;
+    assert_eq!((spec.kind.as_str(), spec.session_affinity.as_str()), ("ClusterSetIP", "None"));
+    assert_eq!(spec.labels.get("tier").map(String::as_str), Some("web"), "exportedLabels carried");
+    assert_eq!(
+        spec.ports.iter().map(|p| (p.name.as_str(), p.protocol.as_str(), p.port)).collect::<Vec<_>>(),
+        [("http", "TCP", 80)]
+    );
+    assert!(spec.export_creation_timestamp.is_some());
+    assert!(get(&mut c, "cilium/synced/east/cilium/state/serviceexports/v1").await.is_some(), "canary");
+    let config = get(&mut c, "cilium/cluster-config/east").await.unwrap_or_default();
+    assert!(config.contains(r#""serviceExportsEnabled":true"#), "{config}");
+
     // Exporting the local service later, and un-exporting cart.
     exports.create(&pp, &export("local")?).await?;
     exports.delete("cart", &DeleteParams::default()).await?;
@@ -425,5 +450,20 @@ async fn service_exports_export_plain_services() -> anyhow::Result<()> {
         "exports did not follow the ServiceExports: {:?}",
         keys(&mut c, "cilium/state/services/v1/").await
     );
+    let specs = wait_until(WAIT, || async {
+        names(keys(&mut etcd.client().await, "cilium/state/serviceexports/v1/").await)
+            == ["cilium/state/serviceexports/v1/east/shop/local"]
+    })
+    .await;
+    assert!(specs, "MCS specs did not follow: {:?}", keys(&mut c, "cilium/state/serviceexports/v1/").await);
     Ok(())
+}
+
+fn east7_context() -> anyhow::Result<causeway_store::RemoteContext> {
+    let mode = causeway_store::MaxConnectedClusters::C255;
+    Ok(causeway_store::RemoteContext {
+        name: causeway_store::ClusterName::new("east")?,
+        id: causeway_store::ClusterId::new(7, mode)?,
+        mode,
+    })
 }

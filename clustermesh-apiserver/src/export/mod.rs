@@ -102,9 +102,9 @@ pub struct Exporter {
     ip_claims: HashMap<IpAddr, BTreeSet<Claim>>,
     nodes: HashMap<String, Node>,
     services: HashMap<NsName, ServiceInput>,
-    /// `(namespace, name)` of every MCS ServiceExport: the Service of that name is exported even without the
-    /// global annotation.
-    service_exports: HashSet<NsName>,
+    /// Every MCS ServiceExport, by `(namespace, name)`: the Service of that name is exported even without the
+    /// global annotation, and its MCS spec goes under `cilium/state/serviceexports/v1/`.
+    service_exports: HashMap<NsName, ServiceExportInput>,
     slices: HashMap<NsName, EndpointSliceInput>,
     slices_by_service: HashMap<NsName, BTreeSet<String>>,
     requests: Vec<IdentityRequest>,
@@ -130,7 +130,7 @@ impl Exporter {
             ip_claims: HashMap::new(),
             nodes: HashMap::new(),
             services: HashMap::new(),
-            service_exports: HashSet::new(),
+            service_exports: HashMap::new(),
             slices: HashMap::new(),
             slices_by_service: HashMap::new(),
             requests: Vec::new(),
@@ -442,14 +442,19 @@ impl Exporter {
 
     #[instrument(level = "debug", skip_all, fields(cluster = %self.cluster.name, service = %format!("{}/{}", svc.namespace, svc.name)))]
     pub fn apply_service(&mut self, svc: ServiceInput) {
+        let id = (svc.namespace.clone(), svc.name.clone());
         self.dirty.insert(self.service_key(&svc.namespace, &svc.name));
-        self.services.insert((svc.namespace.clone(), svc.name.clone()), svc);
+        if self.service_exports.contains_key(&id) {
+            self.dirty.insert(self.service_export_key(&svc.namespace, &svc.name));
+        }
+        self.services.insert(id, svc);
     }
 
     #[instrument(level = "debug", skip(self), fields(cluster = %self.cluster.name))]
     pub fn delete_service(&mut self, namespace: &str, name: &str) {
         if self.services.remove(&(namespace.to_string(), name.to_string())).is_some() {
             self.dirty.insert(self.service_key(namespace, name));
+            self.dirty.insert(self.service_export_key(namespace, name));
         }
     }
 
@@ -457,16 +462,20 @@ impl Exporter {
     /// namespace and name, as if it were global and shared. Without that Service nothing is exported.
     #[instrument(level = "debug", skip_all, fields(cluster = %self.cluster.name, export = %format!("{}/{}", export.namespace, export.name)))]
     pub fn apply_service_export(&mut self, export: ServiceExportInput) {
-        let key = self.service_key(&export.namespace, &export.name);
-        if self.service_exports.insert((export.namespace, export.name)) {
-            self.dirty.insert(key);
+        let id = (export.namespace.clone(), export.name.clone());
+        if self.service_exports.get(&id) == Some(&export) {
+            return;
         }
+        self.dirty.insert(self.service_key(&export.namespace, &export.name));
+        self.dirty.insert(self.service_export_key(&export.namespace, &export.name));
+        self.service_exports.insert(id, export);
     }
 
     #[instrument(level = "debug", skip(self), fields(cluster = %self.cluster.name))]
     pub fn delete_service_export(&mut self, namespace: &str, name: &str) {
-        if self.service_exports.remove(&(namespace.to_string(), name.to_string())) {
+        if self.service_exports.remove(&(namespace.to_string(), name.to_string())).is_some() {
             self.dirty.insert(self.service_key(namespace, name));
+            self.dirty.insert(self.service_export_key(namespace, name));
         }
     }
 
@@ -496,6 +505,14 @@ impl Exporter {
             }
         }
         self.dirty.insert(self.service_key(namespace, &svc_id.1));
+    }
+
+    fn service_export_key(&self, namespace: &str, name: &str) -> StoreKey {
+        StoreKey::ServiceExport {
+            cluster: self.cluster.name.to_string(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
     }
 
     fn service_key(&self, namespace: &str, name: &str) -> StoreKey {
@@ -540,8 +557,14 @@ impl Exporter {
                     .into_iter()
                     .flatten()
                     .filter_map(|s| self.slices.get(&(namespace.clone(), s.clone())));
-                let mcs_exported = self.service_exports.contains(&svc_id);
+                let mcs_exported = self.service_exports.contains_key(&svc_id);
                 to_json(&service::cluster_service(&self.cluster, svc, mcs_exported, slices)?, key, &self.metrics)
+            }
+            StoreKey::ServiceExport { namespace, name, .. } => {
+                let svc_id = (namespace.clone(), name.clone());
+                let export = self.service_exports.get(&svc_id)?;
+                let svc = self.services.get(&svc_id)?;
+                to_json(&service::service_export_spec(&self.cluster, svc, export)?, key, &self.metrics)
             }
             _ => None,
         }

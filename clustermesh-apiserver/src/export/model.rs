@@ -63,6 +63,7 @@ pub struct ServicePortInput {
     pub name: Option<String>,
     pub port: i32,
     pub protocol: Option<String>,
+    pub app_protocol: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -75,14 +76,27 @@ pub struct ServiceInput {
     /// spec.clusterIPs, falling back to spec.clusterIP; `None` (headless) yields no frontends.
     pub cluster_ips: Vec<String>,
     pub ports: Vec<ServicePortInput>,
+    /// spec.type; an `ExternalName` service is never MCS-exported.
+    pub service_type: Option<String>,
+    /// spec.sessionAffinity (`None` / `ClientIP`) and its client-IP timeout.
+    pub session_affinity: Option<String>,
+    pub session_affinity_timeout: Option<i32>,
+    pub ip_families: Vec<String>,
+    pub internal_traffic_policy: Option<String>,
+    pub traffic_distribution: Option<String>,
 }
 
-/// An MCS-API `ServiceExport` (multicluster.x-k8s.io/v1alpha1): only its namespace and name matter, they name the
-/// Service to export.
+/// An MCS-API `ServiceExport` (multicluster.x-k8s.io/v1alpha1): its namespace and name name the Service to export;
+/// the rest goes into the `serviceexports` store entry.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServiceExportInput {
     pub namespace: String,
     pub name: String,
+    /// metadata.creationTimestamp in Unix seconds; peers resolve conflicting exports by it.
+    pub created: Option<i64>,
+    /// spec.exportedLabels / spec.exportedAnnotations: carried to the importing clusters.
+    pub exported_labels: Labels,
+    pub exported_annotations: Labels,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

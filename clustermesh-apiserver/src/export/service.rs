@@ -8,10 +8,10 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use causeway_store::values::{BackendZone, ForZone, PortMap};
-use causeway_store::{ClusterInfo, ClusterService, PortConfig};
+use causeway_store::values::{BackendZone, ClientIpConfig, ForZone, PortMap, SessionAffinityConfig};
+use causeway_store::{ClusterInfo, ClusterService, McsServicePort, PortConfig, ServiceExportSpec};
 
-use super::model::{EndpointSliceInput, Labels, ServiceInput};
+use super::model::{EndpointSliceInput, Labels, ServiceExportInput, ServiceInput};
 
 pub const GLOBAL_ANNOTATION: &str = "service.cilium.io/global";
 pub const LEGACY_GLOBAL_ANNOTATION: &str = "io.cilium/global-service";
@@ -127,5 +127,66 @@ pub fn cluster_service<'a>(
         include_external: false,
         shared: true,
         cluster_id: cluster.id.get(),
+    })
+}
+
+/// The `cilium/state/serviceexports/v1/...` value for a Service that has a ServiceExport: the service's shape as the
+/// MCS-API describes it (type, ports, session affinity, families, traffic policy) plus the export's time, labels and
+/// annotations, as Cilium's clustermesh-apiserver writes it. `None` for an `ExternalName` service (MCS-API cannot
+/// export one) and for an export without a creation time (a reader would refuse the value).
+pub fn service_export_spec(
+    cluster: &ClusterInfo,
+    svc: &ServiceInput,
+    export: &ServiceExportInput,
+) -> Option<ServiceExportSpec> {
+    let who = || format!("{}/{}", svc.namespace, svc.name);
+    if svc.service_type.as_deref() == Some("ExternalName") {
+        tracing::debug!(service = %who(), "ExternalName services cannot be MCS-exported");
+        return None;
+    }
+    let Some(created) = export.created.and_then(|s| chrono::DateTime::from_timestamp(s, 0)) else {
+        tracing::warn!(service = %who(), "ServiceExport has no creation time; not publishing its spec");
+        return None;
+    };
+    let mut ports = Vec::new();
+    for p in &svc.ports {
+        match (protocol(p.protocol.as_deref()), port_number(p.port)) {
+            (Some(protocol), Some(port)) => ports.push(McsServicePort {
+                name: p.name.clone().unwrap_or_default(),
+                protocol,
+                app_protocol: p.app_protocol.clone().filter(|a| !a.is_empty()),
+                port: i32::from(port),
+            }),
+            _ => tracing::warn!(service = %who(), port = p.port, protocol = ?p.protocol,
+                "skipping service port with an invalid number or protocol"),
+        }
+    }
+    let headless = svc.cluster_ips.iter().any(|ip| ip == "None");
+    // Kubernetes defaults sessionAffinity to None; anything it would not accept is treated as None too.
+    let session_affinity = match svc.session_affinity.as_deref() {
+        Some("ClientIP") => "ClientIP",
+        _ => "None",
+    };
+    let session_affinity_config = svc
+        .session_affinity_timeout
+        .filter(|_| session_affinity == "ClientIP")
+        .map(|t| SessionAffinityConfig { client_ip: Some(ClientIpConfig { timeout_seconds: Some(t) }) });
+    Some(ServiceExportSpec {
+        cluster: cluster.name.to_string(),
+        name: svc.name.clone(),
+        namespace: svc.namespace.clone(),
+        annotations: export.exported_annotations.clone(),
+        labels: export.exported_labels.clone(),
+        export_creation_timestamp: Some(created),
+        ports,
+        kind: if headless { ServiceExportSpec::HEADLESS } else { ServiceExportSpec::CLUSTER_SET_IP }.to_string(),
+        session_affinity: session_affinity.to_string(),
+        session_affinity_config,
+        ip_families: svc.ip_families.iter().filter(|f| *f == "IPv4" || *f == "IPv6").cloned().collect(),
+        internal_traffic_policy: svc.internal_traffic_policy.clone().filter(|p| p == "Cluster" || p == "Local"),
+        traffic_distribution: svc
+            .traffic_distribution
+            .clone()
+            .filter(|d| matches!(d.as_str(), "PreferClose" | "PreferSameZone" | "PreferSameNode")),
     })
 }

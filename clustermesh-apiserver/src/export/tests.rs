@@ -350,7 +350,23 @@ fn global_service() -> ServiceInput {
         annotations: labels(&[("service.cilium.io/global", "true")]),
         selector: labels(&[("app", "cart")]),
         cluster_ips: vec!["10.96.12.4".into()],
-        ports: vec![ServicePortInput { name: Some("http".into()), port: 80, protocol: Some("TCP".into()) }],
+        ports: vec![ServicePortInput {
+            name: Some("http".into()),
+            port: 80,
+            protocol: Some("TCP".into()),
+            app_protocol: None,
+        }],
+        ..Default::default()
+    }
+}
+
+/// A ServiceExport created at 2026-11-23T10:00:00Z.
+fn export(namespace: &str, name: &str) -> ServiceExportInput {
+    ServiceExportInput {
+        namespace: namespace.into(),
+        name: name.into(),
+        created: Some(1_795_428_000),
+        ..Default::default()
     }
 }
 
@@ -560,9 +576,9 @@ fn a_service_export_exports_a_plain_service_until_it_is_deleted() {
     h.ex.apply_slice(slice("cart-abc", vec![ep("10.1.3.17", Some(true), None)]));
     assert_eq!(h.sync(), vec![], "a plain service stays local");
 
-    h.ex.apply_service_export(ServiceExportInput { namespace: "shop".into(), name: "cart".into() });
+    h.ex.apply_service_export(export("shop", "cart"));
     let changes = h.sync();
-    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes.len(), 2, "the service and its MCS spec: {changes:?}");
     // The same value an annotated global service gets: frontends, ready backends, shared.
     assert_eq!(
         h.get(CART_KEY),
@@ -570,15 +586,17 @@ fn a_service_export_exports_a_plain_service_until_it_is_deleted() {
             r#"{"cluster":"east","namespace":"shop","name":"cart","frontends":{"10.96.12.4":{"http":{"Protocol":"TCP","Port":80}}},"backends":{"10.1.3.17":{"http":{"Protocol":"TCP","Port":8080}}},"labels":{"app":"cart"},"selector":{"app":"cart"},"includeExternal":false,"shared":true,"clusterID":7}"#
         )
     );
-    // Re-applying it changes nothing; backends still follow the slices.
-    h.ex.apply_service_export(ServiceExportInput { namespace: "shop".into(), name: "cart".into() });
+    assert!(h.get(CART_EXPORT_KEY).is_some());
+    // Re-applying it changes nothing; backends still follow the slices (the MCS spec has none, so it stays).
+    h.ex.apply_service_export(export("shop", "cart"));
     assert_eq!(h.sync(), vec![]);
     h.ex.apply_slice(slice("cart-abc", vec![ep("10.1.3.17", Some(true), None), ep("10.1.3.18", None, None)]));
-    assert!(h.sync().len() == 1 && h.get(CART_KEY).is_some_and(|v| v.contains("10.1.3.18")));
+    let changes = h.sync();
+    assert!(changes.len() == 1 && h.get(CART_KEY).is_some_and(|v| v.contains("10.1.3.18")), "{changes:?}");
 
     // An export of a service in another namespace, or of a service that does not exist, exports nothing.
-    h.ex.apply_service_export(ServiceExportInput { namespace: "other".into(), name: "cart".into() });
-    h.ex.apply_service_export(ServiceExportInput { namespace: "shop".into(), name: "missing".into() });
+    h.ex.apply_service_export(export("other", "cart"));
+    h.ex.apply_service_export(export("shop", "missing"));
     assert_eq!(h.sync(), vec![]);
 
     // A ServiceExport also exports a global service whose annotations say it is not shared: it is the explicit ask.
@@ -587,12 +605,72 @@ fn a_service_export_exports_a_plain_service_until_it_is_deleted() {
     h.ex.apply_service(not_shared);
     assert_eq!(h.sync(), vec![]);
 
-    // Deleting the ServiceExport withdraws the plain service; deleting the Service withdraws it too.
+    // Deleting the ServiceExport withdraws the plain service and its spec; deleting the Service withdraws both too.
     h.ex.apply_service(plain);
     h.ex.delete_service_export("shop", "cart");
-    assert_eq!(h.sync(), vec![Change::Delete { key: StoreKey::parse(CART_KEY).expect("key") }]);
-    h.ex.apply_service_export(ServiceExportInput { namespace: "shop".into(), name: "cart".into() });
-    assert_eq!(h.sync().len(), 1);
+    let withdrawn = vec![
+        Change::Delete { key: StoreKey::parse(CART_KEY).expect("key") },
+        Change::Delete { key: StoreKey::parse(CART_EXPORT_KEY).expect("key") },
+    ];
+    assert_eq!(h.sync(), withdrawn);
+    h.ex.apply_service_export(export("shop", "cart"));
+    assert_eq!(h.sync().len(), 2);
     h.ex.delete_service("shop", "cart");
-    assert_eq!(h.sync(), vec![Change::Delete { key: StoreKey::parse(CART_KEY).expect("key") }]);
+    assert_eq!(h.sync(), withdrawn);
+}
+
+const CART_EXPORT_KEY: &str = "cilium/state/serviceexports/v1/east/shop/cart";
+
+#[test]
+fn the_mcs_spec_is_cilium_s_shape_and_follows_the_service() {
+    let mut h = Harness::new();
+    let mut svc = global_service();
+    svc.annotations.clear();
+    svc.ports.push(ServicePortInput {
+        name: Some("grpc".into()),
+        port: 9090,
+        protocol: None,
+        app_protocol: Some("grpc".into()),
+    });
+    svc.session_affinity = Some("ClientIP".into());
+    svc.session_affinity_timeout = Some(600);
+    svc.ip_families = vec!["IPv4".into()];
+    svc.internal_traffic_policy = Some("Cluster".into());
+    h.ex.apply_service(svc.clone());
+    let mut ex = export("shop", "cart");
+    ex.exported_labels = labels(&[("tier", "web")]);
+    ex.exported_annotations = labels(&[("team", "shop")]);
+    h.ex.apply_service_export(ex.clone());
+    h.sync();
+    // Byte for byte what Cilium's MCSAPIServiceSpec encodes to (field order, omitted empties, metav1.Time).
+    assert_eq!(
+        h.get(CART_EXPORT_KEY),
+        Some(
+            r#"{"cluster":"east","name":"cart","namespace":"shop","annotations":{"team":"shop"},"labels":{"tier":"web"},"exportCreationTimestamp":"2026-11-23T10:00:00Z","ports":[{"name":"http","protocol":"TCP","port":80},{"name":"grpc","protocol":"TCP","appProtocol":"grpc","port":9090}],"type":"ClusterSetIP","sessionAffinity":"ClientIP","sessionAffinityConfig":{"clientIP":{"timeoutSeconds":600}},"ipFamilies":["IPv4"],"internalTrafficPolicy":"Cluster"}"#
+        )
+    );
+    // A reader (peer) accepts it.
+    let ctx = causeway_store::RemoteContext {
+        name: causeway_store::ClusterName::new("east").expect("name"),
+        id: causeway_store::ClusterId::new(7, MaxConnectedClusters::C255).expect("id"),
+        mode: MaxConnectedClusters::C255,
+    };
+    let value = h.get(CART_EXPORT_KEY).unwrap_or_default().to_string();
+    assert!(ctx.decode_service_export(CART_EXPORT_KEY, value.as_bytes()).is_ok(), "{value}");
+
+    // The service turns headless: the spec follows.
+    svc.cluster_ips = vec!["None".into()];
+    h.ex.apply_service(svc.clone());
+    h.sync();
+    assert!(h.get(CART_EXPORT_KEY).is_some_and(|v| v.contains(r#""type":"Headless""#)));
+    // An ExternalName service cannot be MCS-exported; an export without a creation time is not published.
+    svc.service_type = Some("ExternalName".into());
+    h.ex.apply_service(svc.clone());
+    h.sync();
+    assert_eq!(h.get(CART_EXPORT_KEY), None);
+    svc.service_type = None;
+    h.ex.apply_service(svc);
+    h.ex.apply_service_export(ServiceExportInput { created: None, ..ex });
+    h.sync();
+    assert_eq!(h.get(CART_EXPORT_KEY), None);
 }

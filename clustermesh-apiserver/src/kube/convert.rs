@@ -91,8 +91,22 @@ pub fn service_input(svc: &Service) -> ServiceInput {
             .and_then(|s| s.ports.as_ref())
             .into_iter()
             .flatten()
-            .map(|p| ServicePortInput { name: p.name.clone(), port: p.port, protocol: p.protocol.clone() })
+            .map(|p| ServicePortInput {
+                name: p.name.clone(),
+                port: p.port,
+                protocol: p.protocol.clone(),
+                app_protocol: p.app_protocol.clone(),
+            })
             .collect(),
+        service_type: spec.and_then(|s| s.type_.clone()),
+        session_affinity: spec.and_then(|s| s.session_affinity.clone()),
+        session_affinity_timeout: spec
+            .and_then(|s| s.session_affinity_config.as_ref())
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds),
+        ip_families: spec.and_then(|s| s.ip_families.clone()).unwrap_or_default(),
+        internal_traffic_policy: spec.and_then(|s| s.internal_traffic_policy.clone()),
+        traffic_distribution: spec.and_then(|s| s.traffic_distribution.clone()),
     }
 }
 
@@ -137,11 +151,25 @@ pub fn slice_input(slice: &EndpointSlice) -> EndpointSliceInput {
     }
 }
 
-/// A ServiceExport names the Service to export; nothing else of it is read.
+/// A ServiceExport names the Service to export; its creation time and `spec.exportedLabels` /
+/// `spec.exportedAnnotations` (string maps; anything else in them is ignored) go with the export.
 pub fn service_export_input(o: &::kube::api::DynamicObject) -> ServiceExportInput {
+    let string_map = |field: &str| -> Labels {
+        o.data
+            .get("spec")
+            .and_then(|s| s.get(field))
+            .and_then(|m| m.as_object())
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+            .collect()
+    };
     ServiceExportInput {
         namespace: o.metadata.namespace.clone().unwrap_or_default(),
         name: o.metadata.name.clone().unwrap_or_default(),
+        created: o.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()),
+        exported_labels: string_map("exportedLabels"),
+        exported_annotations: string_map("exportedAnnotations"),
     }
 }
 

@@ -35,7 +35,7 @@ use crate::readiness::Readiness;
 use crate::sink::{ExportSink, IdentityResolver};
 
 /// The store kinds this exporter writes and marks synced.
-pub const EXPORTED_KINDS: [Kind; 4] = [Kind::Nodes, Kind::Services, Kind::Ip, Kind::Identities];
+pub const EXPORTED_KINDS: [Kind; 5] = [Kind::Nodes, Kind::Services, Kind::Ip, Kind::Identities, Kind::ServiceExports];
 
 /// Events taken from the channel per batch before reconciling; bounds the latency of one batch.
 const MAX_BATCH: usize = 2048;
@@ -593,7 +593,14 @@ mod tests {
         l.maybe_mark_synced().await;
         assert!(!health.is_ready(), "the ServiceExport list is part of the initial export");
 
-        let export = || Object::ServiceExport(ServiceExportInput { namespace: "shop".into(), name: "cart".into() });
+        let export = || {
+            Object::ServiceExport(ServiceExportInput {
+                namespace: "shop".into(),
+                name: "cart".into(),
+                created: Some(1_795_428_000),
+                ..Default::default()
+            })
+        };
         l.handle(Input::InitStart(ObjectKind::ServiceExport));
         l.handle(Input::InitApply(export()));
         l.handle(Input::InitDone(ObjectKind::ServiceExport));
