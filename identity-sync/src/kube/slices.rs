@@ -241,6 +241,8 @@ impl<A: SliceApi> SliceWriter<A> {
         let mut core = SliceWrites::new(self.config, found);
         let mut running = FuturesUnordered::new();
         let mut open = true;
+        // Once synced, settling is no longer watched.
+        let mut synced = false;
         let mut recheck = tokio::time::interval(self.recheck);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         core.set_desired(desired.borrow_and_update().clone());
@@ -251,6 +253,7 @@ impl<A: SliceApi> SliceWriter<A> {
                 }
             }
             if core.take_synced() {
+                synced = true;
                 info!(slices = core.written().len(), "EndpointSlices reconciled with every remote settled");
                 self.status.kube_synced();
             }
@@ -273,7 +276,7 @@ impl<A: SliceApi> SliceWriter<A> {
                         None => std::future::pending().await,
                     }
                 } => {}
-                _ = recheck.tick() => {
+                _ = recheck.tick(), if !synced => {
                     if self.status.remotes_settled() {
                         core.allow_cleanup();
                     }
