@@ -389,6 +389,9 @@ fn rbac_grants_each_component_exactly_the_calls_its_binary_makes() -> Result<()>
         ("discovery.k8s.io", "endpointslices", LW),
         ("causeway.io", "causewayidentities", &["list", "get", "create", "delete"]),
         ("causeway.io", "causewayidentities/status", &["patch"]),
+        // src/workloads/server.rs: external-workload registration.
+        ("causeway.io", "externalworkloads", &["get"]),
+        ("causeway.io", "externalworkloads/status", &["patch"]),
     ]);
     assert_eq!(cluster_role(&ms, "causeway-clustermesh-apiserver")?, apiserver);
     // identity-sync/src/kube: watch Services and EndpointSlices, server-side apply (patch + create) and delete slices.
@@ -659,6 +662,23 @@ fn apiserver_runs_etcd_as_a_sidecar_with_client_certificate_auth() -> Result<()>
         assert_eq!(secret, cli::ADMIN_SECRET);
     }
     assert_eq!(arg_value(api, "--etcd-endpoints"), Some("https://127.0.0.1:2379"));
+    // The external-workload registration service serves the server certificate and trusts the mesh CA.
+    for flag in ["--workloads-tls-ca", "--workloads-tls-cert", "--workloads-tls-key"] {
+        let file = arg_value(api, flag).context(flag)?;
+        let (secret, _) =
+            secret_of(api, file).with_context(|| format!("apiserver {flag} {file} is not in a mounted Secret"))?;
+        assert_eq!(secret, cli::SERVER_SECRET);
+    }
+    let svc: Service = typed(one(&ms, "Service", cli::APISERVER_SERVICE)?)?;
+    let port = arg_value(api, "--workloads-addr").and_then(|a| a.rsplit(':').next()).context("--workloads-addr")?;
+    assert!(
+        svc.spec
+            .and_then(|s| s.ports)
+            .unwrap_or_default()
+            .iter()
+            .any(|p| p.name.as_deref() == Some("workloads") && p.port.to_string() == port),
+        "the Service exposes the registration port"
+    );
     assert_eq!(arg_value(api, "--peers"), Some("east,north"));
     // identity-sync reads the peer config Secret as a directory at its --remotes-dir, and starts without it.
     let sync = pod_spec(&ms, "Deployment", "identity-sync")?;
@@ -767,6 +787,14 @@ fn bad_values_are_refused_with_a_clear_message() -> Result<()> {
 
 #[test]
 fn components_can_be_turned_off() -> Result<()> {
+    // External workloads off: no registration flags and no ExternalWorkload rights.
+    let ms = render(&format!("{MINIMAL}clustermesh: {{apiserver: {{externalWorkloads: {{enabled: false}}}}}}\n"))?;
+    let spec = pod_spec(&ms, "Deployment", "clustermesh-apiserver")?;
+    assert_eq!(arg_value(container(&spec, "clustermesh-apiserver")?, "--workloads-addr"), None);
+    let role = cluster_role(&ms, "causeway-clustermesh-apiserver")?;
+    assert!(!role.iter().any(|(_, r, _)| r.starts_with("externalworkloads")), "{role:?}");
+    check_command_lines(&ms)?;
+
     let ms = render(&format!(
         "{MINIMAL}egressGateway: {{enabled: false}}\nclustermesh: {{apiserver: {{enabled: false}}}}\n"
     ))?;
