@@ -43,6 +43,12 @@ async fn get(etcd: &mut etcd_client::Client, key: &str) -> Option<String> {
     resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
 }
 
+/// The lease a key is attached to (each apiserver process writes under its own leases).
+async fn lease(etcd: &etcd_client::Client, key: &str) -> Option<i64> {
+    let resp = etcd.clone().get(key, None).await.ok()?;
+    resp.kvs().first().map(|kv| kv.lease())
+}
+
 async fn keys(etcd: &mut etcd_client::Client, prefix: &str) -> Vec<String> {
     let Ok(resp) = etcd.get(prefix, Some(etcd_client::GetOptions::new().with_prefix())).await else { return vec![] };
     resp.kvs().iter().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).collect()
@@ -57,6 +63,7 @@ struct Setup {
     port: u16,
     _dir: tempfile::TempDir,
     apiserver: Apiserver,
+    args: Vec<String>,
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf> {
@@ -65,7 +72,35 @@ fn write(dir: &Path, name: &str, text: &str) -> Result<std::path::PathBuf> {
     Ok(p)
 }
 
+/// Starts the apiserver and waits for its workloads port.
+async fn spawn(args: &[String], port: u16) -> Result<Apiserver> {
+    let mut apiserver = Apiserver(
+        Command::new(env!("CARGO_BIN_EXE_clustermesh-apiserver"))
+            .env("CAUSEWAY_CLUSTER_NAME", "east")
+            .env("CAUSEWAY_CLUSTER_ID", "7")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting clustermesh-apiserver")?,
+    );
+    let up = wait_until(WAIT, || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() }).await;
+    if let Ok(Some(status)) = apiserver.0.try_wait() {
+        bail!("clustermesh-apiserver exited early: {status}");
+    }
+    anyhow::ensure!(up, "the workloads service never listened on {port}");
+    Ok(apiserver)
+}
+
 impl Setup {
+    /// Stops the apiserver and starts it again with the same flags (etcd and the kube API keep their state).
+    async fn restart(&mut self) -> Result<()> {
+        let _ = self.apiserver.0.kill();
+        let _ = self.apiserver.0.wait();
+        self.apiserver = spawn(&self.args, self.port).await?;
+        Ok(())
+    }
+
     async fn start() -> Result<Setup> {
         let etcd = Etcd::start().await;
         let kube = FakeApiServer::start("127.0.0.1:0".parse()?).await?;
@@ -85,36 +120,24 @@ impl Setup {
         let cert = write(dir.path(), "tls.crt", &pki.server().cert_pem)?;
         let key = write(dir.path(), "tls.key", &pki.server().key_pem)?;
         let port = free_port()?;
-        let metrics_port = free_port()?;
-        let mut apiserver = Apiserver(
-            Command::new(env!("CARGO_BIN_EXE_clustermesh-apiserver"))
-                .env("CAUSEWAY_CLUSTER_NAME", "east")
-                .env("CAUSEWAY_CLUSTER_ID", "7")
-                .arg("--etcd-endpoints")
-                .arg(etcd.endpoint())
-                .arg("--kubeconfig")
-                .arg(&kubeconfig_path)
-                .arg("--metrics-addr")
-                .arg(format!("127.0.0.1:{metrics_port}"))
-                .arg("--workloads-addr")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--workloads-tls-ca")
-                .arg(&ca)
-                .arg("--workloads-tls-cert")
-                .arg(&cert)
-                .arg("--workloads-tls-key")
-                .arg(&key)
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .context("starting clustermesh-apiserver")?,
-        );
-        let up = wait_until(WAIT, || async { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() }).await;
-        if let Ok(Some(status)) = apiserver.0.try_wait() {
-            bail!("clustermesh-apiserver exited early: {status}");
-        }
-        assert!(up, "the workloads service never listened on {port}");
-        Ok(Setup { etcd, _kube: kube, client, pki, port, _dir: dir, apiserver })
+        let args = vec![
+            "--etcd-endpoints".to_string(),
+            etcd.endpoint(),
+            "--kubeconfig".into(),
+            kubeconfig_path.display().to_string(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{}", free_port()?),
+            "--workloads-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--workloads-tls-ca".into(),
+            ca.display().to_string(),
+            "--workloads-tls-cert".into(),
+            cert.display().to_string(),
+            "--workloads-tls-key".into(),
+            key.display().to_string(),
+        ];
+        let apiserver = spawn(&args, port).await?;
+        Ok(Setup { etcd, _kube: kube, client, pki, port, _dir: dir, apiserver, args })
     }
 
     /// A gRPC client presenting `cert` (None: no client certificate) and trusting the mesh CA.
@@ -294,5 +317,54 @@ async fn certificates_other_than_externalworkload_are_refused() -> Result<()> {
     // The right certificate still works (the refusals were about the certificates, not the setup).
     let ok = s.register_as(Some(&s.workload_cert()?), "db-vm-1", "192.0.2.7", "").await?;
     assert!(ok.is_ok(), "{ok:?}");
+    s.still_running()
+}
+
+async fn wait_for(etcd: &etcd_client::Client, what: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let found = keys(&mut etcd.clone(), "cilium/state/ip/v1/").await;
+        if what(&found) {
+            return found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "ipcache never got there: {found:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// After a restart the host is exported again from its object's status, with the same identity, without
+/// registering again; deleting its object withdraws it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_survive_a_restart_and_leave_with_their_object() -> Result<()> {
+    let mut s = Setup::start().await?;
+    s.create_workload("db-vm-1", json!({"app": "postgres"})).await?;
+    let id = s.register_as(Some(&s.workload_cert()?), "db-vm-1", "192.0.2.7", "").await?.context("register")?.identity;
+    let c = s.etcd.client().await;
+    wait_for(&c, |k| k == [ipcache_key("192.0.2.7")]).await;
+
+    let old_lease = lease(&c, &ipcache_key("192.0.2.7")).await.context("lease of the first process")?;
+    s.restart().await?;
+    // The new process owns the prefix again: it deletes what it did not write itself (the old lease outlives the
+    // killed process), so the entry survives only if the new process re-exported it, under its own lease.
+    let mut c2 = s.etcd.client().await;
+    let reexported = wait_until(WAIT, || {
+        let c = c2.clone();
+        async move { lease(&c, &ipcache_key("192.0.2.7")).await.is_some_and(|l| l != old_lease) }
+    })
+    .await;
+    assert!(
+        reexported,
+        "the host was not re-exported after the restart: {:?}",
+        keys(&mut c2, "cilium/state/ip/v1/").await
+    );
+    assert_eq!(keys(&mut c2, "cilium/state/ip/v1/").await, vec![ipcache_key("192.0.2.7")]);
+    let entry: Value = serde_json::from_str(&get(&mut c2, &ipcache_key("192.0.2.7")).await.context("entry")?)?;
+    assert_eq!(entry["ID"], json!(id), "{entry}");
+
+    Api::<ExternalWorkload>::all(s.client.clone()).delete("db-vm-1", &Default::default()).await?;
+    wait_for(&c, |k| k.is_empty()).await;
+    // Its name is unknown now.
+    let refused = s.register_as(Some(&s.workload_cert()?), "db-vm-1", "192.0.2.7", "").await?;
+    assert_eq!(refused.err().map(|e| e.code()), Some(Code::NotFound));
     s.still_running()
 }

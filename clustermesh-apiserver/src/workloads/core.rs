@@ -104,6 +104,13 @@ pub fn parse_request(name: &str, ipv4: &str, ipv6: &str) -> Result<Request, Refu
     Ok(Request { name: name.to_string(), ipv4: v4, ipv6: v6 })
 }
 
+/// The registration an earlier process carried out, rebuilt from the object's status (its `ip` and `ipv6`), so
+/// that a restarted apiserver exports registered hosts again without waiting for them to re-register. None when
+/// the status holds no usable IPv4 address (never registered, or mangled).
+pub fn request_from_status(name: &str, ip: Option<&str>, ipv6: Option<&str>) -> Option<Request> {
+    parse_request(name, ip?, ipv6.unwrap_or("")).ok()
+}
+
 /// What the adapter read from the ExternalWorkload object.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkloadObject {
@@ -221,6 +228,18 @@ impl Registry {
             None => (None, None),
         };
         Ok(Plan { labels, namespace, reuse_id, ips, withdraw, release })
+    }
+
+    /// The object of a registered host was deleted: forgets the host and returns what it held (addresses to
+    /// withdraw, label set to release). None when this process never registered it.
+    pub fn forget(&mut self, name: &str) -> Option<Registered> {
+        let gone = self.hosts.remove(name)?;
+        for ip in &gone.ips {
+            if self.owners.get(ip).is_some_and(|o| o == name) {
+                self.owners.remove(ip);
+            }
+        }
+        Some(gone)
     }
 
     /// Records a carried-out plan.
@@ -379,6 +398,30 @@ mod tests {
         assert_eq!(p2.reuse_id, None);
         assert_eq!(p2.release, Some(p.labels.clone()));
         assert_ne!(p2.labels, p.labels);
+    }
+
+    #[test]
+    fn forgetting_a_host_frees_its_addresses() {
+        let mut reg = Registry::default();
+        let o = object("vm", &[("app", "x")]);
+        let p = reg.plan("east", &req("vm", "10.0.0.1", "fd00::1"), Some(&o)).unwrap();
+        reg.commit("vm", &p, 65540);
+        let gone = reg.forget("vm").expect("registered");
+        assert_eq!((gone.id, gone.ips.len(), gone.labels.clone()), (65540, 2, p.labels.clone()));
+        assert!(reg.is_empty());
+        assert_eq!(reg.forget("vm"), None);
+        assert!(reg.plan("east", &req("other", "10.0.0.1", ""), Some(&object("other", &[]))).is_ok());
+    }
+
+    #[test]
+    fn a_registration_is_rebuilt_from_a_status() {
+        assert_eq!(request_from_status("vm", Some("10.0.0.1"), None), Some(req("vm", "10.0.0.1", "")));
+        assert_eq!(
+            request_from_status("vm", Some("10.0.0.1"), Some("fd00::1")),
+            Some(req("vm", "10.0.0.1", "fd00::1"))
+        );
+        assert_eq!(request_from_status("vm", None, Some("fd00::1")), None);
+        assert_eq!(request_from_status("vm", Some("garbage"), None), None);
     }
 
     #[test]

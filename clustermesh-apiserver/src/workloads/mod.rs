@@ -10,8 +10,8 @@
 //! - [`core`]: sans-IO decisions (authorisation by CN, request validation, what to write and withdraw).
 //! - [`server`]: the tonic service carrying them out; [`tls`]: server mTLS and the peer's CN.
 //!
-//! Not yet: a node record for the host (it needs the host's WireGuard key), withdrawal when the object is deleted,
-//! and re-export of registered hosts after a restart before they register again.
+//! Deleting the object withdraws the host; after a restart, hosts whose object status names their addresses are
+//! exported again without re-registering. Not yet: a node record for the host (it needs the host's WireGuard key).
 
 pub mod core;
 pub mod metrics;
@@ -76,23 +76,34 @@ where
         .await
         .with_context(|| format!("binding the workloads service on {addr}"))?;
     let bound = listener.local_addr().context("workloads listener address")?;
-    let service = WorkloadService::new(
+    let service = std::sync::Arc::new(WorkloadService::new(
         shared.client,
         shared.cluster,
         shared.sink,
         shared.identities,
         shared.export,
         shared.metrics,
-    );
+    ));
+    let watch = AbortOnDrop(service.clone().spawn_watcher());
     let server = tonic::transport::Server::builder()
         .tls_config(tls)
         .context("workloads service TLS configuration")?
-        .add_service(WorkloadsServer::new(service));
+        .add_service(WorkloadsServer::from_arc(service));
     info!(addr = %bound, "serving causeway.v1.Workloads (external-workload registration, mTLS)");
     Ok(Some(tokio::spawn(async move {
+        let _watch = watch;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         if let Err(e) = server.serve_with_incoming(incoming).await {
             warn!(error = %e, "the workloads service stopped");
         }
     })))
+}
+
+/// Stops the object watcher together with the server task.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

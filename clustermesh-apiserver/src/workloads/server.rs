@@ -11,10 +11,13 @@ use causeway_api::v1::{RegisterRequest, RegisterResponse};
 use causeway_crds::external_workload::CONDITION_READY;
 use causeway_crds::{ExternalWorkload, ExternalWorkloadStatus, WorkloadCondition};
 use causeway_store::{ClusterInfo, StoreKey};
+use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::{watcher, WatchStreamExt};
 use tokio::sync::{mpsc, Mutex};
+use tokio::task::JoinHandle;
 use tonic::{Code, Request, Response, Status};
-use tracing::{info, warn, Instrument};
+use tracing::{info, instrument, warn, Instrument};
 
 use super::core::{self, Plan, Refusal, Registry, WorkloadObject};
 use super::metrics::WorkloadMetrics;
@@ -62,22 +65,79 @@ where
         let obj = api.get_opt(name).await.map_err(|e| {
             Status::unavailable(format!("cannot read ExternalWorkload {name:?} from the Kubernetes API: {e}"))
         })?;
-        Ok(obj.map(|o| {
-            let status = o.status.clone().unwrap_or_default();
-            let status_ips = [status.ip.as_deref(), status.ipv6.as_deref()]
-                .into_iter()
-                .flatten()
-                // A status someone else mangled is ignored, not fatal: it only names entries to withdraw.
-                .filter_map(|s| s.parse::<IpAddr>().ok())
-                .collect();
-            let view = WorkloadObject {
-                name: name.to_string(),
-                labels: o.metadata.labels.clone().unwrap_or_default(),
-                deleting: o.metadata.deletion_timestamp.is_some(),
-                status_ips,
-            };
-            (view, o)
-        }))
+        Ok(obj.map(|o| (view(name, &o), o)))
+    }
+
+    /// Watches ExternalWorkload objects for as long as the service lives: a deleted object's host is withdrawn
+    /// (ipcache entries deleted, identity released), and a host an earlier process registered (its object's
+    /// status names its addresses) is exported again without waiting for it to re-register.
+    pub fn spawn_watcher(self: Arc<Self>) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            let api: Api<ExternalWorkload> = Api::all(self.client.clone());
+            let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                        let name = o.metadata.name.clone().unwrap_or_default();
+                        if o.metadata.deletion_timestamp.is_some() {
+                            self.withdraw(&name).await;
+                        } else {
+                            self.restore(&name, &o).await;
+                        }
+                    }
+                    Ok(watcher::Event::Delete(o)) => self.withdraw(&o.metadata.name.unwrap_or_default()).await,
+                    Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
+                    Err(e) => {
+                        warn!(cluster = %self.cluster.name, error = %e, "ExternalWorkload watch failed; retrying")
+                    }
+                }
+            }
+        })
+    }
+
+    #[instrument(skip_all, fields(cluster = %self.cluster.name, workload = name))]
+    async fn restore(&self, name: &str, obj: &ExternalWorkload) {
+        let Some(status) = &obj.status else { return };
+        let Some(req) = core::request_from_status(name, status.ip.as_deref(), status.ipv6.as_deref()) else { return };
+        let mut registry = self.registry.lock().await;
+        if registry.get(name).is_some() {
+            return;
+        }
+        let plan = match registry.plan(self.cluster.name.as_str(), &req, Some(&view(name, obj))) {
+            Ok(plan) => plan,
+            Err(r) => {
+                warn!(reason = %r, "cannot re-export the host registered before the restart");
+                return;
+            }
+        };
+        match self.carry_out(name, &plan).await {
+            Ok(id) => {
+                registry.commit(name, &plan, id);
+                self.metrics.registered.set(registry.len() as i64);
+                if status.id != Some(id) {
+                    warn!(id, previous = ?status.id, "re-exported host got another identity than its status says");
+                }
+                info!(id, ips = ?plan.ips, "re-exported a host registered before the restart");
+            }
+            Err(e) => warn!(error = %e.message(), "cannot re-export the host registered before the restart"),
+        }
+    }
+
+    #[instrument(skip_all, fields(cluster = %self.cluster.name, workload = name))]
+    async fn withdraw(&self, name: &str) {
+        let mut registry = self.registry.lock().await;
+        let Some(gone) = registry.forget(name) else { return };
+        self.metrics.registered.set(registry.len() as i64);
+        drop(registry);
+        for ip in &gone.ips {
+            if let Err(e) = self.sink.delete(&StoreKey::Ip { ip: *ip }).await {
+                warn!(%ip, error = %e, "cannot withdraw the ipcache entry of a deleted external workload");
+            }
+        }
+        if let Err(e) = self.identities.release(&gone.labels).await {
+            warn!(labels = %gone.labels, error = %e, "cannot release the identity of a deleted external workload");
+        }
+        info!(id = gone.id, ips = ?gone.ips, "external workload deleted: withdrawn");
     }
 
     async fn carry_out(&self, name: &str, plan: &Plan) -> Result<u32, Status> {
@@ -194,6 +254,23 @@ fn code_label(code: Code) -> &'static str {
         Code::AlreadyExists => "address_in_use",
         Code::FailedPrecondition => "deleting",
         _ => "error",
+    }
+}
+
+/// The core's view of an object.
+fn view(name: &str, o: &ExternalWorkload) -> WorkloadObject {
+    let status = o.status.clone().unwrap_or_default();
+    let status_ips = [status.ip.as_deref(), status.ipv6.as_deref()]
+        .into_iter()
+        .flatten()
+        // A status someone else mangled is ignored, not fatal: it only names entries to withdraw.
+        .filter_map(|s| s.parse::<IpAddr>().ok())
+        .collect();
+    WorkloadObject {
+        name: name.to_string(),
+        labels: o.metadata.labels.clone().unwrap_or_default(),
+        deleting: o.metadata.deletion_timestamp.is_some(),
+        status_ips,
     }
 }
 
