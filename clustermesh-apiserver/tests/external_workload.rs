@@ -263,6 +263,29 @@ async fn registered_workload_is_exported_with_its_identity_and_status() -> Resul
     assert_eq!((status["id"].clone(), status["ip"].clone()), (json!(id), json!("192.0.2.8")));
     assert!(status.get("ipv6").is_none_or(Value::is_null), "stale ipv6 in status: {status}");
 
+    // Relabelling the object gives the registered host the new identity, on the same address, without a new call.
+    let api = Api::<ExternalWorkload>::all(s.client.clone());
+    let patch = json!({"metadata": {"labels": {"app": "mysql", "io.kubernetes.pod.namespace": "legacy"}}});
+    api.patch("db-vm-1", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
+    let relabelled = wait_until(WAIT, || {
+        let mut c = c.clone();
+        async move {
+            let Some(v) = get(&mut c, &ipcache_key("192.0.2.8")).await else { return false };
+            serde_json::from_str::<Value>(&v).is_ok_and(|e| e["ID"] != json!(id))
+        }
+    })
+    .await;
+    assert!(relabelled, "the ipcache entry kept the old identity after the labels changed");
+    let entry: Value = serde_json::from_str(&get(&mut c, &ipcache_key("192.0.2.8")).await.context("entry")?)?;
+    let new_id = entry["ID"].as_u64().context("ID")?;
+    assert_eq!(
+        get(&mut c, &format!("cilium/state/identities/v1/id/{new_id}")).await.as_deref(),
+        Some("k8s:app=mysql;k8s:io.cilium.k8s.policy.cluster=east;k8s:io.kubernetes.pod.namespace=legacy;")
+    );
+    let status_follows =
+        wait_until(WAIT, || async { s.status("db-vm-1").await.is_ok_and(|st| st["id"] == json!(new_id)) }).await;
+    assert!(status_follows, "status id: {}", s.status("db-vm-1").await?);
+
     // Another host may not take the address.
     s.create_workload("db-vm-2", json!({"app": "postgres"})).await?;
     let taken = s.register_as(Some(&cert), "db-vm-2", "192.0.2.8", "").await?;

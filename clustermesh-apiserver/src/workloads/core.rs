@@ -163,6 +163,21 @@ pub struct Registered {
     pub ips: Vec<IpAddr>,
 }
 
+impl Registered {
+    /// The registration again (same addresses), e.g. to re-plan it after the object's labels changed.
+    pub fn request(&self, name: &str) -> Option<Request> {
+        let ipv4 = self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })?;
+        let ipv6 = self.ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        });
+        Some(Request { name: name.to_string(), ipv4, ipv6 })
+    }
+}
+
 /// What registering a host changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -398,6 +413,15 @@ mod tests {
         assert_eq!(p2.reuse_id, None);
         assert_eq!(p2.release, Some(p.labels.clone()));
         assert_ne!(p2.labels, p.labels);
+    }
+
+    #[test]
+    fn a_registered_host_replans_with_its_addresses() {
+        let mut reg = Registry::default();
+        let r = req("vm", "10.0.0.1", "fd00::1");
+        let p = reg.plan("east", &r, Some(&object("vm", &[("app", "x")]))).unwrap();
+        reg.commit("vm", &p, 65540);
+        assert_eq!(reg.get("vm").and_then(|h| h.request("vm")), Some(r));
     }
 
     #[test]

@@ -69,8 +69,9 @@ where
     }
 
     /// Watches ExternalWorkload objects for as long as the service lives: a deleted object's host is withdrawn
-    /// (ipcache entries deleted, identity released), and a host an earlier process registered (its object's
-    /// status names its addresses) is exported again without waiting for it to re-register.
+    /// (ipcache entries deleted, identity released); a registered host whose object's labels changed gets the new
+    /// identity on the same addresses; and a host an earlier process registered (its object's status names its
+    /// addresses) is exported again without waiting for it to re-register.
     pub fn spawn_watcher(self: Arc<Self>) -> JoinHandle<()> {
         tokio::spawn(async move {
             let api: Api<ExternalWorkload> = Api::all(self.client.clone());
@@ -97,16 +98,27 @@ where
 
     #[instrument(skip_all, fields(cluster = %self.cluster.name, workload = name))]
     async fn restore(&self, name: &str, obj: &ExternalWorkload) {
-        let Some(status) = &obj.status else { return };
-        let Some(req) = core::request_from_status(name, status.ip.as_deref(), status.ipv6.as_deref()) else { return };
         let mut registry = self.registry.lock().await;
-        if registry.get(name).is_some() {
-            return;
-        }
+        // A host this process registered: only a change of the object's labels matters (a new identity for the same
+        // addresses). Otherwise the host an earlier process registered, from the object's status.
+        let (req, relabel) = match registry.get(name) {
+            Some(known) => match known.request(name) {
+                Some(req) => (req, true),
+                None => return,
+            },
+            None => {
+                let Some(status) = &obj.status else { return };
+                match core::request_from_status(name, status.ip.as_deref(), status.ipv6.as_deref()) {
+                    Some(req) => (req, false),
+                    None => return,
+                }
+            }
+        };
         let plan = match registry.plan(self.cluster.name.as_str(), &req, Some(&view(name, obj))) {
+            Ok(plan) if relabel && plan.reuse_id.is_some() => return,
             Ok(plan) => plan,
             Err(r) => {
-                warn!(reason = %r, "cannot re-export the host registered before the restart");
+                warn!(reason = %r, "cannot re-export the host");
                 return;
             }
         };
@@ -114,12 +126,17 @@ where
             Ok(id) => {
                 registry.commit(name, &plan, id);
                 self.metrics.registered.set(registry.len() as i64);
-                if status.id != Some(id) {
-                    warn!(id, previous = ?status.id, "re-exported host got another identity than its status says");
+                drop(registry);
+                let recorded = obj.status.as_ref().and_then(|s| s.id);
+                if recorded != Some(id) {
+                    // The status must name the identity peers now see for the host.
+                    if let Err(e) = self.write_status(obj, &req, id).await {
+                        warn!(error = %e.message(), "cannot write the new identity into the status");
+                    }
                 }
-                info!(id, ips = ?plan.ips, "re-exported a host registered before the restart");
+                info!(id, ips = ?plan.ips, relabel, "re-exported the host");
             }
-            Err(e) => warn!(error = %e.message(), "cannot re-export the host registered before the restart"),
+            Err(e) => warn!(error = %e.message(), "cannot re-export the host"),
         }
     }
 
