@@ -389,8 +389,8 @@ fn rbac_grants_each_component_exactly_the_calls_its_binary_makes() -> Result<()>
         ("discovery.k8s.io", "endpointslices", LW),
         ("causeway.io", "causewayidentities", &["list", "get", "create", "delete"]),
         ("causeway.io", "causewayidentities/status", &["patch"]),
-        // src/workloads/server.rs: external-workload registration.
-        ("causeway.io", "externalworkloads", &["get"]),
+        // src/workloads/server.rs: registration (get, status patch) and the watcher (list, watch).
+        ("causeway.io", "externalworkloads", &["get", "list", "watch"]),
         ("causeway.io", "externalworkloads/status", &["patch"]),
     ]);
     assert_eq!(cluster_role(&ms, "causeway-clustermesh-apiserver")?, apiserver);
@@ -459,6 +459,12 @@ fn rbac_grants_each_component_exactly_the_calls_its_binary_makes() -> Result<()>
 /// The (apiGroup, resource) of every Kubernetes type a component's non-test source names in `Api<T>` /
 /// `Api::<T>`, plus Events when it makes a `Recorder`: the resources its ClusterRole must cover, read from the code.
 fn resources_in_source(dirs: &[&str]) -> Result<BTreeSet<(String, String)>> {
+    Ok(resource_uses(dirs)?.into_keys().collect())
+}
+
+/// Like [`resources_in_source`], with whether a file naming the resource also runs a kube-rs `watcher(` (which
+/// needs list and watch).
+fn resource_uses(dirs: &[&str]) -> Result<BTreeMap<(String, String), bool>> {
     let mut files = Vec::new();
     let mut stack: Vec<std::path::PathBuf> = dirs.iter().map(|d| causeway_chart_tests::repo_root().join(d)).collect();
     while let Some(p) = stack.pop() {
@@ -473,11 +479,12 @@ fn resources_in_source(dirs: &[&str]) -> Result<BTreeSet<(String, String)>> {
             }
         }
     }
-    let mut out = BTreeSet::new();
+    let mut out: BTreeMap<(String, String), bool> = BTreeMap::new();
     for f in files {
         let text = std::fs::read_to_string(&f)?;
+        let watches = text.contains("watcher(");
         if text.contains("Recorder::new(") {
-            out.insert(("events.k8s.io".to_string(), "events".to_string()));
+            out.entry(("events.k8s.io".to_string(), "events".to_string())).or_insert(false);
         }
         for pat in ["Api::<", "Api<"] {
             for (i, _) in text.match_indices(pat) {
@@ -496,7 +503,7 @@ fn resources_in_source(dirs: &[&str]) -> Result<BTreeSet<(String, String)>> {
                     "DynamicObject" | "K" => continue,
                     other => bail!("{}: Api<{other}>: a kind this test cannot map to a resource; add it", f.display()),
                 };
-                out.insert((r.0.to_string(), r.1.to_string()));
+                *out.entry((r.0.to_string(), r.1.to_string())).or_insert(false) |= watches;
             }
         }
     }
@@ -526,6 +533,24 @@ fn every_kind_a_component_calls_is_in_its_role_and_no_other() -> Result<()> {
         (&["datapath/src"][..], &["causeway-node-agent"][..]),
     ] {
         assert_eq!(roles(role_names)?, resources_in_source(dirs)?, "{dirs:?}: resources in the code vs the role");
+        // A resource a watcher follows needs list and watch.
+        for ((group, resource), watched) in resource_uses(dirs)? {
+            if !watched {
+                continue;
+            }
+            for name in role_names {
+                if let Some(m) = ms.iter().find(|m| m.kind == "ClusterRole" && m.name == *name) {
+                    let rules: Vec<PolicyRule> = serde_json::from_value(m.doc["rules"].clone())?;
+                    let g = grants(&rules);
+                    for verb in ["list", "watch"] {
+                        assert!(
+                            g.contains(&(group.clone(), resource.clone(), verb.to_string())),
+                            "{name}: {dirs:?} runs a watcher on {group}/{resource}, which needs {verb}"
+                        );
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }
