@@ -96,13 +96,18 @@ fn run(args: Args) -> Result<ExitCode> {
         let survivor_ip = IpAddr::V4(c.topo.nodes[survivor].egress_ip);
         let t0 = Instant::now();
         c.topo.set_underlay(victim, false)?;
-        if let Kind::ByHand = kind {
-            c.remove_gateway_by_hand(WORKER, c.topo.nodes[victim].ip)?;
-        }
+        let saved = match kind {
+            Kind::ByHand => Some(c.remove_gateway_by_hand(WORKER, c.topo.nodes[victim].ip)?),
+            Kind::Controller => None,
+        };
         let ms = match sink.wait_from(&name, survivor_ip, t0, timeout) {
             Some(at) => at.duration_since(t0).as_secs_f64() * 1e3,
             None => f64::INFINITY,
         };
+        if let Some(saved) = saved {
+            // The controller may not even have noticed so short a cut: put back what the agent believes it wrote.
+            c.restore_groups_by_hand(WORKER, &saved)?;
+        }
         c.topo.set_underlay(victim, true)?;
         let label = match kind {
             Kind::Controller => "controller",

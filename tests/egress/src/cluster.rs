@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use causeway_crds::{EgressGatewayPolicy, EgressGatewayPolicyStatus};
-use causeway_datapath::bpf::maps::EgressGroupsMap;
+use causeway_datapath::bpf::maps::{EgressGroup, EgressGroupsMap, GroupId};
 use causeway_datapath::bpf::BpfMaps;
 use causeway_multicluster_tests::{binary, Proc};
 use causeway_testsupport::netns::{self, Netns};
@@ -479,19 +479,29 @@ impl EgressCluster {
     }
 
     /// The datapath floor for failover: removes `gateway` from every egress group pinned on node `i` by writing the
-    /// map directly, what the agent does once the controller's new assignment arrives. Returns how many groups
-    /// changed.
-    pub fn remove_gateway_by_hand(&self, i: usize, gateway: Ipv4Addr) -> Result<usize> {
+    /// map directly, what the agent does once the controller's new assignment arrives. Returns the groups as they
+    /// were, for [`EgressCluster::restore_groups_by_hand`]: the agent does not read its maps back while its inputs
+    /// are unchanged, so a hand edit the controller never hears of must be undone by hand.
+    pub fn remove_gateway_by_hand(&self, i: usize, gateway: Ipv4Addr) -> Result<Vec<(GroupId, EgressGroup)>> {
         let mut groups = EgressGroupsMap::open(&self.topo.nodes[i].pin_dir)?;
-        let mut changed = 0;
-        for (id, mut g) in groups.entries()? {
+        let before = groups.entries()?;
+        for (id, g) in &before {
             if g.gateways.contains(&gateway) {
+                let mut g = g.clone();
                 g.gateways.retain(|gw| *gw != gateway);
-                groups.upsert(id, &g)?;
-                changed += 1;
+                groups.upsert(*id, &g)?;
             }
         }
-        Ok(changed)
+        Ok(before)
+    }
+
+    /// Writes groups back as [`EgressCluster::remove_gateway_by_hand`] found them.
+    pub fn restore_groups_by_hand(&self, i: usize, groups: &[(GroupId, EgressGroup)]) -> Result<()> {
+        let mut map = EgressGroupsMap::open(&self.topo.nodes[i].pin_dir)?;
+        for (id, g) in groups {
+            map.upsert(*id, g)?;
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------------ logs
