@@ -1,6 +1,6 @@
 //! Validation of a sample object against a generated CRD schema, the way an apiserver with strict field validation
 //! checks it: structure, types, bounds, patterns, unknown fields, then the CEL rules (`x-kubernetes-validations`).
-//! The same checks as in egress_examples.rs, shared so that other sample tests can use them.
+//! Shared by every sample test (egress_examples.rs, external_workload_examples.rs).
 
 use anyhow::{Context, Result};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
