@@ -53,7 +53,10 @@ impl std::str::FromStr for LogFormat {
 /// harmless (the second call is ignored), which keeps tests that start components in-process simple.
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // netlink-packet-route warns on every address dump about IFLA_INET6 attributes newer kernels made longer than it
+    // knows (harmless: the attribute is skipped); the node agent dumps addresses every few seconds.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,netlink_packet_route=error"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
