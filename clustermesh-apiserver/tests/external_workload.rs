@@ -161,7 +161,7 @@ impl Setup {
         ipv6: &str,
     ) -> Result<Result<RegisterResponse, tonic::Status>> {
         let mut c = self.connect(cert).await?;
-        let req = RegisterRequest { name: name.into(), ipv4: ipv4.into(), ipv6: ipv6.into() };
+        let req = RegisterRequest { name: name.into(), ipv4: ipv4.into(), ipv6: ipv6.into(), ..Default::default() };
         Ok(c.register(req).await.map(|r| r.into_inner()))
     }
 

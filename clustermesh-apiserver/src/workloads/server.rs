@@ -242,6 +242,7 @@ where
             identity_labels: plan.labels.to_string(),
             ipv4_alloc_cidr: spec.ipv4_alloc_cidr.clone().unwrap_or_default(),
             ipv6_alloc_cidr: spec.ipv6_alloc_cidr.clone().unwrap_or_default(),
+            ..Default::default()
         })
     }
 }
