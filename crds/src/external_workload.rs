@@ -15,8 +15,10 @@ use serde::{Deserialize, Serialize};
 /// The `Ready` condition type: the host registered and is exported with its identity.
 pub const CONDITION_READY: &str = "Ready";
 
-/// What the host may use. Both ranges are optional and informational today: they are carried for the node agent
-/// on the host (tunnel device and health addresses, as in Cilium) and are not yet enforced by registration.
+/// What the host may use. `ipv4AllocCIDR` is required for a host that joins the mesh datapath (registers a
+/// WireGuard key): its first usable address becomes the host's mesh address, and the whole range is routed to the
+/// host through the tunnel (it is the host's "pod CIDR" in its node record). Ranges of two workloads must not
+/// overlap.
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
 #[kube(
@@ -33,6 +35,7 @@ pub const CONDITION_READY: &str = "Ready";
     printcolumn(name = "Identity", type_ = "integer", json_path = ".status.id", description = "Allocated identity"),
     printcolumn(name = "IP", type_ = "string", json_path = ".status.ip", description = "Registered IPv4 address"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Mesh-IP", type_ = "string", json_path = ".status.meshIPv4", priority = 1),
     printcolumn(name = "IPv4-CIDR", type_ = "string", json_path = ".spec.ipv4AllocCIDR", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -63,6 +66,13 @@ pub struct ExternalWorkloadStatus {
     /// The IPv6 address the host registered with, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipv6: Option<String>,
+    /// The host's address inside the mesh (first usable address of `spec.ipv4AllocCIDR`), set when the host
+    /// registered a WireGuard key; mesh traffic from the host carries it as source.
+    #[serde(default, rename = "meshIPv4", skip_serializing_if = "Option::is_none")]
+    pub mesh_ipv4: Option<String>,
+    /// The host's WireGuard public key (base64), set when it joined the mesh datapath; cluster nodes peer with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_public_key: Option<String>,
     /// `Ready` (True once registered and exported; False with the reason when the last registration was refused).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<WorkloadCondition>,

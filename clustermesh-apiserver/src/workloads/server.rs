@@ -339,6 +339,7 @@ pub fn ready_status(
         ip: Some(req.ipv4.to_string()),
         ipv6: req.ipv6.map(|v| v.to_string()),
         conditions,
+        ..Default::default()
     }
 }
 
