@@ -1,9 +1,19 @@
-//! The local cluster's own Services, reduced to what the merge needs: is it global, does it share, which affinity,
-//! and does it have a ready local backend.
+//! The local cluster's own inputs to the merge: its Services, reduced to what the merge needs (is it global, does it
+//! share, which affinity, does it have a ready local backend), and its external workloads (hosts that joined the
+//! mesh datapath), which the local node agents must peer with like remote nodes.
 
 use std::collections::BTreeMap;
 
-use crate::core::model::{Affinity, Frontend, ServiceKey};
+use crate::core::model::{Affinity, Frontend, IpView, NodeView, ServiceKey};
+
+/// A host of the local cluster that joined the mesh datapath (a Ready `ExternalWorkload` with a WireGuard key), as
+/// the kube adapter converted it: a node record (its underlay address, its allocation range as pod CIDR, its key)
+/// and the ipcache entry of its mesh address. Both carry the local cluster's name and ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalWorkload {
+    pub node: NodeView,
+    pub ip: IpView,
+}
 
 pub const ANNOTATION_GLOBAL: &str = "service.cilium.io/global";
 pub const ANNOTATION_SHARED: &str = "service.cilium.io/shared";

@@ -2,7 +2,8 @@
 //! through disconnects, re-lists, bad values and removed remotes.
 //!
 //! Adapters feed [`MergedView`] with events (remote life cycle, validated entries from
-//! `causeway_store::RemoteContext::decode`, list completion, the local Services, clock ticks) and read back:
+//! `causeway_store::RemoteContext::decode`, list completion, the local Services and external workloads, clock ticks)
+//! and read back:
 //! - [`MergedView::services_changed_since`] + [`MergedView::desired_slices`] for the kube adapter;
 //! - [`MergedView::take_deltas`] and [`MergedView::snapshot`] for the gRPC stream ([`crate::stream`]);
 //! - [`MergedView::remotes`] for status and metrics.
@@ -19,7 +20,7 @@ pub mod view;
 #[cfg(test)]
 mod tests;
 
-pub use local::{AnnotationWarning, LocalService};
+pub use local::{AnnotationWarning, LocalService, LocalWorkload};
 pub use model::{
     Affinity, Backend, Change, ClusterBackends, Delta, Frontend, GlobalServiceView, IdentityView, IpView, NodeView,
     ObjectKey, Port, Protocol, ServiceKey, Snapshot, ViewObject,

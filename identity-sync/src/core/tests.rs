@@ -627,3 +627,86 @@ fn a_new_session_via_validation_sweeps_what_was_not_relisted() {
     v.list_done(EAST, Kind::Ip).unwrap();
     assert_eq!(kinds(&v.take_deltas()), vec![format!("delete {:?}", ObjectKey::Ip(ip("10.1.0.2")))]);
 }
+
+fn workload(name: &str, mesh: &str, key: &str) -> LocalWorkload {
+    LocalWorkload {
+        node: NodeView {
+            cluster: "home".into(),
+            cluster_id: 5,
+            name: name.into(),
+            internal_ips: vec![ip("192.168.50.10")],
+            pod_cidrs: vec!["10.192.1.0/30".parse().unwrap()],
+            zone: None,
+            wireguard_pub_key: key.into(),
+        },
+        ip: IpView {
+            ip: ip(mesh),
+            identity: (5 << 16) + 9,
+            host_ip: Some(ip("192.168.50.10")),
+            encrypt_key: 0,
+            cluster_id: 5,
+            cluster: "home".into(),
+            namespace: "default".into(),
+            pod_name: name.into(),
+        },
+    }
+}
+
+#[test]
+fn local_workloads_enter_change_and_leave_the_view() {
+    let mut v = view();
+    v.take_deltas();
+    let node_key = ObjectKey::Node { cluster: "home".into(), name: "vm-1".into() };
+    v.local_workload_upsert(workload("vm-1", "10.192.1.1", "k1"));
+    assert_eq!(
+        kinds(&v.take_deltas()),
+        vec![format!("upsert {node_key:?}"), format!("upsert {:?}", ObjectKey::Ip(ip("10.192.1.1")))]
+    );
+    assert_eq!(&*v.node("home", "vm-1").unwrap().wireguard_pub_key, "k1");
+    assert_eq!(v.ip(&ip("10.192.1.1")).unwrap().identity, (5 << 16) + 9);
+    // The local source is not a remote.
+    assert_eq!(v.remotes().iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>(), vec![EAST, WEST]);
+    // Unchanged: nothing.
+    v.local_workload_upsert(workload("vm-1", "10.192.1.1", "k1"));
+    assert!(v.take_deltas().is_empty());
+    // A new key: the node only. A new mesh address: the old one goes, the new one comes.
+    v.local_workload_upsert(workload("vm-1", "10.192.1.1", "k2"));
+    assert_eq!(kinds(&v.take_deltas()), vec![format!("upsert {node_key:?}")]);
+    v.local_workload_upsert(workload("vm-1", "10.192.1.2", "k2"));
+    assert_eq!(
+        kinds(&v.take_deltas()),
+        vec![
+            format!("delete {:?}", ObjectKey::Ip(ip("10.192.1.1"))),
+            format!("upsert {:?}", ObjectKey::Ip(ip("10.192.1.2")))
+        ]
+    );
+    // Snapshots carry it.
+    let snap = v.snapshot();
+    assert!(snap.objects.iter().any(|o| o.key() == node_key));
+    // Gone: both deleted; deleting again or an unknown name is a no-op.
+    v.local_workload_delete("vm-1");
+    assert_eq!(
+        kinds(&v.take_deltas()),
+        vec![format!("delete {:?}", ObjectKey::Ip(ip("10.192.1.2"))), format!("delete {node_key:?}")]
+    );
+    v.local_workload_delete("vm-1");
+    v.local_workload_delete("never");
+    assert!(v.take_deltas().is_empty());
+    assert_eq!((v.nodes_len(), v.ipcache_len(), v.local_workloads_len()), (0, 0, 0));
+}
+
+#[test]
+fn local_workload_and_remote_claiming_one_ip_queue_like_remotes() {
+    let mut v = view();
+    v.entry_upsert(EAST, ip_entry(EAST, "10.192.1.1", 1)).unwrap();
+    v.take_deltas();
+    v.local_workload_upsert(workload("vm-1", "10.192.1.1", "k1"));
+    // The node appears; the address stays east's.
+    assert_eq!(&*v.ip(&ip("10.192.1.1")).unwrap().cluster, EAST);
+    // Removing the remote promotes the workload's claim; removing the remote entirely does not touch it.
+    v.remote_removed(EAST).unwrap();
+    assert_eq!(&*v.ip(&ip("10.192.1.1")).unwrap().cluster, "home");
+    assert!(v.node("home", "vm-1").is_some());
+    v.local_workload_delete("vm-1");
+    assert!(v.ip(&ip("10.192.1.1")).is_none());
+}

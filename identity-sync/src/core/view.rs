@@ -22,7 +22,7 @@ use causeway_store::{
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::core::local::LocalService;
+use crate::core::local::{LocalService, LocalWorkload};
 use crate::core::model::{
     Affinity, Backend, Change, ClusterBackends, Delta, GlobalServiceView, IdentityView, IpView, NodeView, ObjectKey,
     Port, Protocol, ServiceKey, Snapshot, ViewObject,
@@ -246,6 +246,12 @@ pub struct MergedView {
     identities: HashMap<u32, Slot<IdentityView>>,
     ipcache: HashMap<IpAddr, Slot<IpView>>,
     nodes: BTreeMap<NodeKey, Claim<NodeView>>,
+    /// The source slot that holds the local cluster's external workloads' claims (created on first use). It lives in
+    /// `remotes` so that those claims queue and promote like any remote's, but it is not in `by_name`: no remote
+    /// event can reach it, and it is never listed, swept, revoked or shown as a remote.
+    local_source: Option<RemoteIdx>,
+    /// Local external workloads as last applied, by object name, to know what an update or delete withdraws.
+    local_workloads: BTreeMap<Box<str>, LocalWorkload>,
     log: Log,
 }
 
@@ -281,6 +287,8 @@ impl MergedView {
             identities: HashMap::new(),
             ipcache: HashMap::new(),
             nodes: BTreeMap::new(),
+            local_source: None,
+            local_workloads: BTreeMap::new(),
             log: Log::default(),
         }
     }
@@ -532,14 +540,7 @@ impl MergedView {
         let k = self.entry_key(r, key)?;
         let kind = k.kind();
         match k {
-            EntryKey::Ip(ip) => {
-                let MergedView { ipcache, remotes, log, .. } = self;
-                if let Some(outcome) = ipcache.get_mut(&ip).and_then(|slot| slot.remove_if(r, |_| true)) {
-                    if !apply_removed(remotes, log, r, kind, outcome, ViewObject::Ip, || ObjectKey::Ip(ip)) {
-                        ipcache.remove(&ip);
-                    }
-                }
-            }
+            EntryKey::Ip(ip) => self.release_ip(r, ip),
             EntryKey::Identity(id) => {
                 let MergedView { identities, remotes, log, .. } = self;
                 if let Some(outcome) = identities.get_mut(&id).and_then(|slot| slot.remove_if(r, |_| true)) {
@@ -551,14 +552,31 @@ impl MergedView {
             }
             EntryKey::Node(name) => {
                 let key = (self.remote(r).name.clone(), name);
-                if let Some(c) = self.nodes.remove(&key) {
-                    on_removed(&mut self.remotes, r, kind, c.suspect);
-                    self.log.emit(Change::Delete(ObjectKey::Node { cluster: key.0, name: key.1 }));
-                }
+                self.release_node(r, key);
             }
             EntryKey::Service(key) => self.remove_service_claim(r, &key, |_| true),
         }
         Ok(())
+    }
+
+    /// Drops `r`'s claim on an IP, promoting the next claim if it was the visible one.
+    fn release_ip(&mut self, r: RemoteIdx, ip: IpAddr) {
+        let MergedView { ipcache, remotes, log, .. } = self;
+        if let Some(outcome) = ipcache.get_mut(&ip).and_then(|slot| slot.remove_if(r, |_| true)) {
+            if !apply_removed(remotes, log, r, KindIdx::Ip, outcome, ViewObject::Ip, || ObjectKey::Ip(ip)) {
+                ipcache.remove(&ip);
+            }
+        }
+    }
+
+    /// Drops `r`'s claim on a node.
+    fn release_node(&mut self, r: RemoteIdx, key: NodeKey) {
+        if self.nodes.get(&key).is_some_and(|c| c.remote == r) {
+            if let Some(c) = self.nodes.remove(&key) {
+                on_removed(&mut self.remotes, r, KindIdx::Nodes, c.suspect);
+                self.log.emit(Change::Delete(ObjectKey::Node { cluster: key.0, name: key.1 }));
+            }
+        }
     }
 
     /// A value from `remote` failed validation. It never enters the view and is counted by reason.
@@ -653,18 +671,24 @@ impl MergedView {
             namespace,
             pod_name: e.k8s_pod_name.into_boxed_str(),
         };
-        let (visible, new_claim, cleared) = match self.ipcache.get_mut(&e.ip) {
+        self.claim_ip(r, gen, view);
+    }
+
+    /// Records `r`'s claim on an IP; the view changes when it is (or replaces) the visible one.
+    fn claim_ip(&mut self, r: RemoteIdx, gen: u32, view: IpView) {
+        let ip = view.ip;
+        let (visible, new_claim, cleared) = match self.ipcache.get_mut(&ip) {
             Some(slot) => {
                 let o = slot.upsert(r, gen, view);
                 if o.new_claim {
-                    debug!(cluster = %self.remote(r).name, ip = %e.ip, "IP already claimed by another remote; queued behind it");
+                    debug!(cluster = %self.remote(r).name, %ip, "IP already claimed by another remote; queued behind it");
                 }
                 (o.visible, o.new_claim, o.cleared_suspect)
             }
             None => {
                 let value = Arc::new(view);
                 self.ipcache.insert(
-                    e.ip,
+                    ip,
                     Slot {
                         primary: Claim { remote: r, gen, suspect: false, value: value.clone() },
                         others: Vec::new(),
@@ -718,8 +742,19 @@ impl MergedView {
             wireguard_pub_key: n.wireguard_pub_key.as_str().into(),
             name: n.name.into_boxed_str(),
         };
-        let key: NodeKey = (rem.name.clone(), view.name.clone());
+        self.claim_node(r, gen, view);
+    }
+
+    /// Records `r`'s claim on a node. Node keys include the cluster name, so only the local workloads' source and
+    /// a remote named like the local cluster could meet here; the remote task refuses such a remote, and should one
+    /// slip through, the first claim is kept.
+    fn claim_node(&mut self, r: RemoteIdx, gen: u32, view: NodeView) {
+        let key: NodeKey = (view.cluster.clone(), view.name.clone());
         let (visible, new_claim, cleared) = match self.nodes.get_mut(&key) {
+            Some(c) if c.remote != r => {
+                warn!(cluster = %key.0, node = %key.1, "node already claimed by another source; ignoring this claim");
+                return;
+            }
             Some(c) => {
                 c.gen = gen;
                 let cleared = std::mem::replace(&mut c.suspect, false);
@@ -818,6 +853,66 @@ impl MergedView {
         if slot.local.is_none() && slot.remotes.is_empty() {
             self.services.remove(key);
         }
+    }
+
+    // ---------------------------------------------------------------- local external workloads
+
+    fn local_source(&mut self, cluster: &Arc<str>) -> RemoteIdx {
+        if let Some(r) = self.local_source {
+            return r;
+        }
+        let mut status = RemoteStatus::new();
+        status.state = RemoteState::Synced;
+        // Never listed or swept: the kube adapter withdraws what is gone itself (see `local_workload_delete`).
+        let source = Remote { name: cluster.clone(), ctx: None, status, gen: [0; 4], listed: [true; 4] };
+        let r = match self.free.pop() {
+            Some(r) => {
+                self.remotes[r as usize] = Some(source);
+                r
+            }
+            None => {
+                self.remotes.push(Some(source));
+                (self.remotes.len() - 1) as RemoteIdx
+            }
+        };
+        self.local_source = Some(r);
+        r
+    }
+
+    /// A local external workload is (still) ready to be peered with: its node and its mesh address enter the view,
+    /// replacing what an earlier version of the same object contributed. Unchanged input emits nothing.
+    pub fn local_workload_upsert(&mut self, w: LocalWorkload) {
+        let r = self.local_source(&w.node.cluster);
+        let name = w.node.name.clone();
+        if let Some(old) = self.local_workloads.get(&name) {
+            if *old == w {
+                return;
+            }
+            let (old_ip, old_node) = (old.ip.ip, (old.node.cluster.clone(), old.node.name.clone()));
+            if old_ip != w.ip.ip {
+                self.release_ip(r, old_ip);
+            }
+            if old_node != (w.node.cluster.clone(), w.node.name.clone()) {
+                self.release_node(r, old_node);
+            }
+        }
+        self.claim_node(r, 0, w.node.clone());
+        self.claim_ip(r, 0, w.ip.clone());
+        self.local_workloads.insert(name, w);
+    }
+
+    /// A local external workload is gone or no longer usable (deleted, not Ready, a field missing or invalid):
+    /// withdraw its node and its mesh address.
+    pub fn local_workload_delete(&mut self, name: &str) {
+        let Some(old) = self.local_workloads.remove(name) else { return };
+        let Some(r) = self.local_source else { return };
+        self.release_ip(r, old.ip.ip);
+        self.release_node(r, (old.node.cluster.clone(), old.node.name.clone()));
+    }
+
+    /// Local external workloads currently in the view.
+    pub fn local_workloads_len(&self) -> usize {
+        self.local_workloads.len()
     }
 
     // ---------------------------------------------------------------- sweeping
@@ -953,7 +1048,15 @@ impl MergedView {
 
     /// Every configured remote and its status, sorted by name.
     pub fn remotes(&self) -> Vec<(Arc<str>, &RemoteStatus)> {
-        let mut v: Vec<_> = self.remotes.iter().flatten().map(|r| (r.name.clone(), &r.status)).collect();
+        let local = self.local_source.map(|r| r as usize);
+        let mut v: Vec<_> = self
+            .remotes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != local)
+            .filter_map(|(_, r)| r.as_ref())
+            .map(|r| (r.name.clone(), &r.status))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
