@@ -1,15 +1,29 @@
-//! `causeway external-workload install NAME`: prints a bash script that joins a VM or bare-metal host.
+//! `causeway external-workload install NAME`: prints a bash script that joins a VM or bare-metal host to the mesh.
 //!
-//! What the script does today: installs the node agent binary, writes the `externalworkload` certificates from the
-//! cluster's Secret, writes the agent's environment and a systemd unit, and starts it; `uninstall` undoes all of
-//! it. What it does not do yet (later work, said in the script too): register with the clustermesh-apiserver over
-//! mTLS, bring up the WireGuard tunnel, make cluster DNS names resolve. Every step echoes what it does.
+//! Where it sits: this is the host's way in. The script installs the node agent and identity-sync with the cluster's
+//! `externalworkload` certificates, registers the host with the clustermesh-apiserver over mTLS
+//! (`causeway-node-agent register`: identity, mesh address, cluster DNS, Service CIDRs into `workload.env`), points
+//! identity-sync (`--external-workload` mode) at the cluster's etcd so the host learns the mesh, and starts the node
+//! agent, which brings up the WireGuard tunnel to the cluster's nodes. It makes cluster names resolvable on the host
+//! (systemd-resolved drop-in, else a rewritten resolv.conf with a backup) and checks that with `check-dns`
+//! (hickory-resolver). `bash join.sh uninstall` undoes every step. Every step echoes what it does.
+//!
+//! The script's body is the fixed file `external_workload_join.sh`; only the header (values from the cluster, the
+//! certificates as functions) is generated, every value single-quoted for bash.
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 
-use crate::clustermesh::connect::pick_endpoint;
+use crate::clustermesh::connect::{pick_endpoint, Endpoint};
 use crate::clustermesh::{secret_str, Cluster, ClusterSettings, APISERVER_SERVICE, EXTERNAL_WORKLOAD_SECRET};
 use crate::{Error, KubeTarget};
+
+/// The fixed part of the script (after the generated header).
+const BODY: &str = include_str!("external_workload_join.sh");
+/// The chart's name for the clustermesh-apiserver Service port that serves registrations.
+pub const WORKLOADS_PORT_NAME: &str = "workloads";
+/// The WireGuard interface the host's agent creates (overridable with CAUSEWAY_WIREGUARD_INTERFACE when running
+/// the script).
+pub const WIREGUARD_INTERFACE: &str = "cw_wg";
 
 /// Everything the script embeds.
 #[derive(Debug, Clone)]
@@ -18,13 +32,26 @@ pub struct JoinParams {
     pub cluster: ClusterSettings,
     /// Where the node agent binary is on the host running the script.
     pub agent_binary: String,
-    /// identity-sync's MeshView gRPC address, if the host can reach it.
-    pub identity_sync_addr: Option<String>,
-    /// The clustermesh-apiserver endpoint the registration will use (recorded for it).
-    pub apiserver_endpoint: Option<String>,
+    /// Where the identity-sync binary is on the host running the script.
+    pub identity_sync_binary: String,
+    /// The cluster's etcd (clustermesh-apiserver Service, port `etcd`), as the host reaches it; None: unknown.
+    pub etcd_endpoint: Option<String>,
+    /// The registration endpoint (clustermesh-apiserver Service, port `workloads`); None: unknown.
+    pub workloads_endpoint: Option<String>,
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+}
+
+/// Where `install` gets the binaries from and which endpoints it overrides.
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    pub agent_binary: String,
+    pub identity_sync_binary: String,
+    /// Use this etcd endpoint instead of the one read from the Service.
+    pub etcd_endpoint: Option<String>,
+    /// Use this registration endpoint instead of the one read from the Service.
+    pub workloads_endpoint: Option<String>,
 }
 
 /// A workload name must be a DNS label (it becomes the node name): lowercase letters, digits and '-', at most 63.
@@ -44,35 +71,45 @@ pub fn validate_name(name: &str) -> Result<(), Error> {
     }
 }
 
+/// An endpoint given on the command line: `https://host:port` with nothing a shell or YAML would interpret.
+pub fn validate_endpoint(flag: &str, url: &str) -> Result<(), Error> {
+    let rest = url.strip_prefix("https://").unwrap_or_default();
+    let ok = !rest.is_empty()
+        && rest.contains(':')
+        && rest.chars().all(|c| c.is_ascii_alphanumeric() || ".:[]-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Refused(format!("{flag} {url:?} is not an endpoint such as https://192.0.2.10:2379")))
+    }
+}
+
+/// The Service's endpoint for its port named `port_name`, chosen as `clustermesh connect` chooses the etcd one
+/// (load balancer, else NodePort on a node address, else ClusterIP). None when the Service has no such port.
+pub fn pick_named_endpoint(svc: &Service, nodes: &[Node], port_name: &str) -> Option<Endpoint> {
+    let mut only = svc.clone();
+    let spec = only.spec.as_mut()?;
+    let ports: Vec<_> = spec.ports.take()?.into_iter().filter(|p| p.name.as_deref() == Some(port_name)).collect();
+    if ports.is_empty() {
+        return None;
+    }
+    spec.ports = Some(ports);
+    pick_endpoint(&only, nodes).ok()
+}
+
 /// Single-quotes a value for bash.
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// A heredoc writing `content` to `path` (quoted delimiter: nothing in it is expanded).
-fn heredoc(path: &str, content: &str) -> String {
+/// A bash function printing `content` (quoted heredoc delimiter: nothing in it is expanded).
+fn printer(function: &str, content: &str) -> String {
     let body = if content.ends_with('\n') { content.to_string() } else { format!("{content}\n") };
-    format!("cat > {path} <<'CAUSEWAY_EOF'\n{body}CAUSEWAY_EOF\n")
+    format!("{function}() {{\ncat <<'CAUSEWAY_EOF'\n{body}CAUSEWAY_EOF\n}}\n")
 }
 
 /// The join script.
 pub fn render_script(p: &JoinParams) -> String {
-    let mut agent_env = format!("CAUSEWAY_NODE_NAME={}\nCAUSEWAY_NODE_IP=__NODE_IP__\n", p.name);
-    if let Some(addr) = &p.identity_sync_addr {
-        agent_env.push_str(&format!("CAUSEWAY_IDENTITY_SYNC_ADDR={addr}\n"));
-    }
-    let join_env = format!(
-        "CAUSEWAY_CLUSTER_NAME={}\nCAUSEWAY_CLUSTER_ID={}\nCAUSEWAY_CLUSTERMESH_APISERVER={}\n\
-         CAUSEWAY_CA_FILE=/etc/causeway/certs/ca.crt\nCAUSEWAY_CERT_FILE=/etc/causeway/certs/tls.crt\n\
-         CAUSEWAY_KEY_FILE=/etc/causeway/certs/tls.key\n",
-        p.cluster.name,
-        p.cluster.id,
-        p.apiserver_endpoint.as_deref().unwrap_or("unknown")
-    );
-    let unit = "[Unit]\nDescription=Causeway node agent (external workload)\nAfter=network-online.target\n\
-                Wants=network-online.target\n\n[Service]\nEnvironmentFile=/etc/causeway/node-agent.env\n\
-                ExecStart=/usr/local/bin/causeway-node-agent\nRestart=on-failure\n\n[Install]\n\
-                WantedBy=multi-user.target\n";
     let mut s = String::new();
     s.push_str("#!/usr/bin/env bash\n");
     s.push_str(&format!(
@@ -82,94 +119,51 @@ pub fn render_script(p: &JoinParams) -> String {
     s.push_str(
         "# Generated by `causeway external-workload install`. It contains a private key: keep it secret.\n\
          #\n\
-         # It installs the node agent, its certificates (CN externalworkload), its environment and a systemd unit,\n\
-         # and starts the agent. `bash join.sh uninstall` removes all of that.\n\
-         # NOT done yet (later work): registration with the clustermesh-apiserver over mTLS (so the workload gets\n\
-         # an identity), the WireGuard tunnel to the cluster's nodes, cluster DNS resolution on this host.\n\
+         # Run it as root on the host. It installs causeway-node-agent and identity-sync with the cluster's\n\
+         # externalworkload certificates, registers this host with the clustermesh-apiserver over mTLS (identity,\n\
+         # mesh address), configures identity-sync to mirror the cluster's etcd, starts both as systemd units (the\n\
+         # agent brings up the WireGuard tunnel to the cluster's nodes), points cluster DNS names at the cluster's\n\
+         # DNS server (systemd-resolved drop-in, else /etc/resolv.conf with a backup) and checks that\n\
+         # kubernetes.default resolves. `bash join.sh uninstall` removes all of it.\n\
          #\n\
-         # Environment: CAUSEWAY_AGENT_BINARY (agent binary to install), CAUSEWAY_NODE_IP (default: the source\n\
-         # address of the default route), CAUSEWAY_JOIN_ROOT (install under another root; implies no start),\n\
-         # CAUSEWAY_JOIN_NO_START=1 (write everything, start nothing).\n",
+         # Environment: CAUSEWAY_AGENT_BINARY, CAUSEWAY_IDENTITY_SYNC_BINARY (binaries to install),\n\
+         # CAUSEWAY_NODE_IP (default: the source address of the default route), CAUSEWAY_ETCD_ENDPOINT and\n\
+         # CAUSEWAY_WORKLOADS_ENDPOINT (override the cluster's endpoints), CAUSEWAY_WIREGUARD_INTERFACE (default\n\
+         # cw_wg), CAUSEWAY_BPFFS_ROOT, CAUSEWAY_REGISTER_TIMEOUT (default 2m), CAUSEWAY_JOIN_ROOT (install under\n\
+         # another root: everything is written there, registration still happens, nothing is started),\n\
+         # CAUSEWAY_JOIN_NO_START=1 (write everything, start nothing).\n\n",
     );
-    s.push_str("set -euo pipefail\n\n");
-    s.push_str("ROOT=\"${CAUSEWAY_JOIN_ROOT:-}\"\n");
-    s.push_str(&format!("DEFAULT_AGENT={}\n", sh_quote(&p.agent_binary)));
-    s.push_str("AGENT_SRC=\"${CAUSEWAY_AGENT_BINARY:-$DEFAULT_AGENT}\"\n");
-    s.push_str("step() { echo \"causeway-join: $*\"; }\n\n");
-    s.push_str(
-        "if [ \"${1:-}\" = uninstall ]; then\n\
-         \x20 if [ -z \"$ROOT\" ] && [ \"${CAUSEWAY_JOIN_NO_START:-}\" != 1 ]; then\n\
-         \x20   step \"stopping and disabling causeway-node-agent.service\"\n\
-         \x20   systemctl disable --now causeway-node-agent.service || true\n\
-         \x20 fi\n\
-         \x20 step \"removing $ROOT/etc/systemd/system/causeway-node-agent.service, $ROOT/etc/causeway, $ROOT/usr/local/bin/causeway-node-agent\"\n\
-         \x20 rm -f \"$ROOT/etc/systemd/system/causeway-node-agent.service\" \"$ROOT/usr/local/bin/causeway-node-agent\"\n\
-         \x20 rm -rf \"$ROOT/etc/causeway\"\n\
-         \x20 [ -z \"$ROOT\" ] && command -v systemctl >/dev/null && systemctl daemon-reload || true\n\
-         \x20 step \"uninstalled\"\n\
-         \x20 exit 0\n\
-         fi\n\n",
-    );
-    s.push_str(
-        "NODE_IP=\"${CAUSEWAY_NODE_IP:-$(ip -o route get 1.1.1.1 2>/dev/null | sed -n 's/.* src \\([^ ]*\\).*/\\1/p')}\"\n\
-         if [ -z \"$NODE_IP\" ]; then echo \"causeway-join: cannot find this host's IP; set CAUSEWAY_NODE_IP\" >&2; exit 1; fi\n\
-         if [ ! -f \"$AGENT_SRC\" ]; then echo \"causeway-join: node agent binary $AGENT_SRC not found; set CAUSEWAY_AGENT_BINARY\" >&2; exit 1; fi\n\n",
-    );
-    s.push_str("step \"installing the node agent $AGENT_SRC as $ROOT/usr/local/bin/causeway-node-agent\"\n");
-    s.push_str("install -D -m 0755 \"$AGENT_SRC\" \"$ROOT/usr/local/bin/causeway-node-agent\"\n\n");
-    s.push_str("step \"writing the externalworkload certificates to $ROOT/etc/causeway/certs (key mode 0600)\"\n");
-    s.push_str("install -d -m 0700 \"$ROOT/etc/causeway/certs\"\n");
-    s.push_str(&heredoc("\"$ROOT/etc/causeway/certs/ca.crt\"", &p.ca_pem));
-    s.push_str(&heredoc("\"$ROOT/etc/causeway/certs/tls.crt\"", &p.cert_pem));
-    s.push_str("(\numask 077\n");
-    s.push_str(&heredoc("\"$ROOT/etc/causeway/certs/tls.key\"", &p.key_pem));
-    s.push_str(")\n\n");
-    s.push_str("step \"writing $ROOT/etc/causeway/node-agent.env (node $NODE_IP) and $ROOT/etc/causeway/join.env\"\n");
-    s.push_str(&heredoc("\"$ROOT/etc/causeway/node-agent.env\"", &agent_env));
-    s.push_str("sed -i \"s/__NODE_IP__/$NODE_IP/\" \"$ROOT/etc/causeway/node-agent.env\"\n");
-    s.push_str(&heredoc("\"$ROOT/etc/causeway/join.env\"", &join_env));
-    if p.identity_sync_addr.is_none() {
-        s.push_str(
-            "step \"warning: no identity-sync address was given (--identity-sync-addr): the agent receives no mesh \
-             view until one is set in /etc/causeway/node-agent.env\"\n",
-        );
+    let vars = [
+        ("WORKLOAD_NAME", p.name.clone()),
+        ("CLUSTER_NAME", p.cluster.name.clone()),
+        ("CLUSTER_ID", p.cluster.id.to_string()),
+        ("MAX_CONNECTED_CLUSTERS", p.cluster.max_connected_clusters.to_string()),
+        ("DEFAULT_AGENT", p.agent_binary.clone()),
+        ("DEFAULT_IDENTITY_SYNC", p.identity_sync_binary.clone()),
+        ("DEFAULT_ETCD_ENDPOINT", p.etcd_endpoint.clone().unwrap_or_default()),
+        ("DEFAULT_WORKLOADS_ENDPOINT", p.workloads_endpoint.clone().unwrap_or_default()),
+    ];
+    for (k, v) in vars {
+        s.push_str(&format!("{k}={}\n", sh_quote(&v)));
     }
     s.push('\n');
-    s.push_str("step \"writing $ROOT/etc/systemd/system/causeway-node-agent.service\"\n");
-    s.push_str("install -d \"$ROOT/etc/systemd/system\"\n");
-    s.push_str(&heredoc("\"$ROOT/etc/systemd/system/causeway-node-agent.service\"", unit));
-    s.push_str(
-        "\nif [ -n \"$ROOT\" ] || [ \"${CAUSEWAY_JOIN_NO_START:-}\" = 1 ]; then\n\
-         \x20 step \"not starting the agent (CAUSEWAY_JOIN_ROOT or CAUSEWAY_JOIN_NO_START is set)\"\n\
-         else\n\
-         \x20 step \"starting causeway-node-agent.service\"\n\
-         \x20 systemctl daemon-reload\n\
-         \x20 systemctl enable --now causeway-node-agent.service\n\
-         fi\n",
-    );
-    s.push_str(
-        "step \"not done by this script yet: registration with the clustermesh-apiserver, WireGuard tunnel, cluster DNS\"\n\
-         step \"done\"\n",
-    );
+    s.push_str(&printer("write_ca_crt", &p.ca_pem));
+    s.push_str(&printer("write_tls_crt", &p.cert_pem));
+    s.push_str(&printer("write_tls_key", &p.key_pem));
+    s.push('\n');
+    s.push_str(BODY);
     s
 }
 
-/// Reads the cluster's settings, the externalworkload certificate and the apiserver endpoint, and renders the
+/// Reads the cluster's settings, the externalworkload certificate and the apiserver's endpoints, and renders the
 /// script.
-pub async fn install(
-    target: &KubeTarget,
-    namespace: &str,
-    name: &str,
-    agent_binary: &str,
-    identity_sync_addr: Option<String>,
-) -> Result<String, Error> {
+pub async fn install(target: &KubeTarget, namespace: &str, name: &str, opts: &InstallOptions) -> Result<String, Error> {
     validate_name(name)?;
-    if let Some(addr) = &identity_sync_addr {
-        if addr.is_empty() || !addr.chars().all(|c| c.is_ascii_alphanumeric() || ".:/[]-_".contains(c)) {
-            return Err(Error::Refused(format!(
-                "--identity-sync-addr {addr:?} is not an address such as 10.0.0.5:9890 or http://host:9890"
-            )));
-        }
+    if let Some(url) = &opts.etcd_endpoint {
+        validate_endpoint("--etcd-endpoint", url)?;
+    }
+    if let Some(url) = &opts.workloads_endpoint {
+        validate_endpoint("--workloads-endpoint", url)?;
     }
     let c = Cluster::open(target, namespace).await?;
     let settings = c.settings().await?;
@@ -190,16 +184,21 @@ pub async fn install(
         (get(causeway_pki::CA_CERT_FILE)?, get(causeway_pki::CERT_FILE)?, get(causeway_pki::KEY_FILE)?);
     let svc: Option<Service> = c.services().get_opt(APISERVER_SERVICE).await.ok().flatten();
     let nodes = crate::clustermesh::connect::some_nodes(&c.client, 50).await;
-    let apiserver_endpoint = svc
-        .and_then(|s| pick_endpoint(&s, &nodes).ok())
-        .map(|e| e.url())
-        .filter(|u| u.chars().all(|c| c.is_ascii_alphanumeric() || ".:/[]-".contains(c)));
+    let safe = |u: &String| u.chars().all(|c| c.is_ascii_alphanumeric() || ".:/[]-".contains(c));
+    let etcd_endpoint = opts
+        .etcd_endpoint
+        .clone()
+        .or_else(|| svc.as_ref().and_then(|s| pick_endpoint(s, &nodes).ok()).map(|e| e.url()).filter(safe));
+    let workloads_endpoint = opts.workloads_endpoint.clone().or_else(|| {
+        svc.as_ref().and_then(|s| pick_named_endpoint(s, &nodes, WORKLOADS_PORT_NAME)).map(|e| e.url()).filter(safe)
+    });
     Ok(render_script(&JoinParams {
         name: name.to_string(),
         cluster: settings,
-        agent_binary: agent_binary.to_string(),
-        identity_sync_addr,
-        apiserver_endpoint,
+        agent_binary: opts.agent_binary.clone(),
+        identity_sync_binary: opts.identity_sync_binary.clone(),
+        etcd_endpoint,
+        workloads_endpoint,
         ca_pem,
         cert_pem,
         key_pem,
@@ -209,13 +208,88 @@ pub async fn install(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
-    fn names_and_quoting() {
+    fn names_endpoints_and_quoting() {
         assert!(validate_name("vm-1").is_ok());
         for bad in ["", "VM", "vm;rm -rf /", "-vm", &"a".repeat(64)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
         assert_eq!(sh_quote("it's"), r"'it'\''s'");
+        assert!(validate_endpoint("--etcd-endpoint", "https://192.0.2.10:2379").is_ok());
+        assert!(validate_endpoint("--etcd-endpoint", "https://[2001:db8::1]:2379").is_ok());
+        for bad in ["http://192.0.2.10:2379", "https://", "https://x:1;reboot", "https://x:1/$(id)", "https://host"] {
+            assert!(validate_endpoint("--etcd-endpoint", bad).is_err(), "{bad}");
+        }
+    }
+
+    fn service(v: serde_json::Value) -> Service {
+        serde_json::from_value(v).expect("service literal")
+    }
+
+    #[test]
+    fn workloads_endpoint_is_picked_like_the_etcd_one() {
+        let node: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n1"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.7"}]}
+        }))
+        .expect("node literal");
+        let ports = json!([
+            {"name": "etcd", "port": 2379, "nodePort": 32379},
+            {"name": "workloads", "port": 9965, "nodePort": 32765}
+        ]);
+        let lb = service(json!({
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.5", "ports": ports},
+            "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.4"}]}}
+        }));
+        let url = |s: &Service, n: &[Node]| pick_named_endpoint(s, n, WORKLOADS_PORT_NAME).map(|e| e.url());
+        assert_eq!(url(&lb, &[]), Some("https://198.51.100.4:9965".into()));
+        let np = service(json!({"spec": {"type": "NodePort", "clusterIP": "10.96.0.5", "ports": ports}}));
+        assert_eq!(url(&np, std::slice::from_ref(&node)), Some("https://192.0.2.7:32765".into()));
+        assert_eq!(
+            pick_endpoint(&np, std::slice::from_ref(&node)).map(|e| e.url()),
+            Ok("https://192.0.2.7:32379".into())
+        );
+        let cip = service(json!({"spec": {"clusterIP": "10.96.0.5", "ports": ports}}));
+        assert_eq!(url(&cip, &[]), Some("https://10.96.0.5:9965".into()));
+        // No port named workloads: unknown (never the etcd port by accident).
+        let etcd_only = service(json!({"spec": {"clusterIP": "10.96.0.5", "ports": [{"name": "etcd", "port": 2379}]}}));
+        assert_eq!(url(&etcd_only, &[]), None);
+    }
+
+    #[test]
+    fn script_quotes_values_and_parses() {
+        let p = JoinParams {
+            name: "vm-1".into(),
+            cluster: ClusterSettings { name: "west".into(), id: 2, max_connected_clusters: 255 },
+            agent_binary: "/opt/it's here/causeway-node-agent".into(),
+            identity_sync_binary: "./identity-sync".into(),
+            etcd_endpoint: Some("https://192.0.2.10:2379".into()),
+            workloads_endpoint: None,
+            ca_pem: "CA PEM $(reboot)\n".into(),
+            cert_pem: "CERT".into(),
+            key_pem: "KEY `id`".into(),
+        };
+        let s = render_script(&p);
+        assert!(s.starts_with("#!/usr/bin/env bash\n"));
+        assert!(s.contains("WORKLOAD_NAME='vm-1'\nCLUSTER_NAME='west'\nCLUSTER_ID='2'\n"), "{s}");
+        assert!(s.contains(r"DEFAULT_AGENT='/opt/it'\''s here/causeway-node-agent'"), "{s}");
+        assert!(s.contains("DEFAULT_WORKLOADS_ENDPOINT=''\n"), "{s}");
+        assert!(s.contains("cat <<'CAUSEWAY_EOF'\nCA PEM $(reboot)\nCAUSEWAY_EOF\n"), "{s}");
+        assert!(s.contains("causeway-node-agent\" register"), "registration step missing");
+        assert!(s.contains("check-dns"), "DNS check missing");
+        let out = std::process::Command::new("bash")
+            .arg("-n")
+            .arg("/dev/stdin")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                c.stdin.take().map(|mut i| i.write_all(s.as_bytes())).transpose()?;
+                c.wait_with_output()
+            });
+        let out = out.expect("bash -n");
+        assert!(out.status.success(), "bash -n: {}", String::from_utf8_lossy(&out.stderr));
     }
 }

@@ -152,12 +152,21 @@ enum ExternalWorkloadAction {
         kube: KubeArgs,
         #[arg(long, short = 'n', default_value = causeway::clustermesh::DEFAULT_NAMESPACE)]
         namespace: String,
-        /// Path of the node agent binary on the host (the script installs it from there).
+        /// Path of the node agent binary on the host (the script installs it from there; CAUSEWAY_AGENT_BINARY
+        /// overrides it when the script runs).
         #[arg(long, default_value = "./causeway-node-agent")]
         agent_binary: String,
-        /// identity-sync's MeshView gRPC address as reachable from the host.
+        /// Path of the identity-sync binary on the host (CAUSEWAY_IDENTITY_SYNC_BINARY overrides it).
+        #[arg(long, default_value = "./identity-sync")]
+        identity_sync_binary: String,
+        /// The cluster's etcd as the host reaches it (https://HOST:PORT); default: from the clustermesh-apiserver
+        /// Service's `etcd` port (load balancer, else NodePort, else ClusterIP).
         #[arg(long)]
-        identity_sync_addr: Option<String>,
+        etcd_endpoint: Option<String>,
+        /// The registration endpoint (https://HOST:PORT); default: from the Service's `workloads` port, chosen the
+        /// same way.
+        #[arg(long)]
+        workloads_endpoint: Option<String>,
     },
 }
 
@@ -266,16 +275,24 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Clustermesh { action } => mesh(action).await?,
         Command::ExternalWorkload {
-            action: ExternalWorkloadAction::Install { name, kube, namespace, agent_binary, identity_sync_addr },
+            action:
+                ExternalWorkloadAction::Install {
+                    name,
+                    kube,
+                    namespace,
+                    agent_binary,
+                    identity_sync_binary,
+                    etcd_endpoint,
+                    workloads_endpoint,
+                },
         } => {
-            let script = causeway::external_workload::install(
-                &kube.target(),
-                &namespace,
-                &name,
-                &agent_binary,
-                identity_sync_addr,
-            )
-            .await?;
+            let opts = causeway::external_workload::InstallOptions {
+                agent_binary,
+                identity_sync_binary,
+                etcd_endpoint,
+                workloads_endpoint,
+            };
+            let script = causeway::external_workload::install(&kube.target(), &namespace, &name, &opts).await?;
             print!("{script}");
         }
         Command::Egress { action: EgressAction::Status { kube, output, agent_metrics_port, agent_timeout } } => {

@@ -151,22 +151,51 @@ async fn status_counts_configured_remotes_identity_sync_has_not_seen() -> anyhow
     Ok(())
 }
 
+/// A stand-in for `causeway-node-agent` on the host: records each invocation's arguments (one line each) in
+/// `$AGENT_LOG` and, for `register`, writes the EnvironmentFile the real one writes (contract in workload.proto /
+/// the node agent's `register`). The real binaries run in tests/external-workload's netns end-to-end test.
+const FAKE_AGENT: &str = r#"#!/bin/bash
+echo "$*" >> "$AGENT_LOG"
+if [ "$1" = register ]; then
+  while [ $# -gt 0 ]; do [ "$1" = --out ] && out="$2"; shift; done
+  printf 'CAUSEWAY_WORKLOAD_IDENTITY=70001\nCAUSEWAY_MESH_IPV4=10.192.1.1\nCAUSEWAY_SERVICE_CIDRS=10.96.0.0/12\nCAUSEWAY_CLUSTER_DNS=10.96.0.10\nCAUSEWAY_CLUSTER_DOMAIN=cluster.local\nCAUSEWAY_HOME_CLUSTER=east\n' > "$out"
+fi
+"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn join_script_installs_agent_and_certificates_and_uninstalls() -> anyhow::Result<()> {
+async fn join_script_writes_everything_under_root_registers_and_uninstalls() -> anyhow::Result<()> {
     let clusters = Clusters::start(&["east"]).await?;
     let missing = clusters.causeway(&["external-workload", "install", "vm-1", "--context", "east"]).await?;
     assert!(!missing.ok && missing.stderr.contains("run `causeway clustermesh enable"), "{missing:?}");
     let bad = clusters.causeway(&["external-workload", "install", "vm;reboot", "--context", "east"]).await?;
     assert!(!bad.ok && bad.stderr.contains("is invalid"), "{bad:?}");
+    let bad = clusters
+        .causeway(&["external-workload", "install", "vm-1", "--context", "east", "--etcd-endpoint", "https://x:1;id"])
+        .await?;
+    assert!(!bad.ok && bad.stderr.contains("--etcd-endpoint"), "{bad:?}");
 
+    // The apiserver Service as the chart makes it (etcd and workloads ports), behind a load balancer.
+    let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+        "metadata": {"name": "clustermesh-apiserver", "namespace": "causeway"},
+        "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.5",
+                 "ports": [{"name": "etcd", "port": 2379}, {"name": "workloads", "port": 9965}]}
+    }))?;
+    let services = kube::Api::namespaced(clusters.client("east").await?, "causeway");
+    services.create(&Default::default(), &svc).await?;
+    let status = json!({"status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.4"}]}}});
+    services.patch_status("clustermesh-apiserver", &Default::default(), &kube::api::Patch::Merge(status)).await?;
     clusters
         .causeway(&["clustermesh", "enable", "--context", "east", "--cluster-name", "east", "--cluster-id", "1"])
         .await?
         .expect_ok("enable");
     let tmp = tempfile::tempdir()?;
     let agent = tmp.path().join("causeway-node-agent");
-    std::fs::write(&agent, "#!/bin/sh\necho fake agent\n")?;
-    let agent_s = agent.display().to_string();
+    let sync = tmp.path().join("identity-sync");
+    std::fs::write(&agent, FAKE_AGENT)?;
+    std::fs::write(&sync, "#!/bin/sh\necho fake identity-sync\n")?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755))?;
+    let (agent_s, sync_s) = (agent.display().to_string(), sync.display().to_string());
     let script = clusters
         .causeway(&[
             "external-workload",
@@ -176,41 +205,66 @@ async fn join_script_installs_agent_and_certificates_and_uninstalls() -> anyhow:
             "east",
             "--agent-binary",
             &agent_s,
-            "--identity-sync-addr",
-            "10.0.0.5:9890",
+            "--identity-sync-binary",
+            &sync_s,
         ])
         .await?
         .expect_ok("install")
         .stdout;
     assert!(script.starts_with("#!/usr/bin/env bash"), "{script}");
-    assert!(script.contains("NOT done yet"), "the script must say what it does not do");
+    assert!(script.contains("DEFAULT_ETCD_ENDPOINT='https://198.51.100.4:2379'"), "{script}");
+    assert!(script.contains("DEFAULT_WORKLOADS_ENDPOINT='https://198.51.100.4:9965'"), "{script}");
     let path = tmp.path().join("join.sh");
     std::fs::write(&path, &script)?;
     let root = tmp.path().join("root");
     std::fs::create_dir(&root)?;
+    let agent_log = tmp.path().join("agent.log");
+    let run_script = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.arg(&path)
+            .args(args)
+            .env("CAUSEWAY_JOIN_ROOT", &root)
+            .env("CAUSEWAY_NODE_IP", "192.0.2.50")
+            .env("AGENT_LOG", &agent_log);
+        cmd
+    };
 
-    let run = tokio::process::Command::new("bash")
-        .arg(&path)
-        .env("CAUSEWAY_JOIN_ROOT", &root)
-        .env("CAUSEWAY_NODE_IP", "192.0.2.50")
-        .output()
-        .await?;
-    let out = String::from_utf8_lossy(&run.stdout);
+    let run = run_script(&[]).output().await?;
+    let out = String::from_utf8_lossy(&run.stdout).into_owned();
     assert!(run.status.success(), "{out}\n{}", String::from_utf8_lossy(&run.stderr));
-    assert!(out.contains("causeway-join: installing the node agent"), "{out}");
-    assert!(out.contains("not starting the agent"), "{out}");
+    for line in [
+        "causeway-join: installing the node agent",
+        "causeway-join: installing identity-sync",
+        "causeway-join: registering with the clustermesh-apiserver at https://198.51.100.4:9965",
+        "causeway-join: registered: identity 70001, mesh address 10.192.1.1, cluster DNS 10.96.0.10",
+        "causeway-join: not starting the services",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from:\n{out}");
+    }
 
-    use std::os::unix::fs::PermissionsExt;
+    let r = root.display().to_string();
+    let calls = std::fs::read_to_string(&agent_log)?;
+    let register = calls.lines().find(|l| l.starts_with("register")).unwrap_or_default();
+    assert_eq!(
+        register,
+        format!(
+            "register --name vm-1 --apiserver https://198.51.100.4:9965 --ca {r}/etc/causeway/certs/ca.crt --cert \
+             {r}/etc/causeway/certs/tls.crt --key {r}/etc/causeway/certs/tls.key --node-ip 192.0.2.50 --state-dir \
+             {r}/var/lib/causeway --out {r}/etc/causeway/workload.env --timeout 2m"
+        )
+    );
+    assert_eq!(calls.lines().count(), 1, "only registration runs under a scratch root: {calls}");
+
     let installed = root.join("usr/local/bin/causeway-node-agent");
     assert_eq!(std::fs::read(&installed)?, std::fs::read(&agent)?);
     assert_eq!(std::fs::metadata(&installed)?.permissions().mode() & 0o777, 0o755);
+    assert_eq!(std::fs::read(root.join("usr/local/bin/causeway-identity-sync"))?, std::fs::read(&sync)?);
     let certs = root.join("etc/causeway/certs");
     let key = certs.join("tls.key");
     assert_eq!(std::fs::metadata(&key)?.permissions().mode() & 0o777, 0o600);
     let ca = std::fs::read_to_string(certs.join("ca.crt"))?;
     let cert = std::fs::read_to_string(certs.join("tls.crt"))?;
     assert!(causeway::clustermesh::verifies_against(&cert, &ca), "the written certificate is not signed by the CA");
-    // The written bundle is the Secret's, byte for byte.
     let secret =
         kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(clusters.client("east").await?, "causeway")
             .get(causeway::clustermesh::EXTERNAL_WORKLOAD_SECRET)
@@ -218,24 +272,73 @@ async fn join_script_installs_agent_and_certificates_and_uninstalls() -> anyhow:
     let data = secret.data.unwrap_or_default();
     assert_eq!(data.get("tls.key").map(|b| b.0.clone()), Some(std::fs::read(&key)?));
     assert_eq!(data.get("tls.crt").map(|b| b.0.clone()), Some(cert.into_bytes()));
-    let env = std::fs::read_to_string(root.join("etc/causeway/node-agent.env"))?;
-    assert_eq!(
-        env,
-        "CAUSEWAY_NODE_NAME=vm-1\nCAUSEWAY_NODE_IP=192.0.2.50\nCAUSEWAY_IDENTITY_SYNC_ADDR=10.0.0.5:9890\n"
-    );
-    let join = std::fs::read_to_string(root.join("etc/causeway/join.env"))?;
-    assert!(join.contains("CAUSEWAY_CLUSTER_NAME=east\nCAUSEWAY_CLUSTER_ID=1\n"), "{join}");
-    let unit = std::fs::read_to_string(root.join("etc/systemd/system/causeway-node-agent.service"))?;
-    assert!(unit.contains("ExecStart=/usr/local/bin/causeway-node-agent"), "{unit}");
 
-    let run = tokio::process::Command::new("bash")
-        .arg(&path)
-        .arg("uninstall")
-        .env("CAUSEWAY_JOIN_ROOT", &root)
-        .output()
-        .await?;
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    assert!(!installed.exists() && !root.join("etc/causeway").exists());
-    assert!(!root.join("etc/systemd/system/causeway-node-agent.service").exists());
+    // identity-sync's remotes dir: one file named after the home cluster, read by identity-sync's own parser.
+    let remotes = root.join("etc/causeway/remotes");
+    let scan = identity_sync::remotes::config::scan_dir(&remotes)?;
+    assert_eq!(scan.keys().map(|k| k.to_string()).collect::<Vec<_>>(), vec!["east".to_string()]);
+    let east = scan.get("east").and_then(|r| r.as_ref().ok()).expect("the remote config parses");
+    assert_eq!(east.endpoints, vec!["https://198.51.100.4:2379".to_string()]);
+    let tls = east.tls.as_ref().expect("TLS files");
+    assert_eq!(tls.key_pem, std::fs::read(&key)?);
+
+    let env = std::fs::read_to_string(root.join("etc/causeway/node-agent.env"))?;
+    for line in [
+        "CAUSEWAY_NODE_NAME=vm-1",
+        "CAUSEWAY_NODE_IP=192.0.2.50",
+        "CAUSEWAY_IDENTITY_SYNC_ADDR=http://127.0.0.1:9890",
+        "CAUSEWAY_WIREGUARD_INTERFACE=cw_wg",
+        &format!("CAUSEWAY_STATE_DIR={r}/var/lib/causeway"),
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line} missing from node-agent.env:\n{env}");
+    }
+    let sync_env = std::fs::read_to_string(root.join("etc/causeway/identity-sync.env"))?;
+    for line in [
+        "CAUSEWAY_CLUSTER_NAME=east",
+        "CAUSEWAY_CLUSTER_ID=1",
+        &format!("CAUSEWAY_REMOTES_DIR={r}/etc/causeway/remotes"),
+        "CAUSEWAY_GRPC_ADDR=127.0.0.1:9890",
+    ] {
+        assert!(sync_env.lines().any(|l| l == line), "{line} missing from identity-sync.env:\n{sync_env}");
+    }
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/causeway-node-agent.service"))?;
+    assert!(unit.contains(&format!("EnvironmentFile={r}/etc/causeway/workload.env")), "{unit}");
+    assert!(unit.contains("--identity-sync-addr http://127.0.0.1:9890 --wireguard-interface cw_wg"), "{unit}");
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/causeway-identity-sync.service"))?;
+    assert!(unit.contains("causeway-identity-sync --external-workload"), "{unit}");
+
+    // DNS: the host's resolv.conf was copied under the root, backed up, and rewritten with the cluster DNS first.
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let resolv = std::fs::read_to_string(root.join("etc/resolv.conf"))?;
+    let nameservers: Vec<&str> = resolv.lines().filter(|l| l.starts_with("nameserver")).collect();
+    assert_eq!(nameservers.first().copied(), Some("nameserver 10.96.0.10"), "{resolv}");
+    assert!(nameservers.len() <= 3, "glibc reads at most 3 nameservers: {resolv}");
+    assert!(resolv.lines().any(|l| l.starts_with("search svc.cluster.local cluster.local")), "{resolv}");
+    assert_eq!(std::fs::read_to_string(root.join("etc/causeway/resolv.conf.orig"))?, host_resolv);
+
+    // Running it again keeps the first backup (not the rewritten file).
+    let again = run_script(&[]).output().await?;
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(std::fs::read_to_string(root.join("etc/causeway/resolv.conf.orig"))?, host_resolv);
+    assert_eq!(std::fs::read_to_string(root.join("etc/resolv.conf"))?, resolv);
+
+    std::fs::write(&agent_log, "")?;
+    let run = run_script(&["uninstall"]).output().await?;
+    let out = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(run.status.success(), "{out}\n{}", String::from_utf8_lossy(&run.stderr));
+    let calls = std::fs::read_to_string(&agent_log)?;
+    assert_eq!(calls.trim(), "--uninstall --wireguard-interface cw_wg", "{out}");
+    assert!(out.contains("restoring"), "{out}");
+    assert_eq!(std::fs::read_to_string(root.join("etc/resolv.conf"))?, host_resolv);
+    for gone in [
+        "usr/local/bin/causeway-node-agent",
+        "usr/local/bin/causeway-identity-sync",
+        "etc/causeway",
+        "var/lib/causeway",
+        "etc/systemd/system/causeway-node-agent.service",
+        "etc/systemd/system/causeway-identity-sync.service",
+    ] {
+        assert!(!root.join(gone).exists(), "{gone} is still there after uninstall");
+    }
     Ok(())
 }
