@@ -1,6 +1,14 @@
-//! Wiring: one driver task owns the sans-IO [`MergedView`] and feeds it from the remote tasks and the local Service
-//! reflector; after each batch of inputs it publishes the desired EndpointSlices to the kube writer and the deltas
-//! to the gRPC stream. The binary (`main.rs`) only parses flags and calls [`run`]; tests call [`run`] in-process.
+//! Wiring: one driver task owns the sans-IO [`MergedView`] and feeds it from the remote tasks, the local Service
+//! reflector and the local ExternalWorkload watcher; after each batch of inputs it publishes the desired
+//! EndpointSlices to the kube writer and the deltas to the gRPC stream. The binary (`main.rs`) only parses flags and
+//! calls [`start`] or [`start_external_workload`]; tests call them in-process.
+//!
+//! External-workload mode ([`start_external_workload`]) is identity-sync running on a VM that joined a cluster (its
+//! *home*): there is no kube API at all. `--cluster-name`/`--cluster-id` are the home cluster's, and the remotes
+//! directory holds the home cluster's own store (a file named after it, with the `externalworkload` etcd user's
+//! certificates), which is imported although it carries the local name and ID (see
+//! [`crate::remotes::task::TaskEnv::external_workload`]). The MeshView stream then gives the VM's node agent the home
+//! cluster's nodes, ipcache and identities exactly as a cluster's agents get their remotes'.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -17,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::core::{CoreConfig, MergedView, ServiceKey};
 use crate::kube::services::{self as local_services, LocalChange};
 use crate::kube::slices::{DesiredSlices, SliceKey, SliceWriter};
+use crate::kube::workloads::{self as local_workloads, LocalCluster, WorkloadChange, WorkloadMetrics};
 use crate::remotes::task::{IdClaims, RemoteEvent, TaskEnv, Timing, KINDS};
 use crate::status::Status;
 use crate::stream::{MeshViewHub, StreamConfig, StreamMetrics};
@@ -54,6 +63,9 @@ pub struct AppConfig {
     pub slice_debounce: Duration,
     /// EndpointSlice writes in flight at once, over all slices.
     pub slice_concurrency: usize,
+    /// Watch the local cluster's ExternalWorkloads and put the Ready ones with a WireGuard key into the view (as
+    /// nodes the local agents peer with). Ignored in external-workload mode.
+    pub watch_external_workloads: bool,
 }
 
 /// Addresses actually bound (useful with port 0) and the status board.
@@ -68,25 +80,67 @@ pub struct Running {
 /// Starts everything in background tasks and returns once the HTTP server is listening. The tasks run until the
 /// runtime shuts down.
 pub async fn start(cfg: AppConfig, kube: kube::Client) -> Result<Running, AppError> {
+    start_inner(cfg, Some(kube)).await
+}
+
+/// External-workload mode (see the module docs): no kube client, no Services, EndpointSlices or ExternalWorkloads;
+/// readiness waits only for the remotes (the home cluster).
+pub async fn start_external_workload(cfg: AppConfig) -> Result<Running, AppError> {
+    start_inner(cfg, None).await
+}
+
+async fn start_inner(cfg: AppConfig, kube: Option<kube::Client>) -> Result<Running, AppError> {
     let name = ClusterName::new_meshed(cfg.cluster_name.clone())?;
     let local_id = ClusterId::new(cfg.cluster_id, cfg.mode)?;
     let health = Health::new();
     let status = Status::new(name.as_str(), local_id.get(), health.clone(), cfg.remote_ready_timeout);
     let router = health.router().merge(status.router());
     let metrics_addr = causeway_runtime::serve(cfg.metrics_addr, router).await?;
-    info!(%metrics_addr, cluster = %name, cluster_id = local_id.get(), "identity-sync serving /metrics /healthz /readyz /status");
+    let external_workload = kube.is_none();
+    info!(%metrics_addr, cluster = %name, cluster_id = local_id.get(), external_workload, "identity-sync serving /metrics /healthz /readyz /status");
 
     let (events_tx, events_rx) = mpsc::channel(4096);
     let (local_tx, local_rx) = mpsc::channel(1024);
-    let (slices_tx, slices_rx) = watch::channel::<DesiredSlices>(Arc::new(BTreeMap::new()));
+    let (workloads_tx, workloads_rx) = mpsc::channel(1024);
 
-    let env = TaskEnv { local_id, mode: cfg.mode, claims: IdClaims::default(), events: events_tx, timing: cfg.timing };
+    let env = TaskEnv {
+        local_name: name.clone(),
+        local_id,
+        mode: cfg.mode,
+        external_workload,
+        claims: IdClaims::default(),
+        events: events_tx,
+        timing: cfg.timing,
+    };
     tokio::spawn(crate::remotes::run(cfg.remotes_dir, cfg.rescan, env, status.clone()));
-    tokio::spawn(local_services::run(kube.clone(), local_tx));
-    let writer = SliceWriter::new(kube, status.clone())
-        .with_debounce(cfg.slice_debounce)
-        .with_concurrency(cfg.slice_concurrency);
-    tokio::spawn(writer.run(slices_rx));
+    let slices_tx = match kube {
+        Some(kube) => {
+            let (slices_tx, slices_rx) = watch::channel::<DesiredSlices>(Arc::new(BTreeMap::new()));
+            tokio::spawn(local_services::run(kube.clone(), local_tx));
+            if cfg.watch_external_workloads {
+                let local = LocalCluster {
+                    name: name.as_str().into(),
+                    id: local_id.get(),
+                    identities: local_id.identity_range(cfg.mode),
+                };
+                let metrics = WorkloadMetrics::default();
+                metrics.register(&health);
+                tokio::spawn(local_workloads::run(kube.clone(), local, metrics, workloads_tx));
+            }
+            let writer = SliceWriter::new(kube, status.clone())
+                .with_debounce(cfg.slice_debounce)
+                .with_concurrency(cfg.slice_concurrency);
+            tokio::spawn(writer.run(slices_rx));
+            Some(slices_tx)
+        }
+        None => {
+            // Nothing local to list or write: the remotes (the home cluster) are all readiness waits for.
+            drop((local_tx, workloads_tx));
+            status.local_synced();
+            status.kube_synced();
+            None
+        }
+    };
     let metrics = StreamMetrics::default();
     metrics.register(&health);
     let hub =
@@ -103,23 +157,24 @@ pub async fn start(cfg: AppConfig, kube: kube::Client) -> Result<Running, AppErr
         }
     });
     info!(%grpc_addr, "serving the MeshView gRPC stream");
-    tokio::spawn(drive(hub.clone(), events_rx, local_rx, slices_tx, status.clone()));
+    tokio::spawn(drive(hub.clone(), events_rx, local_rx, workloads_rx, slices_tx, status.clone()));
     Ok(Running { metrics_addr, grpc_addr, hub, status, health })
 }
 
-/// Feeds the core (through the hub, which streams the resulting deltas) and publishes the desired slices.
-/// Ends when every input has closed.
+/// Feeds the core (through the hub, which streams the resulting deltas) and publishes the desired slices (none in
+/// external-workload mode, where `slices_tx` is `None`). Ends when every input has closed.
 async fn drive(
     hub: MeshViewHub,
     mut events: mpsc::Receiver<(Arc<str>, RemoteEvent)>,
     mut local: mpsc::Receiver<LocalChange>,
-    slices_tx: watch::Sender<DesiredSlices>,
+    mut workloads: mpsc::Receiver<WorkloadChange>,
+    slices_tx: Option<watch::Sender<DesiredSlices>>,
     status: Status,
 ) {
     let mut published = Publisher::default();
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    let (mut events_open, mut local_open) = (true, true);
-    while events_open || local_open {
+    let (mut events_open, mut local_open, mut workloads_open) = (true, true, true);
+    while events_open || local_open || workloads_open {
         let deadline = hub.read(|v| v.next_deadline());
         tokio::select! {
             ev = events.recv(), if events_open => match ev {
@@ -153,6 +208,28 @@ async fn drive(
                 Some(ch) => hub.update(|v| apply_local(v, ch)),
                 None => local_open = false,
             },
+            ch = workloads.recv(), if workloads_open => match ch {
+                Some(WorkloadChange::Synced) => debug!("local ExternalWorkloads listed"),
+                Some(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < 1024 {
+                        match workloads.try_recv() {
+                            Ok(ch) => batch.push(ch),
+                            Err(_) => break,
+                        }
+                    }
+                    hub.update(|v| {
+                        for ch in batch {
+                            match ch {
+                                WorkloadChange::Upsert(w) => v.local_workload_upsert(w),
+                                WorkloadChange::Delete(name) => v.local_workload_delete(&name),
+                                WorkloadChange::Synced => {}
+                            }
+                        }
+                    });
+                }
+                None => workloads_open = false,
+            },
             _ = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -161,7 +238,14 @@ async fn drive(
             } => hub.update(|v| v.tick(Instant::now())),
             _ = ticker.tick() => status.evaluate(),
         }
-        hub.update(|v| published.publish(v, &slices_tx));
+        match &slices_tx {
+            Some(tx) => hub.update(|v| published.publish(v, tx)),
+            // No slices to write; still drop the change records the publisher would have consumed.
+            None => hub.update(|v| {
+                let rev = v.revision();
+                v.forget_service_changes_before(rev);
+            }),
+        }
     }
 }
 

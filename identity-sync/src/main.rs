@@ -1,5 +1,9 @@
 //! `identity-sync`: imports every remote cluster's store into one merged view and publishes it as EndpointSlices
 //! (local kube API) and as the MeshView gRPC stream (node agents).
+//!
+//! With `--external-workload` it runs on a VM that joined a cluster instead: no kube API, `--cluster-name` and
+//! `--cluster-id` are the home cluster's, and the remotes directory holds the home cluster's store under the home's
+//! name (see `identity_sync::app`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,10 +19,11 @@ use identity_sync::remotes::task::Timing;
 #[derive(Debug, Parser)]
 #[command(name = "identity-sync", version, about)]
 struct Args {
-    /// Name of the local cluster (as the remotes know it).
+    /// Name of the local cluster (as the remotes know it); with --external-workload, the home cluster's.
     #[arg(long, env = "CAUSEWAY_CLUSTER_NAME")]
     cluster_name: String,
-    /// Numeric ID of the local cluster (1..=255, or 1..=511 with --max-connected-clusters 511).
+    /// Numeric ID of the local cluster (1..=255, or 1..=511 with --max-connected-clusters 511); with
+    /// --external-workload, the home cluster's.
     #[arg(long, env = "CAUSEWAY_CLUSTER_ID")]
     cluster_id: u32,
     /// Size of the mesh: 255 or 511. Must match every remote's.
@@ -51,6 +56,16 @@ struct Args {
     #[arg(long, env = "CAUSEWAY_ENDPOINTSLICE_CONCURRENCY", default_value_t = 8,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     endpointslice_concurrency: u16,
+    /// Run on an external workload (a VM joined to the home cluster named by --cluster-name/--cluster-id): no kube
+    /// API; the remotes directory holds a file named after the home cluster (its etcd endpoint and the
+    /// externalworkload certificates), imported like a remote. The MeshView stream serves the home cluster's nodes,
+    /// ipcache and identities to the VM's node agent.
+    #[arg(long, env = "CAUSEWAY_EXTERNAL_WORKLOAD", default_value_t = false)]
+    external_workload: bool,
+    /// Put the local cluster's Ready ExternalWorkloads (hosts with a WireGuard key) into the mesh view, so the
+    /// local node agents peer with them. Needs list/watch on externalworkloads.causeway.io.
+    #[arg(long, env = "CAUSEWAY_WATCH_EXTERNAL_WORKLOADS", default_value_t = true, action = clap::ArgAction::Set)]
+    watch_external_workloads: bool,
     /// Log format: text or json.
     #[arg(long, env = "CAUSEWAY_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -80,7 +95,13 @@ async fn main() -> anyhow::Result<()> {
         Ok(m) => m,
         Err(e) => bail!("--max-connected-clusters: {e}"),
     };
-    let kube = kube_client(args.kubeconfig).await?;
+    if args.external_workload && args.kubeconfig.is_some() {
+        bail!(
+            "--kubeconfig (or CAUSEWAY_KUBECONFIG) cannot be used with --external-workload: on an external workload \
+             identity-sync does not talk to any kube API; it reads the home cluster's store through the remotes \
+             directory (--remotes-dir)"
+        );
+    }
     let cfg = AppConfig {
         cluster_name: args.cluster_name,
         cluster_id: args.cluster_id,
@@ -94,9 +115,15 @@ async fn main() -> anyhow::Result<()> {
         timing: Timing::default(),
         slice_debounce: args.endpointslice_interval,
         slice_concurrency: usize::from(args.endpointslice_concurrency),
+        watch_external_workloads: args.watch_external_workloads,
     };
-    let running = app::start(cfg, kube).await.context("starting identity-sync")?;
-    tracing::info!(metrics = %running.metrics_addr, "identity-sync started");
+    let running = if args.external_workload {
+        app::start_external_workload(cfg).await.context("starting identity-sync in external-workload mode")?
+    } else {
+        let kube = kube_client(args.kubeconfig).await?;
+        app::start(cfg, kube).await.context("starting identity-sync")?
+    };
+    tracing::info!(metrics = %running.metrics_addr, grpc = %running.grpc_addr, "identity-sync started");
     shutdown_signal().await;
     tracing::info!("shutting down");
     Ok(())

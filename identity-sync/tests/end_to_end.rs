@@ -163,6 +163,7 @@ fn test_config(dir: &Path) -> anyhow::Result<AppConfig> {
         },
         slice_debounce: Duration::ZERO,
         slice_concurrency: 8,
+        watch_external_workloads: true,
     })
 }
 

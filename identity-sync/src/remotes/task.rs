@@ -14,7 +14,7 @@ use causeway_kvstore::{EtcdConfig, KvError, TlsConfig, WatchEvent, WatchStore, W
 use causeway_store::keys::{CLUSTER_CONFIG_PREFIX, HAS_CLUSTER_CONFIG};
 use causeway_store::validate::{validate_cluster_config, RemoteEntry};
 use causeway_store::values::ClusterConfig;
-use causeway_store::{ClusterId, Kind, MaxConnectedClusters, Rejected, RemoteContext};
+use causeway_store::{ClusterId, ClusterName, Kind, MaxConnectedClusters, Rejected, RemoteContext};
 use etcd_client::{Client, EventType, WatchOptions};
 use thiserror::Error;
 use tokio::sync::mpsc;
@@ -112,15 +112,45 @@ pub struct IdClaims(Arc<Mutex<BTreeMap<String, ClusterId>>>);
 impl IdClaims {
     fn validate(
         &self,
-        remote: &causeway_store::ClusterName,
+        remote: &ClusterName,
         value: &[u8],
         local_id: ClusterId,
         mode: MaxConnectedClusters,
     ) -> Result<RemoteContext, Rejected> {
+        self.claim(remote, |claims| {
+            let others: Vec<(String, ClusterId)> =
+                claims.iter().filter(|(n, _)| n.as_str() != remote.as_str()).map(|(n, id)| (n.clone(), *id)).collect();
+            validate_cluster_config(remote, value, local_id, mode, others)
+        })
+    }
+
+    /// Validates a remote's cluster config with the rules of `env`: the normal checks (via `validate_cluster_config`:
+    /// same mode, an ID that is not the local one nor another remote's), plus a refusal of a remote named like the
+    /// local cluster, except in external-workload mode, where the file named after the local (home) cluster is the
+    /// home cluster's own store and must carry exactly the local ID (see [`validate_home_config`]).
+    fn validate_for(&self, remote: &ClusterName, value: &[u8], env: &TaskEnv) -> Result<RemoteContext, Rejected> {
+        if remote.as_str() != env.local_name.as_str() {
+            return self.validate(remote, value, env.local_id, env.mode);
+        }
+        if !env.external_workload {
+            self.release(remote.as_str());
+            return Err(Rejected::ClusterConfig(format!(
+                "remote {remote:?} has the local cluster's own name; a cluster does not import its own store (only \
+                 identity-sync in --external-workload mode reads its home cluster under the home's name)"
+            )));
+        }
+        self.claim(remote, |_| validate_home_config(remote, value, env.local_id, env.mode))
+    }
+
+    /// Runs `check` under the claims lock (two remotes validating at once must not both take one ID) and records
+    /// or drops `remote`'s claim by its outcome.
+    fn claim(
+        &self,
+        remote: &ClusterName,
+        check: impl FnOnce(&BTreeMap<String, ClusterId>) -> Result<RemoteContext, Rejected>,
+    ) -> Result<RemoteContext, Rejected> {
         let mut claims = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let others: Vec<(String, ClusterId)> =
-            claims.iter().filter(|(n, _)| n.as_str() != remote.as_str()).map(|(n, id)| (n.clone(), *id)).collect();
-        match validate_cluster_config(remote, value, local_id, mode, others) {
+        match check(&claims) {
             Ok(ctx) => {
                 claims.insert(remote.to_string(), ctx.id);
                 Ok(ctx)
@@ -135,6 +165,39 @@ impl IdClaims {
     pub fn release(&self, remote: &str) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(remote);
     }
+}
+
+/// The check of the home cluster's config in external-workload mode, in place of `validate_cluster_config`'s
+/// "not the local ID" rule: `--cluster-id` is the home cluster's, so its config must carry exactly that ID (and the
+/// same mode). Anything else means the file points at another cluster's store, which is refused.
+pub fn validate_home_config(
+    remote: &ClusterName,
+    value: &[u8],
+    local_id: ClusterId,
+    local_mode: MaxConnectedClusters,
+) -> Result<RemoteContext, Rejected> {
+    let cfg: ClusterConfig = serde_json::from_slice(value).map_err(|e| {
+        Rejected::ClusterConfig(format!("home cluster {remote:?}'s cluster config is not valid JSON: {e}"))
+    })?;
+    let mode = match cfg.capabilities.max_connected_clusters {
+        0 => MaxConnectedClusters::C255,
+        n => MaxConnectedClusters::try_from(n)?,
+    };
+    if mode != local_mode {
+        return Err(Rejected::ClusterConfig(format!(
+            "home cluster {remote:?} has maxConnectedClusters {}, --max-connected-clusters is {}",
+            mode.get(),
+            local_mode.get()
+        )));
+    }
+    let id = ClusterId::new(cfg.id, mode)?;
+    if id != local_id {
+        return Err(Rejected::ClusterConfig(format!(
+            "home cluster {remote:?} has cluster ID {id}, but --cluster-id is {local_id}: the file named after the \
+             home cluster must point at the home cluster's own store"
+        )));
+    }
+    Ok(RemoteContext { name: remote.clone(), id, mode })
 }
 
 /// Retry and probe intervals; shortened in tests.
@@ -164,8 +227,12 @@ impl Default for Timing {
 /// What every remote task shares.
 #[derive(Clone)]
 pub struct TaskEnv {
+    pub local_name: ClusterName,
     pub local_id: ClusterId,
     pub mode: MaxConnectedClusters,
+    /// External-workload mode: the remote named like the local cluster is the home cluster's store, imported with
+    /// [`validate_home_config`]; every other remote keeps the normal checks.
+    pub external_workload: bool,
     pub claims: IdClaims,
     pub events: EventSender,
     pub timing: Timing,
@@ -359,7 +426,7 @@ async fn session(
     };
     let ctx = env
         .claims
-        .validate(&cfg.name, &raw, env.local_id, env.mode)
+        .validate_for(&cfg.name, &raw, env)
         .map_err(|error| SessionError::Invalid { remote: remote.clone(), error })?;
     progress.validated.store(true, Ordering::Relaxed);
     // validate_cluster_config parsed it already; this only reads the capability flag.
@@ -508,7 +575,6 @@ async fn mirror_kind(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use causeway_store::ClusterName;
 
     fn name(n: &str) -> ClusterName {
         ClusterName::new(n).unwrap_or_else(|e| panic!("{e}"))
@@ -531,5 +597,44 @@ mod tests {
         assert!(claims.validate(&name("wide"), other_mode, local, mode).is_err());
         claims.release("east");
         assert!(claims.validate(&name("twin"), cfg, local, mode).is_ok());
+    }
+
+    fn env(external_workload: bool) -> TaskEnv {
+        let mode = MaxConnectedClusters::C255;
+        TaskEnv {
+            local_name: name("home"),
+            local_id: ClusterId::new(5, mode).unwrap_or_else(|e| panic!("{e}")),
+            mode,
+            external_workload,
+            claims: IdClaims::default(),
+            events: mpsc::channel(1).0,
+            timing: Timing::default(),
+        }
+    }
+
+    #[test]
+    fn a_remote_named_like_the_local_cluster_is_the_home_only_in_external_workload_mode() {
+        let own = br#"{"id": 5, "capabilities": {"maxConnectedClusters": 255}}"#;
+        let other = br#"{"id": 6}"#;
+        // A cluster: refused by name, whatever its ID.
+        let e = env(false);
+        for cfg in [&own[..], &other[..]] {
+            let err = e.claims.validate_for(&name("home"), cfg, &e).err().unwrap_or_else(|| panic!("accepted"));
+            assert!(err.to_string().contains("local cluster's own name"), "{err}");
+        }
+        // An external workload: the home file is consumed with the local name and exactly the local ID...
+        let e = env(true);
+        let ctx = e.claims.validate_for(&name("home"), own, &e).unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!((ctx.name.as_str(), ctx.id.get()), ("home", 5));
+        // ...and refused when it points at another cluster's store or another mode.
+        let err = e.claims.validate_for(&name("home"), other, &e).err().unwrap_or_else(|| panic!("accepted"));
+        assert!(err.to_string().contains("--cluster-id is 5"), "{err}");
+        let wide = br#"{"id": 5, "capabilities": {"maxConnectedClusters": 511}}"#;
+        assert!(e.claims.validate_for(&name("home"), wide, &e).is_err());
+        assert!(e.claims.validate_for(&name("home"), b"not json", &e).is_err());
+        // Any other remote keeps the normal checks: the local (home) ID is refused, another one accepted.
+        let err = e.claims.validate_for(&name("east"), own, &e).err().unwrap_or_else(|| panic!("accepted"));
+        assert!(err.to_string().contains("local cluster's own ID"), "{err}");
+        assert!(e.claims.validate_for(&name("east"), other, &e).is_ok());
     }
 }
