@@ -1,4 +1,5 @@
-//! Registration metrics (`causeway_workload_registrations_total{result}`, `causeway_workloads_registered`).
+//! Registration metrics (`causeway_workload_registrations_total{result}`, `causeway_workloads_registered`,
+//! `causeway_workloads_meshed`).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -13,11 +14,13 @@ pub struct ResultLabels {
 
 #[derive(Debug, Clone, Default)]
 pub struct WorkloadMetrics {
-    /// Register calls by result: `ok`, `denied`, `invalid`, `unknown_workload`, `address_in_use`, `deleting`,
-    /// `error`.
+    /// Register calls by result: `ok`, `denied`, `invalid`, `unknown_workload`, `deleting`, `address_in_use`,
+    /// `no_alloc_cidr`, `bad_alloc_cidr`, `overlap` (see `core::Refusal::metric_label`), `error` (kube/etcd/allocator).
     pub registrations: Family<ResultLabels, Counter>,
     /// External workloads registered with this process.
     pub registered: Gauge,
+    /// Of those, hosts in the mesh datapath (registered a WireGuard key: exported with a node record).
+    pub meshed: Gauge,
 }
 
 impl WorkloadMetrics {
@@ -31,6 +34,11 @@ impl WorkloadMetrics {
             "workloads_registered",
             "External workloads registered with this process",
             self.registered.clone(),
+        );
+        registry.register(
+            "workloads_meshed",
+            "External workloads in the mesh datapath (registered with a WireGuard key; exported with a node record)",
+            self.meshed.clone(),
         );
     }
 

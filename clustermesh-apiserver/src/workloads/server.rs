@@ -1,7 +1,7 @@
 //! The adapter: the `causeway.v1.Workloads` gRPC service. It reads the peer certificate and the ExternalWorkload
 //! object, asks the core for a [`Plan`], and carries it out: identity from the shared allocator, ipcache entries
-//! into the shared store writer, the identity handed to the export loop (so it is exported like a pod's), and the
-//! object's status.
+//! and the node record into the shared store writer, the identity handed to the export loop (so it is exported
+//! like a pod's), and the object's status (`Ready=False` with the reason when a registration is refused).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -12,11 +12,13 @@ use causeway_crds::external_workload::CONDITION_READY;
 use causeway_crds::{ExternalWorkload, ExternalWorkloadStatus, WorkloadCondition};
 use causeway_store::{ClusterInfo, StoreKey};
 use futures::StreamExt;
-use kube::api::{Api, Patch, PatchParams};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::{watcher, WatchStreamExt};
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinHandle;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn, Instrument};
 
 use super::core::{self, Plan, Refusal, Registry, WorkloadObject};
@@ -24,8 +26,18 @@ use super::metrics::WorkloadMetrics;
 use crate::kube::Input;
 use crate::sink::{ExportSink, IdentityResolver};
 
+/// What a registered host is told about the cluster besides its registration (the `--service-cidrs`,
+/// `--cluster-dns-service` and `--cluster-domain` flags).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterNetwork {
+    pub service_cidrs: Vec<IpNet>,
+    /// `(namespace, name)` of the cluster DNS Service; None: not looked up.
+    pub dns_service: Option<(String, String)>,
+    pub domain: String,
+}
+
 /// The registration service. Registrations are serialised (one lock over the registry): they are rare, and this
-/// keeps address ownership and identity reference counts exact.
+/// keeps address and range ownership and identity reference counts exact.
 pub struct WorkloadService<S, R> {
     client: kube::Client,
     cluster: ClusterInfo,
@@ -34,6 +46,19 @@ pub struct WorkloadService<S, R> {
     export: mpsc::Sender<Input>,
     registry: Mutex<Registry>,
     metrics: WorkloadMetrics,
+    network: ClusterNetwork,
+}
+
+/// Why a Register call failed: a refusal decided by the core, or an I/O failure.
+enum Failure {
+    Refused(Refusal),
+    Io(Status),
+}
+
+impl From<Status> for Failure {
+    fn from(s: Status) -> Self {
+        Failure::Io(s)
+    }
 }
 
 impl<S, R> WorkloadService<S, R>
@@ -48,6 +73,7 @@ where
         identities: Arc<R>,
         export: mpsc::Sender<Input>,
         metrics: WorkloadMetrics,
+        network: ClusterNetwork,
     ) -> Self {
         WorkloadService {
             client,
@@ -55,8 +81,9 @@ where
             sink,
             identities,
             export,
-            registry: Mutex::new(Registry::default()),
+            registry: Mutex::new(Registry::new(network.service_cidrs.clone())),
             metrics,
+            network,
         }
     }
 
@@ -69,9 +96,9 @@ where
     }
 
     /// Watches ExternalWorkload objects for as long as the service lives: a deleted object's host is withdrawn
-    /// (ipcache entries deleted, identity released); a registered host whose object's labels changed gets the new
-    /// identity on the same addresses; and a host an earlier process registered (its object's status names its
-    /// addresses) is exported again without waiting for it to re-register.
+    /// (ipcache entries and node record deleted, identity released); a registered host whose object's labels
+    /// changed gets the new identity on the same addresses; and a host an earlier process registered (its object's
+    /// status names its addresses and key) is exported again without waiting for it to re-register.
     pub fn spawn_watcher(self: Arc<Self>) -> JoinHandle<()> {
         tokio::spawn(async move {
             let api: Api<ExternalWorkload> = Api::all(self.client.clone());
@@ -96,25 +123,33 @@ where
         })
     }
 
+    fn set_gauges(&self, registry: &Registry) {
+        self.metrics.registered.set(registry.len() as i64);
+        self.metrics.meshed.set(registry.meshed() as i64);
+    }
+
     #[instrument(skip_all, fields(cluster = %self.cluster.name, workload = name))]
     async fn restore(&self, name: &str, obj: &ExternalWorkload) {
         let mut registry = self.registry.lock().await;
         // A host this process registered: only a change of the object's labels matters (a new identity for the same
-        // addresses). Otherwise the host an earlier process registered, from the object's status.
-        let (req, relabel) = match registry.get(name) {
-            Some(known) => match known.request(name) {
-                Some(req) => (req, true),
-                None => return,
-            },
+        // addresses and ranges). Otherwise the host an earlier process registered, from the object's status.
+        let (req, object, relabel) = match registry.get(name) {
+            Some(known) => (known.request.clone(), known.pinned(view(name, obj)), true),
             None => {
                 let Some(status) = &obj.status else { return };
-                match core::request_from_status(name, status.ip.as_deref(), status.ipv6.as_deref()) {
-                    Some(req) => (req, false),
+                let req = core::request_from_status(
+                    name,
+                    status.ip.as_deref(),
+                    status.ipv6.as_deref(),
+                    status.wireguard_public_key.as_deref(),
+                );
+                match req {
+                    Some(req) => (req, view(name, obj), false),
                     None => return,
                 }
             }
         };
-        let plan = match registry.plan(self.cluster.name.as_str(), &req, Some(&view(name, obj))) {
+        let plan = match registry.plan(self.cluster.name.as_str(), &req, Some(&object)) {
             Ok(plan) if relabel && plan.reuse_id.is_some() => return,
             Ok(plan) => plan,
             Err(r) => {
@@ -122,19 +157,21 @@ where
                 return;
             }
         };
-        match self.carry_out(name, &plan).await {
+        match self.carry_out(&plan, &object).await {
             Ok(id) => {
-                registry.commit(name, &plan, id);
-                self.metrics.registered.set(registry.len() as i64);
+                registry.commit(&plan, id);
+                self.set_gauges(&registry);
                 drop(registry);
-                let recorded = obj.status.as_ref().and_then(|s| s.id);
-                if recorded != Some(id) {
-                    // The status must name the identity peers now see for the host.
-                    if let Err(e) = self.write_status(obj, &req, id).await {
-                        warn!(error = %e.message(), "cannot write the new identity into the status");
+                let status = obj.status.clone().unwrap_or_default();
+                let mesh_ip = plan.mesh.as_ref().map(|m| m.mesh_ipv4.to_string());
+                let key = plan.mesh.as_ref().map(|m| m.wireguard_key.clone());
+                if status.id != Some(id) || status.mesh_ipv4 != mesh_ip || status.wireguard_public_key != key {
+                    // The status must name the identity and mesh address peers now see for the host.
+                    if let Err(e) = self.write_status(obj, &plan, id).await {
+                        warn!(error = %e.message(), "cannot write the re-exported registration into the status");
                     }
                 }
-                info!(id, ips = ?plan.ips, relabel, "re-exported the host");
+                info!(id, ips = ?plan.ips(), mesh = plan.mesh.is_some(), relabel, "re-exported the host");
             }
             Err(e) => warn!(error = %e.message(), "cannot re-export the host"),
         }
@@ -144,20 +181,30 @@ where
     async fn withdraw(&self, name: &str) {
         let mut registry = self.registry.lock().await;
         let Some(gone) = registry.forget(name) else { return };
-        self.metrics.registered.set(registry.len() as i64);
+        self.set_gauges(&registry);
         drop(registry);
         for ip in &gone.ips {
             if let Err(e) = self.sink.delete(&StoreKey::Ip { ip: *ip }).await {
                 warn!(%ip, error = %e, "cannot withdraw the ipcache entry of a deleted external workload");
             }
         }
+        if gone.mesh.is_some() {
+            if let Err(e) = self.sink.delete(&self.node_key(name)).await {
+                warn!(error = %e, "cannot withdraw the node record of a deleted external workload");
+            }
+        }
         if let Err(e) = self.identities.release(&gone.labels).await {
             warn!(labels = %gone.labels, error = %e, "cannot release the identity of a deleted external workload");
         }
-        info!(id = gone.id, ips = ?gone.ips, "external workload deleted: withdrawn");
+        info!(id = gone.id, ips = ?gone.ips, mesh = gone.mesh.is_some(), "external workload deleted: withdrawn");
     }
 
-    async fn carry_out(&self, name: &str, plan: &Plan) -> Result<u32, Status> {
+    fn node_key(&self, name: &str) -> StoreKey {
+        StoreKey::Node { cluster: self.cluster.name.to_string(), name: name.to_string() }
+    }
+
+    async fn carry_out(&self, plan: &Plan, object: &WorkloadObject) -> Result<u32, Status> {
+        let name = plan.request.name.as_str();
         let id =
             match plan.reuse_id {
                 Some(id) => id,
@@ -165,12 +212,12 @@ where
                     Status::unavailable(format!("cannot allocate an identity for {}: {e}", plan.labels))
                 })?,
             };
-        for ip in &plan.ips {
-            let entry = core::ipcache_entry(*ip, id, &plan.namespace, name);
+        for entry in plan.ipcache_entries(id) {
+            let ip = entry.ip;
             let value = serde_json::to_string(&entry)
                 .map_err(|e| Status::internal(format!("cannot encode the ipcache entry of {ip}: {e}")))?;
             self.sink
-                .upsert(&StoreKey::Ip { ip: *ip }, value)
+                .upsert(&StoreKey::Ip { ip }, value)
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot write the ipcache entry of {ip}: {e}")))?;
         }
@@ -179,6 +226,22 @@ where
                 .delete(&StoreKey::Ip { ip: *ip })
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot withdraw the ipcache entry of {ip}: {e}")))?;
+        }
+        // The node record goes through the same store writer as cluster nodes' (one owner of the prefix): it is
+        // re-written after an etcd reset and removed with the apiserver's lease like every other export.
+        if let Some(mesh) = &plan.mesh {
+            let node = core::node_record(&self.cluster, &plan.request, mesh, &object.labels);
+            let value = serde_json::to_string(&node)
+                .map_err(|e| Status::internal(format!("cannot encode the node record of {name}: {e}")))?;
+            self.sink
+                .upsert(&self.node_key(name), value)
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot write the node record of {name}: {e}")))?;
+        } else if plan.withdraw_node {
+            self.sink
+                .delete(&self.node_key(name))
+                .await
+                .map_err(|e| Status::unavailable(format!("cannot withdraw the node record of {name}: {e}")))?;
         }
         // The export loop exports every identity the allocator holds, until the allocator collects it; this one is
         // held for as long as the host is registered.
@@ -194,15 +257,15 @@ where
         Ok(id)
     }
 
-    async fn write_status(&self, obj: &ExternalWorkload, req: &core::Request, id: u32) -> Result<(), Status> {
-        let name = req.name.as_str();
+    async fn write_status(&self, obj: &ExternalWorkload, plan: &Plan, id: u32) -> Result<(), Status> {
+        let name = plan.request.name.as_str();
         let previous = obj.status.clone().unwrap_or_default();
-        let status = ready_status(&previous, req, id, obj.metadata.generation, &now_rfc3339());
+        let status = ready_status(&previous, plan, id, obj.metadata.generation, &now_rfc3339());
         let api: Api<ExternalWorkload> = Api::all(self.client.clone());
         let mut patch = serde_json::json!({ "status": status });
-        // A merge patch leaves absent fields alone: an address the host no longer has is removed with an explicit
-        // null, or the status would keep naming it.
-        for field in ["ip", "ipv6"] {
+        // A merge patch leaves absent fields alone: an address or key the host no longer has is removed with an
+        // explicit null, or the status would keep naming it.
+        for field in ["ip", "ipv6", "meshIPv4", "wireguardPublicKey"] {
             if patch["status"].get(field).is_none() {
                 patch["status"][field] = serde_json::Value::Null;
             }
@@ -213,27 +276,78 @@ where
         Ok(())
     }
 
-    async fn register_inner(&self, request: Request<RegisterRequest>) -> Result<RegisterResponse, Status> {
+    /// A refused registration of an existing object: `Ready=False` with the reason, the rest of the status (what
+    /// an earlier registration exported, which stays exported) untouched.
+    async fn write_refusal(&self, obj: &ExternalWorkload, refusal: &Refusal) {
+        let Some(reason) = refusal.condition_reason() else { return };
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        let previous = obj.status.clone().unwrap_or_default();
+        let conditions =
+            refused_conditions(&previous, reason, &refusal.to_string(), obj.metadata.generation, &now_rfc3339());
+        // Conditions are a list, which a merge patch replaces whole: the list above keeps the other conditions.
+        let patch = serde_json::json!({ "status": { "conditions": conditions } });
+        let api: Api<ExternalWorkload> = Api::all(self.client.clone());
+        if let Err(e) = api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            warn!(error = %e, "cannot write the refusal into the status");
+        }
+    }
+
+    /// The ClusterIP of the cluster DNS Service, "" when it is absent or has none. Looked up at each registration
+    /// (they are rare), so a DNS Service created or moved later is picked up without a restart.
+    async fn cluster_dns(&self) -> String {
+        let Some((namespace, name)) = &self.network.dns_service else { return String::new() };
+        let api: Api<Service> = Api::namespaced(self.client.clone(), namespace);
+        // A list narrowed to the one name rather than a get: the apiserver's role already lists Services (the
+        // export watches them), so this needs no extra permission.
+        let params = ListParams::default().fields(&format!("metadata.name={name}"));
+        match api.list(&params).await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter(|s| s.metadata.name.as_deref() == Some(name.as_str()))
+                .find_map(|s| s.spec.and_then(|spec| spec.cluster_ip))
+                .filter(|ip| ip.parse::<IpAddr>().is_ok())
+                .unwrap_or_default(),
+            Err(e) => {
+                warn!(service = %format!("{namespace}/{name}"), error = %e, "cannot look up the cluster DNS Service");
+                String::new()
+            }
+        }
+    }
+
+    async fn register_inner(&self, request: Request<RegisterRequest>) -> Result<RegisterResponse, Failure> {
         let certs = request.peer_certs();
         let cn = certs.as_ref().and_then(|c| c.first()).and_then(|der| super::tls::common_name(der));
-        core::authorize(cn.as_deref(), certs.as_ref().is_some_and(|c| !c.is_empty())).map_err(refusal_status)?;
+        core::authorize(cn.as_deref(), certs.as_ref().is_some_and(|c| !c.is_empty())).map_err(Failure::Refused)?;
         let raw = request.into_inner();
-        let req = core::parse_request(&raw.name, &raw.ipv4, &raw.ipv6).map_err(refusal_status)?;
-        tracing::Span::current().record("workload", req.name.as_str());
+        core::parse_name(&raw.name).map_err(Failure::Refused)?;
+        tracing::Span::current().record("workload", raw.name.as_str());
 
         let mut registry = self.registry.lock().await;
-        let object = self.read_object(&req.name).await?;
-        let plan = registry.plan(self.cluster.name.as_str(), &req, object.as_ref().map(|(v, _)| v)).map_err(|r| {
-            warn!(reason = %r, "registration refused");
-            refusal_status(r)
-        })?;
-        let Some((_, obj)) = object else { return Err(Status::internal("object vanished")) };
-        let id = self.carry_out(&req.name, &plan).await?;
-        registry.commit(&req.name, &plan, id);
-        self.metrics.registered.set(registry.len() as i64);
+        let object = self.read_object(&raw.name).await?;
+        let decided = core::parse_request(&raw.name, &raw.ipv4, &raw.ipv6, &raw.wireguard_pub_key)
+            .and_then(|req| registry.plan(self.cluster.name.as_str(), &req, object.as_ref().map(|(v, _)| v)));
+        let plan = match decided {
+            Ok(plan) => plan,
+            Err(r) => {
+                drop(registry);
+                warn!(reason = %r, "registration refused");
+                if let Some((view, obj)) = &object {
+                    if !view.deleting {
+                        self.write_refusal(obj, &r).await;
+                    }
+                }
+                return Err(Failure::Refused(r));
+            }
+        };
+        let Some((view, obj)) = object else { return Err(Status::internal("object vanished").into()) };
+        let id = self.carry_out(&plan, &view).await?;
+        registry.commit(&plan, id);
+        self.set_gauges(&registry);
         drop(registry);
-        self.write_status(&obj, &req, id).await?;
-        info!(id, ips = ?plan.ips, withdrawn = ?plan.withdraw, "external workload registered");
+        self.write_status(&obj, &plan, id).await?;
+        let mesh_ipv4 = plan.mesh.as_ref().map(|m| m.mesh_ipv4.to_string()).unwrap_or_default();
+        info!(id, ips = ?plan.ips(), withdrawn = ?plan.withdraw, mesh_ipv4, "external workload registered");
         let spec = &obj.spec;
         Ok(RegisterResponse {
             cluster_name: self.cluster.name.to_string(),
@@ -242,7 +356,10 @@ where
             identity_labels: plan.labels.to_string(),
             ipv4_alloc_cidr: spec.ipv4_alloc_cidr.clone().unwrap_or_default(),
             ipv6_alloc_cidr: spec.ipv6_alloc_cidr.clone().unwrap_or_default(),
-            ..Default::default()
+            mesh_ipv4,
+            cluster_dns: self.cluster_dns().await,
+            cluster_domain: self.network.domain.clone(),
+            service_cidrs: self.network.service_cidrs.iter().map(IpNet::to_string).collect(),
         })
     }
 }
@@ -258,27 +375,21 @@ where
         let result = self.register_inner(request).instrument(span).await;
         self.metrics.result(match &result {
             Ok(_) => "ok",
-            Err(s) => code_label(s.code()),
+            Err(Failure::Refused(r)) => r.metric_label(),
+            Err(Failure::Io(_)) => "error",
         });
-        result.map(Response::new)
-    }
-}
-
-fn code_label(code: Code) -> &'static str {
-    match code {
-        Code::PermissionDenied | Code::Unauthenticated => "denied",
-        Code::InvalidArgument => "invalid",
-        Code::NotFound => "unknown_workload",
-        Code::AlreadyExists => "address_in_use",
-        Code::FailedPrecondition => "deleting",
-        _ => "error",
+        match result {
+            Ok(resp) => Ok(Response::new(resp)),
+            Err(Failure::Refused(r)) => Err(refusal_status(r)),
+            Err(Failure::Io(s)) => Err(s),
+        }
     }
 }
 
 /// The core's view of an object.
 fn view(name: &str, o: &ExternalWorkload) -> WorkloadObject {
     let status = o.status.clone().unwrap_or_default();
-    let status_ips = [status.ip.as_deref(), status.ipv6.as_deref()]
+    let status_ips = [status.ip.as_deref(), status.ipv6.as_deref(), status.mesh_ipv4.as_deref()]
         .into_iter()
         .flatten()
         // A status someone else mangled is ignored, not fatal: it only names entries to withdraw.
@@ -288,7 +399,10 @@ fn view(name: &str, o: &ExternalWorkload) -> WorkloadObject {
         name: name.to_string(),
         labels: o.metadata.labels.clone().unwrap_or_default(),
         deleting: o.metadata.deletion_timestamp.is_some(),
+        ipv4_alloc_cidr: o.spec.ipv4_alloc_cidr.clone(),
+        ipv6_alloc_cidr: o.spec.ipv6_alloc_cidr.clone(),
         status_ips,
+        status_keyed: status.wireguard_public_key.as_deref().is_some_and(|k| !k.trim().is_empty()),
     }
 }
 
@@ -300,8 +414,10 @@ pub fn refusal_status(r: Refusal) -> Status {
         Refusal::NoClientCertificate => Status::unauthenticated(msg),
         Refusal::Invalid(_) => Status::invalid_argument(msg),
         Refusal::UnknownWorkload(_) => Status::not_found(msg),
-        Refusal::Deleting(_) => Status::failed_precondition(msg),
-        Refusal::AddressInUse { .. } => Status::already_exists(msg),
+        Refusal::Deleting(_) | Refusal::NoAllocCidr(_) | Refusal::BadAllocCidr { .. } => {
+            Status::failed_precondition(msg)
+        }
+        Refusal::AddressInUse { .. } | Refusal::Overlap { .. } => Status::already_exists(msg),
     }
 }
 
@@ -309,59 +425,140 @@ fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-/// The status after a successful registration: identity, addresses, and `Ready=True` (its transition time kept
-/// when it was already true, as Kubernetes conditions do).
+/// `conditions` with the Ready condition replaced by `ready` (its transition time kept when its status did not
+/// change, as Kubernetes conditions do).
+fn with_ready(conditions: &[WorkloadCondition], mut ready: WorkloadCondition) -> Vec<WorkloadCondition> {
+    if let Some(old) = conditions.iter().find(|c| c.type_ == CONDITION_READY && c.status == ready.status) {
+        ready.last_transition_time = old.last_transition_time.clone();
+    }
+    let mut out: Vec<WorkloadCondition> = conditions.iter().filter(|c| c.type_ != CONDITION_READY).cloned().collect();
+    out.push(ready);
+    out
+}
+
+/// The status after a successful registration: identity, addresses, mesh address and key, and `Ready=True`.
 pub fn ready_status(
     previous: &ExternalWorkloadStatus,
-    req: &core::Request,
+    plan: &Plan,
     id: u32,
     generation: Option<i64>,
     now: &str,
 ) -> ExternalWorkloadStatus {
-    let was_ready = previous.conditions.iter().find(|c| c.type_ == CONDITION_READY).filter(|c| c.status == "True");
+    let req = &plan.request;
     let mut message = format!("registered with identity {id} at {}", req.ipv4);
     if let Some(v6) = req.ipv6 {
         message.push_str(&format!(" and {v6}"));
     }
+    if let Some(m) = &plan.mesh {
+        message.push_str(&format!("; in the mesh datapath as {} ({})", m.mesh_ipv4, m.ipv4_cidr));
+    }
     let ready = WorkloadCondition {
         type_: CONDITION_READY.into(),
         status: "True".into(),
-        last_transition_time: was_ready.map_or_else(|| now.to_string(), |c| c.last_transition_time.clone()),
+        last_transition_time: now.to_string(),
         reason: "Registered".into(),
         message,
         observed_generation: generation,
     };
-    let mut conditions: Vec<WorkloadCondition> =
-        previous.conditions.iter().filter(|c| c.type_ != CONDITION_READY).cloned().collect();
-    conditions.push(ready);
     ExternalWorkloadStatus {
         id: Some(id),
         ip: Some(req.ipv4.to_string()),
         ipv6: req.ipv6.map(|v| v.to_string()),
-        conditions,
-        ..Default::default()
+        mesh_ipv4: plan.mesh.as_ref().map(|m| m.mesh_ipv4.to_string()),
+        wireguard_public_key: plan.mesh.as_ref().map(|m| m.wireguard_key.clone()),
+        conditions: with_ready(&previous.conditions, ready),
     }
+}
+
+/// The conditions after a refused registration: `Ready=False` with the refusal.
+pub fn refused_conditions(
+    previous: &ExternalWorkloadStatus,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &str,
+) -> Vec<WorkloadCondition> {
+    let mut message = format!("registration refused: {message}");
+    if previous.ip.is_some() {
+        message.push_str("; the host's earlier registration stays exported");
+    }
+    let ready = WorkloadCondition {
+        type_: CONDITION_READY.into(),
+        status: "False".into(),
+        last_transition_time: now.to_string(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+    };
+    with_ready(&previous.conditions, ready)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Code;
+
+    const KEY: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+
+    fn plan(v4: &str, v6: &str, key: &str, cidr: Option<&str>) -> Plan {
+        let req = core::parse_request("vm", v4, v6, key).expect("valid");
+        let object =
+            WorkloadObject { name: "vm".into(), ipv4_alloc_cidr: cidr.map(String::from), ..Default::default() };
+        Registry::default().plan("east", &req, Some(&object)).expect("plan")
+    }
 
     #[test]
     fn ready_status_keeps_the_transition_time_while_ready() {
-        let req = core::parse_request("vm", "10.0.0.1", "fd00::1").expect("valid");
-        let first = ready_status(&ExternalWorkloadStatus::default(), &req, 65540, Some(1), "2026-01-01T00:00:00Z");
+        let p = plan("10.0.0.1", "fd00::1", "", None);
+        let first = ready_status(&ExternalWorkloadStatus::default(), &p, 65540, Some(1), "2026-01-01T00:00:00Z");
         assert_eq!(
             (first.id, first.ip.as_deref(), first.ipv6.as_deref()),
             (Some(65540), Some("10.0.0.1"), Some("fd00::1"))
         );
+        assert_eq!((first.mesh_ipv4.as_deref(), first.wireguard_public_key.as_deref()), (None, None));
         assert_eq!(first.conditions.len(), 1);
         assert_eq!(first.conditions[0].last_transition_time, "2026-01-01T00:00:00Z");
-        let req2 = core::parse_request("vm", "10.0.0.2", "").expect("valid");
-        let second = ready_status(&first, &req2, 65540, Some(2), "2026-01-02T00:00:00Z");
+        let p2 = plan("10.0.0.2", "", KEY, Some("10.192.1.0/30"));
+        let second = ready_status(&first, &p2, 65540, Some(2), "2026-01-02T00:00:00Z");
         assert_eq!(second.conditions[0].last_transition_time, "2026-01-01T00:00:00Z");
         assert_eq!((second.ip.as_deref(), second.ipv6.as_deref()), (Some("10.0.0.2"), None));
+        assert_eq!(
+            (second.mesh_ipv4.as_deref(), second.wireguard_public_key.as_deref()),
+            (Some("10.192.1.1"), Some(KEY))
+        );
         assert!(second.conditions[0].message.contains("10.0.0.2"));
+        assert!(second.conditions[0].message.contains("10.192.1.1"));
+    }
+
+    #[test]
+    fn a_refusal_turns_ready_false_and_keeps_the_rest() {
+        let p = plan("10.0.0.1", "", "", None);
+        let mut ready = ready_status(&ExternalWorkloadStatus::default(), &p, 65540, Some(1), "2026-01-01T00:00:00Z");
+        ready.conditions.insert(
+            0,
+            WorkloadCondition {
+                type_: "Other".into(),
+                status: "True".into(),
+                last_transition_time: "2025-01-01T00:00:00Z".into(),
+                reason: "X".into(),
+                message: String::new(),
+                observed_generation: None,
+            },
+        );
+        let c = refused_conditions(&ready, "NoAllocCIDR", "no range", Some(2), "2026-01-02T00:00:00Z");
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].type_, "Other");
+        let r = &c[1];
+        assert_eq!((r.status.as_str(), r.reason.as_str()), ("False", "NoAllocCIDR"));
+        assert_eq!(r.last_transition_time, "2026-01-02T00:00:00Z");
+        assert!(r.message.contains("no range") && r.message.contains("stays exported"), "{}", r.message);
+        // Refused again: still False since the first refusal.
+        let again = ExternalWorkloadStatus { conditions: c, ..ready.clone() };
+        let c2 = refused_conditions(&again, "AllocCIDROverlap", "overlap", Some(3), "2026-01-03T00:00:00Z");
+        assert_eq!(
+            (c2[1].reason.as_str(), c2[1].last_transition_time.as_str()),
+            ("AllocCIDROverlap", "2026-01-02T00:00:00Z")
+        );
     }
 
     #[test]
@@ -371,7 +568,13 @@ mod tests {
         assert_eq!(refusal_status(Refusal::NoClientCertificate).code(), Code::Unauthenticated);
         assert_eq!(refusal_status(Refusal::Invalid("x".into())).code(), Code::InvalidArgument);
         assert_eq!(refusal_status(Refusal::Deleting("x".into())).code(), Code::FailedPrecondition);
+        assert_eq!(refusal_status(Refusal::NoAllocCidr("x".into())).code(), Code::FailedPrecondition);
+        let bad = Refusal::BadAllocCidr { field: "ipv4AllocCIDR", cidr: "x".into(), why: "y".into() };
+        assert_eq!(refusal_status(bad).code(), Code::FailedPrecondition);
         let in_use = Refusal::AddressInUse { ip: "10.0.0.1".parse().expect("ip"), owner: "a".into() };
         assert_eq!(refusal_status(in_use).code(), Code::AlreadyExists);
+        let overlap =
+            Refusal::Overlap { what: "x".into(), theirs: "10.0.0.0/30".parse().expect("net"), owner: "a".into() };
+        assert_eq!(refusal_status(overlap).code(), Code::AlreadyExists);
     }
 }
