@@ -305,8 +305,7 @@ impl WorkloadMetrics {
 /// installed, RBAC) are retried with kube-runtime's default backoff.
 #[instrument(name = "local_workloads", skip_all, fields(cluster = %local.name))]
 pub async fn run(client: Client, local: LocalCluster, metrics: WorkloadMetrics, tx: mpsc::Sender<WorkloadChange>) {
-    let stream =
-        watcher::watcher(Api::<ExternalWorkload>::all(client), watcher::Config::default()).default_backoff();
+    let stream = watcher::watcher(Api::<ExternalWorkload>::all(client), watcher::Config::default()).default_backoff();
     let mut stream = std::pin::pin!(stream);
     let mut index = WorkloadIndex::new(local);
     let mut failing = false;
@@ -338,7 +337,9 @@ pub async fn run(client: Client, local: LocalCluster, metrics: WorkloadMetrics, 
                 WorkloadChange::Upsert(w) => {
                     info!(workload = %w.node.name, mesh_ip = %w.ip.ip, identity = w.ip.identity, "external workload in the mesh view")
                 }
-                WorkloadChange::Delete(name) => info!(workload = %name, "external workload withdrawn from the mesh view"),
+                WorkloadChange::Delete(name) => {
+                    info!(workload = %name, "external workload withdrawn from the mesh view")
+                }
                 WorkloadChange::Synced => {}
             }
             if tx.send(c).await.is_err() {
@@ -444,11 +445,7 @@ mod tests {
                 |s| *s == Skip::NotReady,
             ),
             ("no conditions", |w| w.status.iter_mut().for_each(|s| s.conditions.clear()), |s| *s == Skip::NotReady),
-            (
-                "no ip",
-                |w| w.status.iter_mut().for_each(|s| s.ip = None),
-                |s| *s == Skip::Missing("status.ip"),
-            ),
+            ("no ip", |w| w.status.iter_mut().for_each(|s| s.ip = None), |s| *s == Skip::Missing("status.ip")),
             (
                 "IPv6 as ip",
                 |w| w.status.iter_mut().for_each(|s| s.ip = Some("fd00::1".into())),

@@ -1,0 +1,410 @@
+//! External workloads (VMs joined to a cluster), both sides, over a real MeshView gRPC stream:
+//!
+//! - in a cluster: a Ready `ExternalWorkload` (fake kube API) becomes a Node and the ipcache entry of its mesh address
+//!   on the stream; turning not ready or being deleted withdraws both (DELETE events);
+//! - on the VM (`--external-workload`, the real binary, no kube API at all): the home cluster's store in a real etcd
+//!   (mTLS, auth on, read as the `externalworkload` user) named like the local cluster is imported, and its node
+//!   (with its WireGuard key) and ipcache entry reach the stream.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use causeway_api::v1::mesh_view_client::MeshViewClient;
+use causeway_api::v1::watch_event::{Kind as EvKind, Object};
+use causeway_api::v1::{WatchEvent, WatchRequest};
+use causeway_crds::ExternalWorkload;
+use causeway_store::values::Capabilities;
+use causeway_store::{ClusterConfig, IpCacheEntry, Kind, MaxConnectedClusters, Node, NodeAddress};
+use causeway_testsupport::Etcd;
+use fake_kube_apiserver::FakeApiServer;
+use identity_sync::app::{self, AppConfig};
+use identity_sync::remotes::task::Timing;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::CustomResourceExt;
+use serde_json::json;
+use tonic::Streaming;
+
+/// Guards against hangs only; nothing asserts on timing.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+const VM_KEY: &str = "hIc2Bzv5nFyTmnTVcMrh0/qvNTsWqQ/xN7h0DjwAlnU=";
+const HOME_NODE_KEY: &str = "wAd0mrIMmyBaaYTB6o1O7ZHKWy2iK1mf4gfD/5jqTDM=";
+
+/// What a watching agent holds: the view as applied from the stream, by object key.
+#[derive(Default)]
+struct AgentView {
+    nodes: BTreeMap<(String, String), causeway_api::v1::Node>,
+    ips: BTreeMap<String, causeway_api::v1::IpCacheEntry>,
+    deleted_nodes: Vec<(String, String)>,
+    deleted_ips: Vec<String>,
+}
+
+impl AgentView {
+    fn apply(&mut self, e: WatchEvent) {
+        let kind = EvKind::try_from(e.kind).unwrap_or(EvKind::Unspecified);
+        match (kind, e.object) {
+            (EvKind::Upsert, Some(Object::Node(n))) => {
+                self.nodes.insert((n.cluster.clone(), n.name.clone()), n);
+            }
+            (EvKind::Upsert, Some(Object::Ipcache(i))) => {
+                self.ips.insert(i.ip.clone(), i);
+            }
+            (EvKind::Delete, Some(Object::Node(n))) => {
+                let k = (n.cluster, n.name);
+                self.nodes.remove(&k);
+                self.deleted_nodes.push(k);
+            }
+            (EvKind::Delete, Some(Object::Ipcache(i))) => {
+                self.ips.remove(&i.ip);
+                self.deleted_ips.push(i.ip);
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn watch(addr: SocketAddr) -> anyhow::Result<Streaming<WatchEvent>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+    let mut c = MeshViewClient::new(ch);
+    let req = WatchRequest { resume_revision: 0, node_name: "test-agent".into(), resume_epoch: 0 };
+    Ok(c.watch(req).await?.into_inner())
+}
+
+/// Applies stream events to `view` until `cond` holds.
+async fn until(
+    s: &mut Streaming<WatchEvent>,
+    view: &mut AgentView,
+    what: &str,
+    cond: impl Fn(&AgentView) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !cond(view) {
+        match tokio::time::timeout_at(deadline, s.message()).await {
+            Err(_) => bail!("timed out waiting for {what}"),
+            Ok(Err(e)) => bail!("stream failed while waiting for {what}: {e}"),
+            Ok(Ok(None)) => bail!("stream ended while waiting for {what}"),
+            Ok(Ok(Some(e))) => view.apply(e),
+        }
+    }
+    Ok(())
+}
+
+fn config(dir: &Path, cluster: &str, id: u32) -> anyhow::Result<AppConfig> {
+    Ok(AppConfig {
+        cluster_name: cluster.into(),
+        cluster_id: id,
+        mode: MaxConnectedClusters::C255,
+        remotes_dir: dir.to_path_buf(),
+        rescan: Duration::from_millis(500),
+        cache_ttl: None,
+        remote_ready_timeout: Duration::from_secs(600),
+        metrics_addr: "127.0.0.1:0".parse()?,
+        grpc_addr: "127.0.0.1:0".parse()?,
+        timing: Timing {
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            invalid_retry: Duration::from_secs(1),
+            probe_interval: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(2),
+        },
+        slice_debounce: Duration::ZERO,
+        slice_concurrency: 8,
+        watch_external_workloads: true,
+    })
+}
+
+fn ready_status(ready: &str) -> serde_json::Value {
+    json!({
+        "status": {
+            "id": (2 << 16) + 42,
+            "ip": "192.168.50.10",
+            "meshIPv4": "10.192.1.1",
+            "wireguardPublicKey": VM_KEY,
+            "conditions": [{
+                "type": "Ready", "status": ready, "lastTransitionTime": "2026-11-23T18:00:00Z",
+                "reason": "Registered", "message": ""
+            }]
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_external_workload_is_a_node_and_an_ipcache_entry_on_the_stream_until_it_goes() -> anyhow::Result<()> {
+    causeway_runtime::init_logging(causeway_runtime::LogFormat::Text);
+    let server = FakeApiServer::start("127.0.0.1:0".parse()?).await?;
+    let kubeconfig = Kubeconfig::from_yaml(&server.kubeconfig_yaml())?;
+    let client =
+        kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?)?;
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&PostParams::default(), &ExternalWorkload::crd())
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let running = app::start(config(dir.path(), "west", 2)?, client.clone()).await?;
+
+    let mut stream = watch(running.grpc_addr).await?;
+    let mut view = AgentView::default();
+    let api = Api::<ExternalWorkload>::all(client.clone());
+    let obj: ExternalWorkload = serde_json::from_value(json!({
+        "apiVersion": "causeway.io/v1alpha1", "kind": "ExternalWorkload",
+        "metadata": {"name": "vm-1", "labels": {"io.kubernetes.pod.namespace": "vms", "app": "db"}},
+        "spec": {"ipv4AllocCIDR": "10.192.1.0/30"}
+    }))?;
+    api.create(&PostParams::default(), &obj).await?;
+    // Registered but without status yet: nothing. Then clustermesh-apiserver's status patch makes it Ready.
+    let pp = PatchParams::default();
+    api.patch_status("vm-1", &pp, &Patch::Merge(ready_status("True"))).await?;
+
+    let node_key = ("west".to_string(), "vm-1".to_string());
+    until(&mut stream, &mut view, "the host's node and mesh address", |v| {
+        v.nodes.contains_key(&node_key) && v.ips.contains_key("10.192.1.1")
+    })
+    .await?;
+    let node = &view.nodes[&node_key];
+    assert_eq!(node.cluster_id, 2);
+    assert_eq!(node.internal_ips, vec!["192.168.50.10"]);
+    assert_eq!(node.pod_cidrs, vec!["10.192.1.0/30"]);
+    assert_eq!(node.wireguard_pub_key, VM_KEY);
+    assert_eq!(node.zone, "");
+    let ip = &view.ips["10.192.1.1"];
+    assert_eq!(
+        (ip.identity, ip.host_ip.as_str(), ip.cluster.as_str(), ip.cluster_id),
+        ((2 << 16) + 42, "192.168.50.10", "west", 2)
+    );
+    assert_eq!((ip.namespace.as_str(), ip.pod_name.as_str()), ("vms", "vm-1"));
+    // The underlay address is not a mesh address: only the node names it.
+    assert!(!view.ips.contains_key("192.168.50.10"));
+
+    // Not ready any more (a refused re-registration): both withdrawn.
+    api.patch_status("vm-1", &pp, &Patch::Merge(ready_status("False"))).await?;
+    until(&mut stream, &mut view, "DELETEs after Ready=False", |v| {
+        v.deleted_nodes.contains(&node_key) && v.deleted_ips.iter().any(|i| i == "10.192.1.1")
+    })
+    .await?;
+    assert!(view.nodes.is_empty() && view.ips.is_empty());
+
+    // Ready again, then deleted: DELETEs again.
+    api.patch_status("vm-1", &pp, &Patch::Merge(ready_status("True"))).await?;
+    until(&mut stream, &mut view, "the host back", |v| v.nodes.contains_key(&node_key)).await?;
+    view.deleted_nodes.clear();
+    view.deleted_ips.clear();
+    api.delete("vm-1", &DeleteParams::default()).await?;
+    until(&mut stream, &mut view, "DELETEs after the object was deleted", |v| {
+        v.deleted_nodes.contains(&node_key) && v.deleted_ips.iter().any(|i| i == "10.192.1.1")
+    })
+    .await?;
+    assert!(view.nodes.is_empty() && view.ips.is_empty());
+
+    // An unusable object (its key is not a WireGuard key) never reaches the stream, and is counted.
+    let mut bad = obj.clone();
+    bad.metadata.name = Some("vm-bad".into());
+    api.create(&PostParams::default(), &bad).await?;
+    let mut status = ready_status("True");
+    status["status"]["wireguardPublicKey"] = json!("not-a-key");
+    api.patch_status("vm-bad", &pp, &Patch::Merge(status)).await?;
+    let counted = causeway_testsupport::wait_until(PATIENCE, || async {
+        running
+            .health
+            .render_metrics()
+            .contains("causeway_identity_sync_external_workload_skips_total{reason=\"invalid_value\"} 1")
+    })
+    .await;
+    assert!(counted, "{}", running.health.render_metrics());
+    // A later ready object still arrives, and vm-bad never did.
+    let mut good = obj.clone();
+    good.metadata.name = Some("vm-2".into());
+    good.spec.ipv4_alloc_cidr = Some("10.192.1.4/30".into());
+    api.create(&PostParams::default(), &good).await?;
+    let mut status = ready_status("True");
+    status["status"]["meshIPv4"] = json!("10.192.1.5");
+    api.patch_status("vm-2", &pp, &Patch::Merge(status)).await?;
+    until(&mut stream, &mut view, "vm-2", |v| v.nodes.contains_key(&("west".to_string(), "vm-2".to_string()))).await?;
+    assert!(!view.nodes.contains_key(&("west".to_string(), "vm-bad".to_string())));
+    Ok(())
+}
+
+/// Kills the binary however the test ends.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+async fn put_json(etcd: &mut etcd_client::Client, key: &str, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    etcd.put(key, serde_json::to_vec(value)?, None).await.with_context(|| format!("putting {key}"))?;
+    Ok(())
+}
+
+fn home_node(name: &str, ip: &str, cidr: &str, key: &str) -> anyhow::Result<Node> {
+    Ok(Node {
+        name: name.into(),
+        cluster: "home".into(),
+        addresses: vec![NodeAddress { kind: "InternalIP".into(), ip: ip.parse()? }],
+        ipv4_alloc_cidr: Some(cidr.parse()?),
+        ipv6_alloc_cidr: None,
+        ipv4_health_ip: None,
+        ipv4_ingress_ip: None,
+        cluster_id: 5,
+        source: "custom-resource".into(),
+        encryption_key: 0,
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        wireguard_pub_key: key.into(),
+        boot_id: String::new(),
+    })
+}
+
+/// The home cluster "home" (ID 5) as its clustermesh-apiserver exports it: cluster config, one node with a
+/// WireGuard key, one pod's ipcache entry, its identity, and the synced canaries.
+async fn export_home(c: &mut etcd_client::Client) -> anyhow::Result<()> {
+    c.put("cilium/.has-cluster-config", "true", None).await?;
+    let cfg = ClusterConfig {
+        id: 5,
+        capabilities: Capabilities {
+            synced_canaries: true,
+            max_connected_clusters: 255,
+            service_exports_enabled: None,
+        },
+    };
+    put_json(c, "cilium/cluster-config/home", &cfg).await?;
+    let node = home_node("home-node-1", "172.18.0.2", "10.5.1.0/24", HOME_NODE_KEY)?;
+    put_json(c, "cilium/state/nodes/v1/home/home-node-1", &node).await?;
+    let entry = IpCacheEntry {
+        ip: "10.5.1.17".parse()?,
+        host_ip: Some("172.18.0.2".parse()?),
+        id: (5 << 16) + 3,
+        key: 0,
+        metadata: String::new(),
+        k8s_namespace: "shop".into(),
+        k8s_pod_name: "cart-0".into(),
+        k8s_pod_uid: None,
+        k8s_service_account: None,
+        named_ports: Vec::new(),
+    };
+    put_json(c, "cilium/state/ip/v1/default/10.5.1.17", &entry).await?;
+    c.put(
+        format!("cilium/state/identities/v1/id/{}", (5 << 16) + 3),
+        "k8s:app=cart;k8s:io.cilium.k8s.policy.cluster=home;k8s:io.kubernetes.pod.namespace=shop;",
+        None,
+    )
+    .await?;
+    for kind in [Kind::Nodes, Kind::Services, Kind::Ip, Kind::Identities] {
+        c.put(kind.canary_key("home"), "2026-01-01T00:00:00Z", None).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_workload_mode_serves_the_home_clusters_store_without_any_kube_api() -> anyhow::Result<()> {
+    let pki = causeway_pki::Pki::loopback()?;
+    let etcd = Etcd::start_tls(&pki).await;
+    let mut root = etcd.client().await;
+    export_home(&mut root).await?;
+    // The home etcd as the chart runs it: auth on, the VM connects as `externalworkload` (read-only on the state).
+    causeway_kvstore::ensure_auth(&mut root, "home", &["west"]).await?;
+
+    let dir = tempfile::tempdir()?;
+    let remotes = dir.path().join("remotes");
+    std::fs::create_dir(&remotes)?;
+    let cert = etcd.client_tls_for(causeway_pki::users::EXTERNAL_WORKLOAD);
+    std::fs::write(remotes.join("ca.crt"), etcd.ca_pem().context("TLS etcd has a CA")?)?;
+    std::fs::write(remotes.join("tls.crt"), &cert.cert_pem)?;
+    std::fs::write(remotes.join("tls.key"), &cert.key_pem)?;
+    // The one remote file, named after the home cluster, as the join script writes it.
+    std::fs::write(
+        remotes.join("home"),
+        format!("endpoints:\n- {}\ntrusted-ca-file: ca.crt\ncert-file: tls.crt\nkey-file: tls.key\n", etcd.endpoint()),
+    )?;
+
+    let bin = env!("CARGO_BIN_EXE_identity-sync");
+    // --kubeconfig is refused with a clear message.
+    let out = Command::new(bin)
+        .args(["--external-workload", "--cluster-name", "home", "--cluster-id", "5", "--kubeconfig", "/dev/null"])
+        .env_remove("CAUSEWAY_KUBECONFIG")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot be used with --external-workload"), "{stderr}");
+
+    let (grpc, metrics) = (free_addr()?, free_addr()?);
+    let child = Command::new(bin)
+        .args(["--external-workload", "--cluster-name", "home", "--cluster-id", "5"])
+        .arg("--remotes-dir")
+        .arg(&remotes)
+        .args(["--grpc-addr", &grpc.to_string(), "--metrics-addr", &metrics.to_string()])
+        // No kube API anywhere: a kube client would fail on this path (and there is no in-cluster config).
+        .env("KUBECONFIG", dir.path().join("no-such-kubeconfig"))
+        .env_remove("CAUSEWAY_KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let mut child = Proc(child);
+
+    let connected =
+        causeway_testsupport::wait_until(PATIENCE, || async { tokio::net::TcpStream::connect(grpc).await.is_ok() })
+            .await;
+    if let Ok(Some(status)) = child.0.try_wait() {
+        bail!("identity-sync exited early: {status}");
+    }
+    assert!(connected, "the MeshView port never opened");
+    let mut stream = watch(grpc).await?;
+    let mut view = AgentView::default();
+    let node_key = ("home".to_string(), "home-node-1".to_string());
+    until(&mut stream, &mut view, "the home cluster's node and ipcache entry", |v| {
+        v.nodes.contains_key(&node_key) && v.ips.contains_key("10.5.1.17")
+    })
+    .await?;
+    let node = &view.nodes[&node_key];
+    assert_eq!((node.cluster_id, node.wireguard_pub_key.as_str()), (5, HOME_NODE_KEY));
+    assert_eq!(node.internal_ips, vec!["172.18.0.2"]);
+    assert_eq!(node.pod_cidrs, vec!["10.5.1.0/24"]);
+    let ip = &view.ips["10.5.1.17"];
+    assert_eq!((ip.identity, ip.host_ip.as_str(), ip.cluster.as_str()), ((5 << 16) + 3, "172.18.0.2", "home"));
+
+    // Readiness waits for no kube thing: it turns on once the home cluster synced, and /status shows it synced.
+    let ready = causeway_testsupport::wait_until(PATIENCE, || async {
+        matches!(http_get(metrics, "/readyz").await, Ok((200, _)))
+    })
+    .await;
+    assert!(ready, "/readyz never turned ready");
+    let (_, body) = http_get(metrics, "/status").await?;
+    let status: serde_json::Value = serde_json::from_str(&body)?;
+    let home = status["remotes"].as_array().and_then(|r| r.iter().find(|r| r["name"] == "home")).cloned();
+    let home = home.context("home on /status")?;
+    assert_eq!((home["state"].as_str(), home["cluster_id"].as_u64()), (Some("synced"), Some(5)), "{home}");
+
+    // A node the home cluster adds later arrives as a delta.
+    let later = home_node("home-node-2", "172.18.0.3", "10.5.2.0/24", VM_KEY)?;
+    put_json(&mut root, "cilium/state/nodes/v1/home/home-node-2", &later).await?;
+    until(&mut stream, &mut view, "the second home node", |v| {
+        v.nodes.get(&("home".to_string(), "home-node-2".to_string())).is_some_and(|n| n.wireguard_pub_key == VM_KEY)
+    })
+    .await?;
+    Ok(())
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
