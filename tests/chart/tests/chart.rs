@@ -394,14 +394,23 @@ fn rbac_grants_each_component_exactly_the_calls_its_binary_makes() -> Result<()>
         ("causeway.io", "externalworkloads/status", &["patch"]),
     ]);
     assert_eq!(cluster_role(&ms, "causeway-clustermesh-apiserver")?, apiserver);
-    // identity-sync/src/kube: watch Services and EndpointSlices, server-side apply (patch + create) and delete slices.
-    assert_eq!(
-        cluster_role(&ms, "causeway-identity-sync")?,
-        set(&[
-            ("", "services", LW),
-            ("discovery.k8s.io", "endpointslices", &["list", "watch", "create", "patch", "delete"])
-        ])
-    );
+    // identity-sync/src/kube: watch Services and EndpointSlices, server-side apply (patch + create) and delete slices,
+    // watch ExternalWorkloads (src/kube/workloads.rs).
+    let sync = set(&[
+        ("", "services", LW),
+        ("discovery.k8s.io", "endpointslices", &["list", "watch", "create", "patch", "delete"]),
+        ("causeway.io", "externalworkloads", LW),
+    ]);
+    assert_eq!(cluster_role(&ms, "causeway-identity-sync")?, sync);
+    // Without the ExternalWorkload watcher, neither the flag's default nor the grant.
+    let off = render(&format!("{MINIMAL}identitySync:\n  watchExternalWorkloads: false\n"))?;
+    let mut without = sync.clone();
+    without.retain(|(_, r, _)| r != "externalworkloads");
+    assert_eq!(cluster_role(&off, "causeway-identity-sync")?, without);
+    for (ms, want) in [(&ms, "--watch-external-workloads=true"), (&off, "--watch-external-workloads=false")] {
+        let spec = pod_spec(ms, "Deployment", "identity-sync")?;
+        assert!(container(&spec, "identity-sync")?.args.iter().flatten().any(|a| a == want), "{want}");
+    }
     // egress-gw/src/kube/mod.rs: watchers and the status merge patch; Events through a Role in "default" only.
     assert_eq!(
         cluster_role(&ms, "causeway-egress-gw")?,
