@@ -1,7 +1,10 @@
 //! External-workload registration end to end: the clustermesh-apiserver binary against real etcd and the fake kube
 //! API (the one test stand-in), called over real mTLS gRPC with certificates minted like `causeway clustermesh
 //! enable` does. A registered host appears with its identity in etcd's ipcache and in its object's status; unknown
-//! names and other certificates are refused; re-registering with a new address leaves no stale entry.
+//! names and other certificates are refused; re-registering with a new address leaves no stale entry. A host that
+//! registers a WireGuard key joins the mesh datapath: it is exported with a node record (as cluster nodes are) and
+//! an ipcache entry for its mesh address, learns its mesh address and the cluster's DNS and Service CIDRs, and
+//! refusals (bad key, no or overlapping range) show up as Ready=False in its object's status.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -12,6 +15,7 @@ use causeway_api::v1::workloads_client::WorkloadsClient;
 use causeway_api::v1::{RegisterRequest, RegisterResponse};
 use causeway_crds::{CausewayIdentity, ExternalWorkload};
 use causeway_pki::{users, CertificateAuthority, IssuedCert, Pki};
+use causeway_store::Node;
 use causeway_testsupport::{wait_until, Etcd};
 use fake_kube_apiserver::{FakeApiServer, FakeApiServerHandle};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -23,6 +27,12 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// WireGuard public keys as `wg pubkey` prints them.
+const KEY: &str = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=";
+const KEY2: &str = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+/// What the apiserver is told with --service-cidrs.
+const SERVICE_CIDRS: [&str; 2] = ["10.96.0.0/12", "fd00:96::/108"];
 
 /// Kills the apiserver when the test ends, however it ends.
 struct Apiserver(Child);
@@ -135,6 +145,7 @@ impl Setup {
             cert.display().to_string(),
             "--workloads-tls-key".into(),
             key.display().to_string(),
+            format!("--service-cidrs={}", SERVICE_CIDRS.join(",")),
         ];
         let apiserver = spawn(&args, port).await?;
         Ok(Setup { etcd, _kube: kube, client, pki, port, _dir: dir, apiserver, args })
@@ -165,6 +176,51 @@ impl Setup {
         Ok(c.register(req).await.map(|r| r.into_inner()))
     }
 
+    /// Registers `name` at `ipv4` with the external-workload certificate and a WireGuard key ("" for none).
+    async fn register_keyed(
+        &self,
+        name: &str,
+        ipv4: &str,
+        key: &str,
+    ) -> Result<Result<RegisterResponse, tonic::Status>> {
+        let mut c = self.connect(Some(&self.workload_cert()?)).await?;
+        let req = RegisterRequest {
+            name: name.into(),
+            ipv4: ipv4.into(),
+            wireguard_pub_key: key.into(),
+            ..Default::default()
+        };
+        Ok(c.register(req).await.map(|r| r.into_inner()))
+    }
+
+    /// An ExternalWorkload with `spec.ipv4AllocCIDR` = `cidr` (None: no range).
+    async fn create_workload_with(&self, name: &str, labels: Value, cidr: Option<&str>) -> Result<()> {
+        let spec = match cidr {
+            Some(c) => json!({"ipv4AllocCIDR": c}),
+            None => json!({}),
+        };
+        let obj: ExternalWorkload = serde_json::from_value(json!({
+            "apiVersion": "causeway.io/v1alpha1", "kind": "ExternalWorkload",
+            "metadata": {"name": name, "labels": labels},
+            "spec": spec
+        }))?;
+        Api::<ExternalWorkload>::all(self.client.clone()).create(&PostParams::default(), &obj).await?;
+        Ok(())
+    }
+
+    /// The cluster DNS Service the apiserver looks up by default (kube-system/kube-dns).
+    async fn create_kube_dns(&self, cluster_ip: &str) -> Result<()> {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+            "spec": {"clusterIP": cluster_ip, "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}
+        }))?;
+        Api::<k8s_openapi::api::core::v1::Service>::namespaced(self.client.clone(), "kube-system")
+            .create(&PostParams::default(), &svc)
+            .await?;
+        Ok(())
+    }
+
     fn workload_cert(&self) -> Result<IssuedCert> {
         Ok(self.pki.client(users::EXTERNAL_WORKLOAD)?)
     }
@@ -184,6 +240,11 @@ impl Setup {
         Ok(serde_json::to_value(obj.status)?)
     }
 
+    async fn delete_workload(&self, name: &str) -> Result<()> {
+        Api::<ExternalWorkload>::all(self.client.clone()).delete(name, &Default::default()).await?;
+        Ok(())
+    }
+
     fn still_running(&mut self) -> Result<()> {
         if let Ok(Some(status)) = self.apiserver.0.try_wait() {
             bail!("clustermesh-apiserver exited: {status}");
@@ -194,6 +255,54 @@ impl Setup {
 
 fn ipcache_key(ip: &str) -> String {
     format!("cilium/state/ip/v1/default/{ip}")
+}
+
+fn node_key(name: &str) -> String {
+    format!("cilium/state/nodes/v1/east/{name}")
+}
+
+/// The node record of `name` once `ok` holds for it (None: it never did within [`WAIT`]).
+async fn wait_node(etcd: &etcd_client::Client, name: &str, ok: impl Fn(&Node) -> bool) -> Option<Node> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let node = get(&mut etcd.clone(), &node_key(name)).await.and_then(|v| serde_json::from_str::<Node>(&v).ok());
+        if let Some(n) = node.filter(|n| ok(n)) {
+            return Some(n);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `key` is absent from etcd; false if it never went.
+async fn wait_gone(etcd: &etcd_client::Client, key: &str) -> bool {
+    wait_until(WAIT, || {
+        let mut c = etcd.clone();
+        let k = key.to_string();
+        async move { get(&mut c, &k).await.is_none() }
+    })
+    .await
+}
+
+/// The parsed ipcache entry of `ip`, once it exists with identity `id`.
+async fn wait_ipcache(etcd: &etcd_client::Client, ip: &str, id: u32) -> Result<Value> {
+    let ok = wait_until(WAIT, || {
+        let mut c = etcd.clone();
+        async move {
+            let Some(v) = get(&mut c, &ipcache_key(ip)).await else { return false };
+            serde_json::from_str::<Value>(&v).is_ok_and(|e| e["ID"] == json!(id))
+        }
+    })
+    .await;
+    let raw = get(&mut etcd.clone(), &ipcache_key(ip)).await;
+    anyhow::ensure!(ok, "no ipcache entry for {ip} with identity {id}: {raw:?}");
+    Ok(serde_json::from_str(&raw.context("entry")?)?)
+}
+
+fn ready_condition(status: &Value) -> Value {
+    status["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Ready")).cloned().unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,5 +498,184 @@ async fn hosts_survive_a_restart_and_leave_with_their_object() -> Result<()> {
     // Its name is unknown now.
     let refused = s.register_as(Some(&s.workload_cert()?), "db-vm-1", "192.0.2.7", "").await?;
     assert_eq!(refused.err().map(|e| e.code()), Some(Code::NotFound));
+    s.still_running()
+}
+
+/// A host registering a WireGuard key is exported like a cluster node (node record with its underlay address, its
+/// range as pod CIDR and its key) plus an ipcache entry for its mesh address; it learns its mesh address, the
+/// cluster's DNS server and domain and the Service CIDRs. Re-registering with the same inputs changes nothing, a new
+/// key replaces the record, an overlapping range of another host is refused (and said so in that host's status),
+/// and deleting the object withdraws everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_host_joins_the_mesh_datapath_and_leaves_with_its_object() -> Result<()> {
+    let mut s = Setup::start().await?;
+    s.create_kube_dns("10.96.0.10").await?;
+    s.create_workload_with(
+        "db-vm-1",
+        json!({"app": "postgres", "topology.kubernetes.io/zone": "dc-2"}),
+        Some("10.192.1.0/30"),
+    )
+    .await?;
+
+    let resp = s.register_keyed("db-vm-1", "192.0.2.7", KEY).await?.context("keyed registration")?;
+    assert_eq!(resp.mesh_ipv4, "10.192.1.1");
+    assert_eq!(resp.cluster_dns, "10.96.0.10");
+    assert_eq!(resp.cluster_domain, "cluster.local");
+    assert_eq!(resp.service_cidrs, SERVICE_CIDRS.to_vec());
+    assert_eq!(resp.ipv4_alloc_cidr, "10.192.1.0/30");
+    let id = resp.identity;
+
+    // The node record, in the shape cluster nodes are exported in.
+    let c = s.etcd.client().await;
+    let node = wait_node(&c, "db-vm-1", |_| true).await.context("no node record for the keyed host")?;
+    assert_eq!((node.name.as_str(), node.cluster.as_str(), node.cluster_id), ("db-vm-1", "east", 7));
+    assert_eq!(node.internal_ips().collect::<Vec<_>>(), vec!["192.0.2.7".parse::<std::net::IpAddr>()?]);
+    assert_eq!(node.ipv4_alloc_cidr, Some("10.192.1.0/30".parse()?));
+    assert_eq!(node.wireguard_pub_key, KEY);
+    assert_eq!(node.zone(), Some("dc-2"));
+
+    // Both addresses map to the host's identity, and live at the underlay address.
+    for ip in ["192.0.2.7", "10.192.1.1"] {
+        let entry = wait_ipcache(&c, ip, id).await?;
+        assert_eq!((entry["IP"].clone(), entry["HostIP"].clone()), (json!(ip), json!("192.0.2.7")), "{entry}");
+        assert_eq!(entry["K8sPodName"], json!("db-vm-1"));
+    }
+    let status = s.status("db-vm-1").await?;
+    assert_eq!((status["meshIPv4"].clone(), status["wireguardPublicKey"].clone()), (json!("10.192.1.1"), json!(KEY)));
+    assert_eq!((status["id"].clone(), status["ip"].clone()), (json!(id), json!("192.0.2.7")));
+    assert_eq!(ready_condition(&status)["status"], json!("True"), "{status}");
+
+    // Same inputs again: same answer, same record.
+    let again = s.register_keyed("db-vm-1", "192.0.2.7", KEY).await?.context("re-registration")?;
+    assert_eq!((again.identity, again.mesh_ipv4.as_str()), (id, "10.192.1.1"));
+    let before = get(&mut c.clone(), &node_key("db-vm-1")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&mut c.clone(), &node_key("db-vm-1")).await, before, "an identical registration changed the record");
+    // A new key replaces the record's key.
+    s.register_keyed("db-vm-1", "192.0.2.7", KEY2).await?.context("new key")?;
+    let rekeyed = wait_node(&c, "db-vm-1", |n| n.wireguard_pub_key == KEY2).await;
+    assert!(
+        rekeyed.is_some(),
+        "the node record kept the old key: {:?}",
+        get(&mut c.clone(), &node_key("db-vm-1")).await
+    );
+    let status_key = wait_until(WAIT, || async {
+        s.status("db-vm-1").await.is_ok_and(|st| st["wireguardPublicKey"] == json!(KEY2))
+    })
+    .await;
+    assert!(status_key, "status key: {}", s.status("db-vm-1").await?);
+
+    // A second host whose range overlaps is refused, and its object says why.
+    s.create_workload_with("db-vm-2", json!({"app": "postgres"}), Some("10.192.1.0/29")).await?;
+    let overlap = s.register_keyed("db-vm-2", "192.0.2.9", KEY).await?;
+    let status = overlap.err().context("an overlapping range was accepted")?;
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert!(
+        status.message().contains("\"db-vm-1\"") && status.message().contains("10.192.1.0/30"),
+        "{}",
+        status.message()
+    );
+    let refused = s.status("db-vm-2").await?;
+    let ready = ready_condition(&refused);
+    assert_eq!(
+        (ready["status"].clone(), ready["reason"].clone()),
+        (json!("False"), json!("AllocCIDROverlap")),
+        "{refused}"
+    );
+    assert!(ready["message"].as_str().is_some_and(|m| m.contains("db-vm-1")), "{ready}");
+    let mut c2 = c.clone();
+    assert_eq!(get(&mut c2, &node_key("db-vm-2")).await, None);
+    assert_eq!(get(&mut c2, &ipcache_key("192.0.2.9")).await, None);
+    // A neighbouring range is fine.
+    s.delete_workload("db-vm-2").await?;
+    s.create_workload_with("db-vm-3", json!({"app": "postgres"}), Some("10.192.1.4/30")).await?;
+    let third = s.register_keyed("db-vm-3", "192.0.2.10", KEY).await?.context("disjoint range")?;
+    assert_eq!(third.mesh_ipv4, "10.192.1.5");
+
+    // Deleting the object withdraws the node record and both ipcache entries; the other host stays.
+    s.delete_workload("db-vm-1").await?;
+    for key in [node_key("db-vm-1"), ipcache_key("192.0.2.7"), ipcache_key("10.192.1.1")] {
+        assert!(wait_gone(&c, &key).await, "{key} outlived its object");
+    }
+    assert!(get(&mut c2, &node_key("db-vm-3")).await.is_some());
+    assert!(get(&mut c2, &ipcache_key("10.192.1.5")).await.is_some());
+    s.still_running()
+}
+
+/// Refusals of keyed registrations: a key without a range is FAILED_PRECONDITION, a malformed key
+/// INVALID_ARGUMENT; each leaves Ready=False with the reason in the object's status and exports nothing.
+/// Registering again without a key withdraws the node record and mesh address. Without a DNS Service the answer's
+/// cluster_dns is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_registrations_are_refused_without_a_range_or_with_a_bad_key() -> Result<()> {
+    let mut s = Setup::start().await?;
+    s.create_workload_with("vm-a", json!({"app": "web"}), None).await?;
+    let no_range = s.register_keyed("vm-a", "192.0.2.20", KEY).await?;
+    let status = no_range.err().context("a key without a range was accepted")?;
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("ipv4AllocCIDR"), "{}", status.message());
+    let st = s.status("vm-a").await?;
+    let ready = ready_condition(&st);
+    assert_eq!((ready["status"].clone(), ready["reason"].clone()), (json!("False"), json!("NoAllocCIDR")), "{st}");
+    assert!(st.get("id").is_none_or(Value::is_null), "a refused first registration wrote an identity: {st}");
+
+    s.create_workload_with("vm-b", json!({"app": "web"}), Some("10.192.2.0/30")).await?;
+    for bad in ["not-a-key", "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8A=="] {
+        let refused = s.register_keyed("vm-b", "192.0.2.21", bad).await?;
+        let status = refused.err().with_context(|| format!("key {bad:?} was accepted"))?;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("WireGuard public key"), "{}", status.message());
+    }
+    let st = s.status("vm-b").await?;
+    assert_eq!(ready_condition(&st)["reason"], json!("InvalidRequest"), "{st}");
+    let mut c = s.etcd.client().await;
+    for key in [node_key("vm-a"), node_key("vm-b"), ipcache_key("192.0.2.20"), ipcache_key("192.0.2.21")] {
+        assert_eq!(get(&mut c, &key).await, None, "{key} exported for a refused registration");
+    }
+
+    // Now a good key: joined (and Ready again); the answer has no DNS server (no kube-dns Service here).
+    let ok = s.register_keyed("vm-b", "192.0.2.21", KEY).await?.context("keyed registration")?;
+    assert_eq!((ok.mesh_ipv4.as_str(), ok.cluster_dns.as_str()), ("10.192.2.1", ""));
+    assert!(wait_node(&c, "vm-b", |_| true).await.is_some());
+    wait_ipcache(&c, "10.192.2.1", ok.identity).await?;
+    assert_eq!(ready_condition(&s.status("vm-b").await?)["status"], json!("True"));
+    // Without a key: the node record and the mesh address go, the underlay entry stays.
+    let keyless = s.register_keyed("vm-b", "192.0.2.21", "").await?.context("keyless re-registration")?;
+    assert_eq!(keyless.mesh_ipv4, "");
+    for key in [node_key("vm-b"), ipcache_key("10.192.2.1")] {
+        assert!(wait_gone(&c, &key).await, "{key} outlived the key");
+    }
+    wait_ipcache(&c, "192.0.2.21", ok.identity).await?;
+    let st = s.status("vm-b").await?;
+    assert!(
+        st.get("meshIPv4").is_none_or(Value::is_null) && st.get("wireguardPublicKey").is_none_or(Value::is_null),
+        "{st}"
+    );
+    s.still_running()
+}
+
+/// A keyed host survives an apiserver restart: its node record and mesh entry are exported again by the new
+/// process (under its own lease) from the object's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_host_is_re_exported_after_a_restart() -> Result<()> {
+    let mut s = Setup::start().await?;
+    s.create_workload_with("mesh-vm", json!({"app": "db"}), Some("10.192.3.0/31")).await?;
+    let resp = s.register_keyed("mesh-vm", "192.0.2.30", KEY).await?.context("register")?;
+    assert_eq!(resp.mesh_ipv4, "10.192.3.0", "a /31's first address");
+    let c = s.etcd.client().await;
+    wait_node(&c, "mesh-vm", |_| true).await.context("node record")?;
+    let old_lease = lease(&c, &node_key("mesh-vm")).await.context("lease of the first process")?;
+    s.restart().await?;
+    let c2 = s.etcd.client().await;
+    let reexported = wait_until(WAIT, || {
+        let c = c2.clone();
+        async move { lease(&c, &node_key("mesh-vm")).await.is_some_and(|l| l != old_lease) }
+    })
+    .await;
+    assert!(reexported, "the node record was not re-exported after the restart");
+    let node = wait_node(&c2, "mesh-vm", |_| true).await.context("node record")?;
+    assert_eq!((node.wireguard_pub_key.as_str(), node.ipv4_alloc_cidr), (KEY, Some("10.192.3.0/31".parse()?)));
+    let entry = wait_ipcache(&c2, "10.192.3.0", resp.identity).await?;
+    assert_eq!(entry["HostIP"], json!("192.0.2.30"));
     s.still_running()
 }
