@@ -6,7 +6,7 @@
 set -euo pipefail
 
 PKGS=(etcd-server etcd-client protobuf-compiler clang-19 libbpf-dev bpftool iproute2 nftables iptables
-      wireguard-tools wireguard-go iperf3 iputils-ping curl socat)
+      wireguard-tools wireguard-go iperf3 iputils-ping curl socat dnsmasq-base)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -13,6 +13,8 @@
 //!   `causeway-node-agent` binary runs it.
 //! - [`egress`]: the agent's gateway duties outside the maps: health probe responder, interface publishing on the
 //!   Node, gratuitous ARP on takeover.
+//! - [`workload`]: a VM or bare-metal host joining the mesh (`causeway-node-agent register` / `check-dns`; the agent
+//!   itself then runs in host mode: only a WireGuard interface, a mesh address and routes to the home cluster).
 //!
 //! Nothing here talks to etcd; the agent gets its inputs from identity-sync's and egress-gw's streams. The only kube
 //! API use is optional: publishing this node's interfaces on its Node object (`egress::publish`).
@@ -22,3 +24,4 @@ pub mod bpf;
 pub mod egress;
 pub mod kernel;
 pub mod wireguard;
+pub mod workload;

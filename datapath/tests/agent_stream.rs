@@ -300,11 +300,7 @@ struct RunningAgent {
 impl RunningAgent {
     fn start(mesh: SocketAddr, egress: SocketAddr, dp: InMemoryDatapath) -> RunningAgent {
         let cfg = AgentConfig {
-            local: LocalNode {
-                name: "node-a".into(),
-                ip: "192.168.0.1".parse().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-                wireguard_port: 51871,
-            },
+            local: LocalNode::new("node-a", "192.168.0.1".parse().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)), 51871),
             mesh_endpoint: Some(mesh.to_string()),
             egress_endpoint: Some(format!("http://{egress}")),
             gc: GcPolicy::default(),

@@ -95,7 +95,7 @@ fn flows_of_a_removed_gateway_move_and_an_empty_group_drops() -> Result<()> {
         local_ip: IpAddr::V4(NODE),
         tunnel: None,
     })?;
-    let local = LocalNode { name: "node-a".into(), ip: IpAddr::V4(NODE), wireguard_port: 51871 };
+    let local = LocalNode::new("node-a", IpAddr::V4(NODE), 51871);
     let mut agent = Agent { core: AgentCore::with_streams(local, false, true), dp, revision: 0 };
 
     // Two gateways: flows spread over both and are pinned.

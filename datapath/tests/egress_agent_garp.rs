@@ -43,7 +43,7 @@ async fn the_agent_loop_reports_the_egress_ips_this_node_takes_over() -> Result<
     egress.upsert(policy("billing", "203.0.113.0/24", &["10.1.0.5"], "192.0.2.10", &["192.168.0.7"]));
     let addr = egress.serve(std::net::TcpListener::bind("127.0.0.1:0")?)?;
     let cfg = AgentConfig {
-        local: LocalNode { name: "gw-a".into(), ip: IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1)), wireguard_port: 51871 },
+        local: LocalNode::new("gw-a", IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1)), 51871),
         mesh_endpoint: None,
         egress_endpoint: Some(format!("http://{addr}")),
         gc: GcPolicy::default(),

@@ -94,6 +94,7 @@ async fn published_interfaces_round_trip_through_egress_gw_and_follow_changes() 
             filter: PublishFilter::default(),
             interval: Duration::from_millis(20),
             refresh: Duration::from_secs(600),
+            wireguard_pub_key: None,
         },
         move || Ok(source.lock().unwrap_or_else(|e| e.into_inner()).clone()),
         metrics.clone(),

@@ -139,7 +139,7 @@ fn conntrack_gc_expires_idle_egress_pins_with_the_shared_timeouts() -> Result<()
     assert_eq!(seen.len(), 2, "both pins reported to GC: {seen:?}");
     assert!(seen.iter().all(|e| e.last_seen_ns > 0 && e.last_seen_ns <= dp.now_ns()), "stamped: {seen:?}");
 
-    let local = LocalNode { name: "me".into(), ip: IpAddr::V4(NODE), wireguard_port: 0 };
+    let local = LocalNode::new("me", IpAddr::V4(NODE), 0);
     let mut core = AgentCore::new(local, true);
     // Default timeouts: nothing is idle long enough yet.
     let report = core.gc(&mut dp, &GcPolicy::default())?;

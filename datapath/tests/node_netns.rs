@@ -664,7 +664,7 @@ mod wireguard {
                 wg_key: Some(remote_key),
             }),
         );
-        let local = LocalNode { name: "me".into(), ip: local_ip.parse().unwrap(), wireguard_port: WG_PORT };
+        let local = LocalNode::new("me", local_ip.parse().unwrap(), WG_PORT);
         let (egress, policy) = (BTreeMap::new(), BTreeMap::new());
         let inputs = Inputs { mesh: &mesh, egress: &egress, identity_policy: &policy, local: &local };
         DesiredState::compute(&inputs, &mut EgressIds::default(), &MapContents::default()).maps

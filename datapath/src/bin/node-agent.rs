@@ -14,12 +14,22 @@
 //! `--kubeconfig` (or `--publish-interfaces` in a pod) it publishes its interfaces and addresses on its Node. When
 //! it becomes an active gateway for an egress IPv4 address configured on one of its interfaces, it sends gratuitous
 //! ARP there (the address must already be configured; the agent does not add it).
+//!
+//! A VM or bare-metal host joining the mesh (`causeway_datapath::workload`) uses two subcommands before it runs the
+//! agent, and then runs it in host mode:
+//!
+//! - `register`: registers the host with its cluster's clustermesh-apiserver over mTLS (causeway.v1.Workloads),
+//!   sending the public half of `<state dir>/wireguard.key`, and writes the answer as an EnvironmentFile;
+//! - `check-dns`: resolves a name with a resolv.conf's nameservers and search list (hickory-resolver);
+//! - host mode: only `--wireguard-interface` (no pod or external interface), `--mesh-ipv4` on that interface, and
+//!   `--service-cidrs` routed to one node of `--home-cluster`.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use causeway_datapath::agent::desired::ServiceRoutes;
 use causeway_datapath::agent::run::{self, AgentConfig, AgentMetrics, RunHooks};
 use causeway_datapath::agent::{GcPolicy, InMemoryDatapath, LocalNode};
 use causeway_datapath::egress::garp::{self, GarpConfig, GarpMetrics};
@@ -29,9 +39,11 @@ use causeway_datapath::egress::probe::{self, GatewayReady, ProbeMetrics};
 use causeway_datapath::egress::publish::{self, PublishConfig, PublishMetrics};
 use causeway_datapath::kernel::install::{self, InstallOptions};
 use causeway_datapath::kernel::{KernelConfig, KernelDatapath};
-use causeway_datapath::wireguard::{PrivateKey, Tunnel, TunnelConfig};
+use causeway_datapath::wireguard::{keyfile, Tunnel, TunnelConfig};
+use causeway_datapath::workload::{dns, envfile, register};
 use causeway_runtime::{Health, LogFormat};
 use clap::Parser;
+use ipnet::IpNet;
 use tracing::{info, warn};
 
 #[derive(Debug, Parser)]
@@ -40,7 +52,10 @@ use tracing::{info, warn};
     about = "Causeway node agent: programs the node's datapath (eBPF maps, WireGuard peers, routes) from \
              identity-sync's mesh view and the egress gateway assignments.",
     after_help = "With --dry-run the agent runs the full pipeline (streams, desired state, planner) against an \
-                  in-memory datapath and does NOT program the kernel."
+                  in-memory datapath and does NOT program the kernel.\n\n\
+                  Subcommands for a host joining the mesh (see their --help):\n  \
+                  causeway-node-agent register   register with the clustermesh-apiserver, write an EnvironmentFile\n  \
+                  causeway-node-agent check-dns  check that a name resolves with a resolv.conf's nameservers"
 )]
 struct Args {
     /// This node's name (as in the Node object); sent to the stream servers.
@@ -62,8 +77,9 @@ struct Args {
     #[arg(long, env = "CAUSEWAY_PROBE_ADDR", default_value = "0.0.0.0:9966")]
     probe_addr: SocketAddr,
     /// Kubeconfig used to publish this node's interfaces and addresses on its Node (annotations
-    /// egress.causeway.io/interfaces and egress.causeway.io/default-interface, read by egress-gw). Given: publishing
-    /// is on. Absent: see --publish-interfaces.
+    /// egress.causeway.io/interfaces and egress.causeway.io/default-interface, read by egress-gw) and, with
+    /// --wireguard-interface, its WireGuard public key (causeway.io/wireguard-pub-key, exported by
+    /// clustermesh-apiserver in its node record). Given: publishing is on. Absent: see --publish-interfaces.
     #[arg(long, env = "CAUSEWAY_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// Publish the interfaces with the in-cluster service account (KUBERNETES_SERVICE_HOST must be set) when no
@@ -107,8 +123,21 @@ struct Args {
     #[arg(long, env = "CAUSEWAY_VXLAN_DEVICE", default_value = "cw_vxlan")]
     vxlan_device: String,
     /// The node's WireGuard interface (created, userspace boringtun); absent: no tunnel, peer and route ops fail.
+    /// On a host outside the cluster (a joined VM) it is the only interface the agent needs.
     #[arg(long, env = "CAUSEWAY_WIREGUARD_INTERFACE")]
     wireguard_interface: Option<String>,
+    /// A joined host's address inside the mesh (`register` writes it as CAUSEWAY_MESH_IPV4): put on the WireGuard
+    /// interface as a /32, so the host's mesh traffic leaves from it. Other IPv4 addresses on that interface are
+    /// removed.
+    #[arg(long, env = "CAUSEWAY_MESH_IPV4")]
+    mesh_ipv4: Option<Ipv4Addr>,
+    /// A joined host's home cluster's Service CIDRs (comma separated; CAUSEWAY_SERVICE_CIDRS): routed through the
+    /// tunnel to one node of --home-cluster (the first by name with a WireGuard key; the next one if it goes).
+    #[arg(long, env = "CAUSEWAY_SERVICE_CIDRS", value_delimiter = ',')]
+    service_cidrs: Vec<String>,
+    /// The cluster a joined host registered with (CAUSEWAY_HOME_CLUSTER): whose nodes carry --service-cidrs.
+    #[arg(long, env = "CAUSEWAY_HOME_CLUSTER")]
+    home_cluster: Option<String>,
     /// This node's underlay IPv4, if --node-ip is IPv6 (VXLAN to gateways runs over IPv4).
     #[arg(long, env = "CAUSEWAY_NODE_IPV4")]
     node_ipv4: Option<std::net::Ipv4Addr>,
@@ -142,8 +171,97 @@ struct Args {
     gc_interval: u64,
 }
 
+#[derive(Debug, Parser)]
+#[command(
+    name = "causeway-node-agent register",
+    about = "Register this host (a VM or bare-metal machine) with its cluster's clustermesh-apiserver over mTLS \
+             (causeway.v1.Workloads/Register) and write the answer as an EnvironmentFile.",
+    after_help = "The WireGuard key is <state dir>/wireguard.key, created if missing: the one the agent uses. \
+                  Connection failures and UNAVAILABLE are retried with backoff until --timeout; any other refusal \
+                  (NOT_FOUND: no ExternalWorkload of that name, PERMISSION_DENIED, ...) exits non-zero at once \
+                  with the server's message."
+)]
+struct RegisterArgs {
+    /// This host's name: the name of its ExternalWorkload object.
+    #[arg(long, env = "CAUSEWAY_WORKLOAD_NAME")]
+    name: String,
+    /// The clustermesh-apiserver's workloads service, https://HOST:PORT (any address that reaches it: Service,
+    /// NodePort on any node, load balancer).
+    #[arg(long, env = "CAUSEWAY_APISERVER")]
+    apiserver: String,
+    /// The DNS name the server certificate is verified against, whatever address is dialed.
+    #[arg(long, env = "CAUSEWAY_APISERVER_SERVER_NAME", default_value = register::DEFAULT_SERVER_NAME)]
+    server_name: String,
+    /// The mesh CA (ca.crt of the externalworkload bundle).
+    #[arg(long)]
+    ca: PathBuf,
+    /// The externalworkload client certificate.
+    #[arg(long)]
+    cert: PathBuf,
+    /// Its private key.
+    #[arg(long)]
+    key: PathBuf,
+    /// This host's underlay IPv4 (where cluster nodes reach its WireGuard port).
+    #[arg(long, env = "CAUSEWAY_NODE_IP")]
+    node_ip: Ipv4Addr,
+    /// This host's IPv6, if it has one.
+    #[arg(long, env = "CAUSEWAY_NODE_IPV6")]
+    node_ipv6: Option<Ipv6Addr>,
+    /// The agent's state directory (holds wireguard.key).
+    #[arg(long, env = "CAUSEWAY_STATE_DIR", default_value = "/var/lib/causeway")]
+    state_dir: PathBuf,
+    /// The EnvironmentFile to write (replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// Give up after this long (e.g. 2m, 30s).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    #[arg(long, env = "CAUSEWAY_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "causeway-node-agent check-dns",
+    about = "Resolve a name with the nameservers, search list and options of a resolv.conf (hickory-resolver, not \
+             libc or /etc/hosts), retrying until --timeout. Prints the answers; exits non-zero if the name does not \
+             resolve or --expect is not among the answers."
+)]
+struct CheckDnsArgs {
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// The name to resolve (relative names use the search list).
+    #[arg(long)]
+    name: String,
+    /// An address that must be among the answers.
+    #[arg(long)]
+    expect: Option<IpAddr>,
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Pause between attempts.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    #[arg(long, env = "CAUSEWAY_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Subcommands are dispatched by hand: the agent's own flags (required --node-name...) stay as they were.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match argv.get(1).and_then(|a| a.to_str()) {
+        Some("register") => {
+            let args = RegisterArgs::parse_from(subcommand_argv("register", &argv));
+            causeway_runtime::init_logging(args.log_format.parse()?);
+            return register_host(&args).await;
+        }
+        Some("check-dns") => {
+            let args = CheckDnsArgs::parse_from(subcommand_argv("check-dns", &argv));
+            causeway_runtime::init_logging(args.log_format.parse()?);
+            return check_dns(&args).await;
+        }
+        _ => {}
+    }
     let args = Args::parse();
     let format: LogFormat = args.log_format.parse()?;
     causeway_runtime::init_logging(format);
@@ -156,13 +274,21 @@ async fn main() -> Result<()> {
     }
     if args.dry_run {
         warn!("--dry-run: using an in-memory datapath; nothing in the kernel is programmed");
-    } else if args.pod_interfaces.is_empty() && args.pod_interface_prefix.is_none() && args.external_interface.is_none()
+    } else if args.pod_interfaces.is_empty()
+        && args.pod_interface_prefix.is_none()
+        && args.external_interface.is_none()
+        && args.wireguard_interface.is_none()
     {
         // Installing needs to know where: refuse rather than guess interfaces on a real node.
         bail!(
-            "no interface to program: give --pod-interfaces / --pod-interface-prefix (steering) and/or \
-             --external-interface (gateway SNAT), or run with --dry-run against an in-memory datapath"
+            "no interface to program: give --pod-interfaces / --pod-interface-prefix (steering), \
+             --external-interface (gateway SNAT) and/or --wireguard-interface (the only one a joined host needs), \
+             or run with --dry-run against an in-memory datapath"
         );
+    }
+    let service_routes = service_routes(&args)?;
+    if args.mesh_ipv4.is_some() && args.wireguard_interface.is_none() && !args.dry_run {
+        bail!("--mesh-ipv4 is an address on the WireGuard interface: give --wireguard-interface too");
     }
     let health = Health::new();
     let metrics = AgentMetrics::default();
@@ -199,12 +325,25 @@ async fn main() -> Result<()> {
             filter: publish_filter(&args),
             interval: Duration::from_secs(args.publish_interval.max(1)),
             refresh: Duration::from_secs(600),
+            // The key the tunnel will use (created now if this is the first run, as the tunnel would).
+            wireguard_pub_key: match &args.wireguard_interface {
+                Some(_) => {
+                    std::fs::create_dir_all(&args.state_dir)
+                        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+                    Some(keyfile::load_or_create(&args.state_dir.join(keyfile::KEY_FILE))?.public_key())
+                }
+                None => None,
+            },
         };
         tokio::spawn(publish::run(client, cfg, netlink::read, publish_metrics, std::future::pending()));
     }
 
     let cfg = AgentConfig {
-        local: LocalNode { name: args.node_name.clone(), ip: args.node_ip, wireguard_port: args.wireguard_port },
+        local: LocalNode {
+            mesh_ipv4: args.mesh_ipv4,
+            service_routes,
+            ..LocalNode::new(args.node_name.clone(), args.node_ip, args.wireguard_port)
+        },
         mesh_endpoint: args.identity_sync_addr.clone(),
         egress_endpoint: args.egress_addr.clone(),
         gc: GcPolicy {
@@ -323,25 +462,111 @@ fn uninstall(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Loads the WireGuard private key from `path`, or generates and stores one (mode 0600).
-fn wireguard_key(path: &Path) -> Result<PrivateKey> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => text.trim().parse().map_err(|e| anyhow::anyhow!("WireGuard key in {}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let key = PrivateKey::generate();
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            f.write_all(key.to_base64().as_bytes())?;
-            Ok(key)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+/// `["causeway-node-agent <sub>", rest...]`: the subcommand's own argv for clap (usage lines name it).
+fn subcommand_argv(sub: &str, argv: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
+    std::iter::once(format!("causeway-node-agent {sub}").into()).chain(argv.iter().skip(2).cloned()).collect()
+}
+
+/// --service-cidrs (empty items ignored: an EnvironmentFile may hold an empty list) with --home-cluster.
+fn service_routes(args: &Args) -> Result<Option<ServiceRoutes>> {
+    let mut cidrs = Vec::new();
+    for s in args.service_cidrs.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let net: IpNet = s.parse().with_context(|| format!("--service-cidrs: {s:?} is not a CIDR"))?;
+        cidrs.push(net.trunc());
     }
+    match (cidrs.is_empty(), args.home_cluster.as_deref().map(str::trim).filter(|h| !h.is_empty())) {
+        (true, _) => Ok(None),
+        (false, None) => bail!("--service-cidrs are routed to a node of --home-cluster: give --home-cluster too"),
+        (false, Some(_)) if args.wireguard_interface.is_none() && !args.dry_run => {
+            bail!("--service-cidrs are routed through the tunnel: give --wireguard-interface too")
+        }
+        (false, Some(home)) => {
+            info!(home_cluster = home, ?cidrs, "routing the home cluster's Service CIDRs through one of its nodes");
+            Ok(Some(ServiceRoutes { home_cluster: home.to_owned(), cidrs }))
+        }
+    }
+}
+
+async fn register_host(args: &RegisterArgs) -> Result<()> {
+    let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let key = keyfile::load_or_create(&args.state_dir.join(keyfile::KEY_FILE))?;
+    let cfg = register::RegisterConfig {
+        name: args.name.clone(),
+        apiserver: args.apiserver.clone(),
+        server_name: args.server_name.clone(),
+        ca_pem: read(&args.ca)?,
+        cert_pem: read(&args.cert)?,
+        key_pem: read(&args.key)?,
+        ipv4: args.node_ip,
+        ipv6: args.node_ipv6,
+        wireguard_pub_key: key.public_key(),
+        timeout: args.timeout,
+        backoff_initial: Duration::from_millis(250),
+        backoff_max: Duration::from_secs(10),
+        attempt_timeout: Duration::from_secs(10).min(args.timeout.max(Duration::from_secs(1))),
+    };
+    let (_, reg) = register::register(&cfg).await?;
+    envfile::write_atomic(&args.out, &reg.env_file()).with_context(|| format!("writing {}", args.out.display()))?;
+    println!(
+        "registered {} with cluster {} (id {}): identity {}, mesh address {}, WireGuard key {}; wrote {}",
+        args.name,
+        reg.cluster_name,
+        reg.cluster_id,
+        reg.identity,
+        reg.mesh_ipv4,
+        key.public_key(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+async fn check_dns(args: &CheckDnsArgs) -> Result<()> {
+    let resolv_conf = std::fs::read_to_string(&args.resolv_conf)
+        .with_context(|| format!("reading {}", args.resolv_conf.display()))?;
+    let check = dns::DnsCheck {
+        resolv_conf,
+        name: args.name.clone(),
+        expect: args.expect,
+        timeout: args.timeout,
+        interval: args.interval,
+    };
+    let answers = dns::check(&check).await?;
+    for ip in answers {
+        println!("{} {ip}", args.name);
+    }
+    Ok(())
+}
+
+/// Makes `want` the only IPv4 address on the WireGuard interface (the agent owns that interface). Idempotent: an
+/// address already there is left alone, so a restart changes nothing.
+fn set_mesh_address(ifname: &str, want: Ipv4Addr) -> Result<()> {
+    let ip = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new("ip").args(args).output().context("running ip")?;
+        if !out.status.success() {
+            bail!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let want_net = format!("{want}/32");
+    let shown = ip(&["-4", "-o", "addr", "show", "dev", ifname])?;
+    let have: Vec<String> = shown
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            it.find(|w| *w == "inet")?;
+            it.next().map(str::to_owned)
+        })
+        .collect();
+    for other in have.iter().filter(|a| **a != want_net) {
+        info!(ifname, address = %other, "removing a stale address from the WireGuard interface");
+        ip(&["addr", "del", other, "dev", ifname])?;
+    }
+    if !have.contains(&want_net) {
+        ip(&["addr", "replace", &want_net, "dev", ifname])?;
+        info!(ifname, address = %want_net, "mesh address on the WireGuard interface");
+    }
+    Ok(())
 }
 
 /// Creates the tunnel, installs the programs and opens the adapter over the pinned maps.
@@ -354,10 +579,13 @@ fn kernel_datapath(args: &Args) -> Result<KernelDatapath> {
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
     let tunnel = match &args.wireguard_interface {
         Some(ifname) => {
-            let key = wireguard_key(&args.state_dir.join("wireguard.key"))?;
+            let key = keyfile::load_or_create(&args.state_dir.join(keyfile::KEY_FILE))?;
             let t = Tunnel::create(TunnelConfig::new(ifname.clone(), key, args.wireguard_port))
                 .with_context(|| format!("creating WireGuard interface {ifname}"))?;
             info!(ifname, public_key = %t.public_key().to_base64(), "WireGuard interface up");
+            if let Some(mesh) = args.mesh_ipv4 {
+                set_mesh_address(ifname, mesh)?;
+            }
             Some(t)
         }
         None => None,

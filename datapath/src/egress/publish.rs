@@ -4,6 +4,10 @@
 //! it would publish changed, when the last write failed, and every `refresh` anyway (someone may have edited the
 //! annotation by hand).
 //!
+//! The same patch carries the node's WireGuard public key as [`WIREGUARD_KEY_ANNOTATION`] when the agent has a
+//! WireGuard interface: clustermesh-apiserver exports that annotation in the node record peers (and joined hosts)
+//! configure this node as a WireGuard peer from.
+//!
 //! [`Schedule`] decides when to write (sans-IO, injected clock); [`publish`] is the one kube call.
 
 use std::future::Future;
@@ -17,6 +21,10 @@ use kube::api::{Api, Patch, PatchParams};
 use tracing::{debug, info, warn};
 
 use super::interfaces::{self, HostNetwork, PublishFilter, Published};
+use crate::wireguard::PublicKey;
+
+/// The Node annotation holding the node's WireGuard public key (base64), read by clustermesh-apiserver.
+pub const WIREGUARD_KEY_ANNOTATION: &str = "causeway.io/wireguard-pub-key";
 
 /// When to write the annotations.
 #[derive(Debug, Clone)]
@@ -69,10 +77,26 @@ impl PublishMetrics {
     }
 }
 
-/// Merge-patches `node`'s annotations with `p` (other annotations are untouched).
-pub async fn publish(client: &kube::Client, node: &str, p: &Published) -> Result<(), kube::Error> {
+/// The merge patch: `p`'s annotations, plus the WireGuard key annotation when there is a key.
+pub fn merge_patch(p: &Published, wireguard_pub_key: Option<&PublicKey>) -> serde_json::Value {
+    let mut patch = p.merge_patch();
+    if let (Some(key), Some(annotations)) =
+        (wireguard_pub_key, patch.pointer_mut("/metadata/annotations").and_then(|a| a.as_object_mut()))
+    {
+        annotations.insert(WIREGUARD_KEY_ANNOTATION.to_owned(), key.to_base64().into());
+    }
+    patch
+}
+
+/// Merge-patches `node`'s annotations with `p` and the key (other annotations are untouched).
+pub async fn publish(
+    client: &kube::Client,
+    node: &str,
+    p: &Published,
+    wireguard_pub_key: Option<&PublicKey>,
+) -> Result<(), kube::Error> {
     let api: Api<Node> = Api::all(client.clone());
-    api.patch(node, &PatchParams::default(), &Patch::Merge(&p.merge_patch())).await?;
+    api.patch(node, &PatchParams::default(), &Patch::Merge(&merge_patch(p, wireguard_pub_key))).await?;
     Ok(())
 }
 
@@ -86,6 +110,8 @@ pub struct PublishConfig {
     pub interval: Duration,
     /// Rewrite even when nothing changed, this often.
     pub refresh: Duration,
+    /// This node's WireGuard public key, published with every write; `None` without a WireGuard interface.
+    pub wireguard_pub_key: Option<PublicKey>,
 }
 
 /// Polls the addresses with `read` (the netlink reader, or a test's) and publishes until `shutdown`.
@@ -120,15 +146,16 @@ pub async fn run(
         if !schedule.due(&next, now) {
             continue;
         }
-        match publish(&client, &cfg.node, &next).await {
+        match publish(&client, &cfg.node, &next, cfg.wireguard_pub_key.as_ref()).await {
             Ok(()) => {
                 metrics.published.inc();
-                info!(interfaces = %next.interfaces_json(), default = ?next.default_interface, "published interfaces");
+                info!(interfaces = %next.interfaces_json(), default = ?next.default_interface,
+                      wireguard_pub_key = ?cfg.wireguard_pub_key, "published interfaces");
                 schedule.written(next, now);
             }
             Err(e) => {
                 metrics.errors.inc();
-                warn!(error = %e, "writing the interface annotations on the Node; retrying at the next poll");
+                warn!(error = %e, "writing the interface and key annotations on the Node; retrying at the next poll");
             }
         }
         debug!("interface publisher tick done");
@@ -143,6 +170,21 @@ mod tests {
         let mut p = Published::default();
         p.interfaces.insert("eth1".into(), vec![ip.parse().unwrap()]);
         p
+    }
+
+    #[test]
+    fn the_patch_carries_the_key_beside_the_interfaces() {
+        let key = crate::wireguard::PrivateKey::generate().public_key();
+        let p = published("192.0.2.10");
+        let with = merge_patch(&p, Some(&key));
+        assert_eq!(with["metadata"]["annotations"][WIREGUARD_KEY_ANNOTATION], key.to_base64());
+        assert_eq!(
+            with["metadata"]["annotations"][interfaces::INTERFACES_ANNOTATION],
+            p.merge_patch()["metadata"]["annotations"][interfaces::INTERFACES_ANNOTATION]
+        );
+        // Without a key the annotation is not touched at all (not even removed: a merge patch null would).
+        let without = merge_patch(&p, None);
+        assert!(without["metadata"]["annotations"].get(WIREGUARD_KEY_ANNOTATION).is_none());
     }
 
     #[test]

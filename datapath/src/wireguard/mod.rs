@@ -6,7 +6,8 @@
 //!   pod CIDRs, node IPs)
 //! ```
 //!
-//! - [`keys`]: Curve25519 keys in `wg`'s base64 form.
+//! - [`keys`]: Curve25519 keys in `wg`'s base64 form; [`keyfile`]: the node's private key file, shared by the agent
+//!   and `causeway-node-agent register`.
 //! - [`peers`]: the sans-IO reconciler (no I/O, unit-tested): desired peers from node records, minimal diff,
 //!   routes.
 //! - [`backend`]: kernel WireGuard when the kernel has it, else boringtun in userspace.
@@ -16,6 +17,7 @@
 //! - [`uapi`]: reading a userspace device's state (`get=1`), parsed without I/O.
 
 pub mod backend;
+pub mod keyfile;
 pub mod keys;
 pub mod peers;
 pub mod tunnel;

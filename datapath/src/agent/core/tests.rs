@@ -13,7 +13,7 @@ use crate::agent::model::{EgressVerdict, WgKey};
 const EPOCH: u64 = 11;
 
 fn local() -> LocalNode {
-    LocalNode { name: "node-a".into(), ip: "192.168.0.1".parse().unwrap(), wireguard_port: 51871 }
+    LocalNode::new("node-a", "192.168.0.1".parse().unwrap(), 51871)
 }
 
 fn mesh_ev(kind: Kind, rev: u64, object: Option<Object>) -> pb::WatchEvent {
