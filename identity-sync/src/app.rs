@@ -141,10 +141,12 @@ async fn start_inner(cfg: AppConfig, kube: Option<kube::Client>) -> Result<Runni
             None
         }
     };
+    // On an external workload the home cluster's services define the global services (there are no local ones).
+    let home = external_workload.then(|| name.to_string());
+    let core_cfg = CoreConfig { cache_ttl: cfg.cache_ttl, home };
     let metrics = StreamMetrics::default();
     metrics.register(&health);
-    let hub =
-        MeshViewHub::new(MergedView::new(CoreConfig { cache_ttl: cfg.cache_ttl }), StreamConfig::default(), metrics);
+    let hub = MeshViewHub::new(MergedView::new(core_cfg), StreamConfig::default(), metrics);
     let listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
         .await
         .map_err(|source| AppError::GrpcBind { addr: cfg.grpc_addr, source })?;

@@ -4,7 +4,7 @@
 //!   on the stream; turning not ready or being deleted withdraws both (DELETE events);
 //! - on the VM (`--external-workload`, the real binary, no kube API at all): the home cluster's store in a real etcd
 //!   (mTLS, auth on, read as the `externalworkload` user) named like the local cluster is imported, and its node
-//!   (with its WireGuard key) and ipcache entry reach the stream.
+//!   (with its WireGuard key), ipcache entry and global service reach the stream.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,7 +18,9 @@ use causeway_api::v1::watch_event::{Kind as EvKind, Object};
 use causeway_api::v1::{WatchEvent, WatchRequest};
 use causeway_crds::ExternalWorkload;
 use causeway_store::values::Capabilities;
-use causeway_store::{ClusterConfig, IpCacheEntry, Kind, MaxConnectedClusters, Node, NodeAddress};
+use causeway_store::{
+    ClusterConfig, ClusterService, IpCacheEntry, Kind, MaxConnectedClusters, Node, NodeAddress, PortConfig,
+};
 use causeway_testsupport::Etcd;
 use fake_kube_apiserver::FakeApiServer;
 use identity_sync::app::{self, AppConfig};
@@ -41,6 +43,7 @@ const HOME_NODE_KEY: &str = "wAd0mrIMmyBaaYTB6o1O7ZHKWy2iK1mf4gfD/5jqTDM=";
 struct AgentView {
     nodes: BTreeMap<(String, String), causeway_api::v1::Node>,
     ips: BTreeMap<String, causeway_api::v1::IpCacheEntry>,
+    services: BTreeMap<(String, String), causeway_api::v1::GlobalService>,
     deleted_nodes: Vec<(String, String)>,
     deleted_ips: Vec<String>,
 }
@@ -54,6 +57,9 @@ impl AgentView {
             }
             (EvKind::Upsert, Some(Object::Ipcache(i))) => {
                 self.ips.insert(i.ip.clone(), i);
+            }
+            (EvKind::Upsert, Some(Object::Service(s))) => {
+                self.services.insert((s.namespace.clone(), s.name.clone()), s);
             }
             (EvKind::Delete, Some(Object::Node(n))) => {
                 let k = (n.cluster, n.name);
@@ -268,7 +274,8 @@ fn home_node(name: &str, ip: &str, cidr: &str, key: &str) -> anyhow::Result<Node
 }
 
 /// The home cluster "home" (ID 5) as its clustermesh-apiserver exports it: cluster config, one node with a
-/// WireGuard key, one pod's ipcache entry, its identity, and the synced canaries.
+/// WireGuard key, one pod's ipcache entry, its identity, the global service shop/cart it backs, and the synced
+/// canaries.
 async fn export_home(c: &mut etcd_client::Client) -> anyhow::Result<()> {
     c.put("cilium/.has-cluster-config", "true", None).await?;
     let cfg = ClusterConfig {
@@ -301,6 +308,22 @@ async fn export_home(c: &mut etcd_client::Client) -> anyhow::Result<()> {
         None,
     )
     .await?;
+    let port = |port| BTreeMap::from([("http".to_string(), PortConfig { protocol: "TCP".into(), port })]);
+    let cart = ClusterService {
+        cluster: "home".into(),
+        namespace: "shop".into(),
+        name: "cart".into(),
+        frontends: BTreeMap::from([("10.96.12.4".parse()?, port(80))]),
+        backends: BTreeMap::from([("10.5.1.17".parse()?, port(8080))]),
+        hostnames: BTreeMap::new(),
+        zones: BTreeMap::new(),
+        labels: BTreeMap::new(),
+        selector: BTreeMap::new(),
+        include_external: false,
+        shared: true,
+        cluster_id: 5,
+    };
+    put_json(c, "cilium/state/services/v1/home/shop/cart", &cart).await?;
     for kind in [Kind::Nodes, Kind::Services, Kind::Ip, Kind::Identities] {
         c.put(kind.canary_key("home"), "2026-01-01T00:00:00Z", None).await?;
     }
@@ -364,10 +387,22 @@ async fn external_workload_mode_serves_the_home_clusters_store_without_any_kube_
     let mut stream = watch(grpc).await?;
     let mut view = AgentView::default();
     let node_key = ("home".to_string(), "home-node-1".to_string());
-    until(&mut stream, &mut view, "the home cluster's node and ipcache entry", |v| {
-        v.nodes.contains_key(&node_key) && v.ips.contains_key("10.5.1.17")
+    let cart = ("shop".to_string(), "cart".to_string());
+    until(&mut stream, &mut view, "the home cluster's node, ipcache entry and service", |v| {
+        v.nodes.contains_key(&node_key) && v.ips.contains_key("10.5.1.17") && v.services.contains_key(&cart)
     })
     .await?;
+    // The home's service, with its ClusterIP as the frontend and its backend.
+    let svc = &view.services[&cart];
+    let fe: Vec<(&str, Vec<u32>)> =
+        svc.frontends.iter().map(|f| (f.ip.as_str(), f.ports.iter().map(|p| p.port).collect())).collect();
+    assert_eq!(fe, vec![("10.96.12.4", vec![80])]);
+    let be: Vec<(&str, &str, Vec<u32>)> = svc
+        .backends
+        .iter()
+        .map(|b| (b.ip.as_str(), b.cluster.as_str(), b.ports.iter().map(|p| p.port).collect()))
+        .collect();
+    assert_eq!(be, vec![("10.5.1.17", "home", vec![8080])]);
     let node = &view.nodes[&node_key];
     assert_eq!((node.cluster_id, node.wireguard_pub_key.as_str()), (5, HOME_NODE_KEY));
     assert_eq!(node.internal_ips, vec!["172.18.0.2"]);

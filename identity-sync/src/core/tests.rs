@@ -387,7 +387,7 @@ fn relist_after_compaction_sweeps_one_kind() {
 
 #[test]
 fn cache_ttl_revokes_disconnected_remote_with_fake_time() {
-    let mut v = view_with(CoreConfig { cache_ttl: Some(Duration::from_secs(60)) }, &[EAST, WEST]);
+    let mut v = view_with(CoreConfig { cache_ttl: Some(Duration::from_secs(60)), ..Default::default() }, &[EAST, WEST]);
     let t0 = Instant::now();
     v.entry_upsert(EAST, ip_entry(EAST, "10.1.0.1", 1)).unwrap();
     v.entry_upsert(WEST, ip_entry(WEST, "10.2.0.1", 1)).unwrap();
@@ -709,4 +709,41 @@ fn local_workload_and_remote_claiming_one_ip_queue_like_remotes() {
     assert!(v.node("home", "vm-1").is_some());
     v.local_workload_delete("vm-1");
     assert!(v.ip(&ip("10.192.1.1")).is_none());
+}
+
+fn with_frontend(e: RemoteEntry, frontend: &str, shared: bool) -> RemoteEntry {
+    let RemoteEntry::Service(mut s) = e else { panic!("not a service") };
+    let ports: BTreeMap<String, PortConfig> =
+        [("http".to_string(), PortConfig { protocol: "TCP".into(), port: 80 })].into();
+    s.frontends = [(ip(frontend), ports)].into();
+    s.shared = shared;
+    RemoteEntry::Service(s)
+}
+
+#[test]
+fn on_an_external_workload_the_home_clusters_services_define_the_global_services() {
+    // EAST is the home: its services (even unshared) are global services with its ClusterIPs as frontends; WEST
+    // (another remote) adds its shared backends, never defines a service.
+    let mut v = view_with(CoreConfig { home: Some(EAST.into()), ..Default::default() }, &[EAST, WEST]);
+    v.entry_upsert(EAST, with_frontend(service(EAST, "cart", &["10.1.0.5"]), "10.96.0.20", false)).unwrap();
+    v.entry_upsert(WEST, service(WEST, "cart", &["10.2.0.5"])).unwrap();
+    v.entry_upsert(WEST, service(WEST, "west-only", &["10.2.0.6"])).unwrap();
+    let cart = v.service(&skey("cart")).unwrap();
+    assert_eq!(cart.frontends.len(), 1);
+    assert_eq!((cart.frontends[0].ip, cart.frontends[0].ports[0].port), (ip("10.96.0.20"), 80));
+    assert_eq!(
+        backend_ips(&v, "cart"),
+        BTreeMap::from([(EAST.to_string(), vec![ip("10.1.0.5")]), (WEST.to_string(), vec![ip("10.2.0.5")])])
+    );
+    assert!(v.service(&skey("west-only")).is_none());
+    // The home withdrawing it removes the service.
+    v.entry_delete(EAST, &svc_key_str(EAST, "cart")).unwrap();
+    assert!(v.service(&skey("cart")).is_none());
+
+    // In a cluster (no home), the same inputs define nothing without a local global Service.
+    let mut v = view();
+    v.entry_upsert(EAST, with_frontend(service(EAST, "cart", &["10.1.0.5"]), "10.96.0.20", true)).unwrap();
+    assert!(v.service(&skey("cart")).is_none());
+    v.local_service_upsert(global("cart"));
+    assert!(v.service(&skey("cart")).unwrap().frontends.is_empty(), "the local Service's frontends, not east's");
 }

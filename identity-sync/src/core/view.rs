@@ -17,15 +17,15 @@ use std::time::{Duration, Instant};
 use causeway_store::keys::KeyError;
 use causeway_store::validate::RemoteEntry;
 use causeway_store::{
-    ClusterName, ClusterService, IpCacheEntry, Kind, LabelSet, Node, Rejected, RemoteContext, StoreKey,
+    ClusterName, ClusterService, IpCacheEntry, Kind, LabelSet, Node, PortConfig, Rejected, RemoteContext, StoreKey,
 };
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::core::local::{LocalService, LocalWorkload};
 use crate::core::model::{
-    Affinity, Backend, Change, ClusterBackends, Delta, GlobalServiceView, IdentityView, IpView, NodeView, ObjectKey,
-    Port, Protocol, ServiceKey, Snapshot, ViewObject,
+    Affinity, Backend, Change, ClusterBackends, Delta, Frontend, GlobalServiceView, IdentityView, IpView, NodeView,
+    ObjectKey, Port, Protocol, ServiceKey, Snapshot, ViewObject,
 };
 use crate::core::remote::{KindIdx, RemoteState, RemoteStatus};
 use crate::core::slices::{desired_slices, DesiredSlice};
@@ -36,6 +36,11 @@ pub struct CoreConfig {
     /// `--cache-ttl`: revoke a disconnected remote's entries after this long. `None` keeps them until the remote
     /// reconnects or is removed.
     pub cache_ttl: Option<Duration>,
+    /// External-workload mode: the remote that is the home cluster (identity-sync on a VM). With no local Services
+    /// to define global services, the home cluster's exported services define them instead: their frontends are
+    /// the home's ClusterIPs, and the home's backends are listed whether or not it shares them with other clusters
+    /// (the VM is a member of the home cluster, not a peer). `None` in a cluster.
+    pub home: Option<String>,
 }
 
 #[derive(Debug, Error)]
@@ -148,6 +153,9 @@ struct RemoteService {
     cluster: Arc<str>,
     shared: bool,
     backends: Arc<[Backend]>,
+    /// The home cluster's ClusterIPs and ports (see [`CoreConfig::home`]); `None` for every other remote, whose
+    /// frontends the local Service defines.
+    home_frontends: Option<Arc<[Frontend]>>,
 }
 
 #[derive(Debug, Default)]
@@ -780,7 +788,9 @@ impl MergedView {
     fn upsert_service(&mut self, r: RemoteIdx, s: ClusterService) {
         let gen = self.remote(r).gen[KindIdx::Services as usize];
         let key = ServiceKey::new(&s.namespace, &s.name);
-        let value = compact_service(self.remote(r).name.clone(), s);
+        let name = self.remote(r).name.clone();
+        let home = self.cfg.home.as_deref() == Some(&*name);
+        let value = compact_service(name, s, home);
         let mut outcome = (false, false);
         self.update_service(&key, |slot| match slot.remotes.iter_mut().find(|c| c.remote == r) {
             Some(c) => {
@@ -1069,41 +1079,56 @@ pub(crate) struct ClaimMeta {
     suspect: bool,
 }
 
-fn compact_service(cluster: Arc<str>, s: ClusterService) -> RemoteService {
-    let ClusterService { backends, zones, hostnames, shared, .. } = s;
+/// A store port map as the view's ports (sorted by name, as the map is). Validation refused any other protocol.
+fn ports_of(ports: BTreeMap<String, PortConfig>) -> Vec<Port> {
+    ports
+        .into_iter()
+        .filter_map(|(name, p)| {
+            Protocol::parse(&p.protocol).map(|protocol| Port { name: name.into(), protocol, port: p.port })
+        })
+        .collect()
+}
+
+fn compact_service(cluster: Arc<str>, s: ClusterService, home: bool) -> RemoteService {
+    let ClusterService { backends, zones, hostnames, shared, frontends, .. } = s;
+    let home_frontends = home.then(|| {
+        frontends.into_iter().map(|(ip, ports)| Frontend { ip, ports: ports_of(ports) }).collect::<Vec<_>>().into()
+    });
     let backends: Vec<Backend> = backends
         .into_iter()
         .map(|(ip, ports)| Backend {
             ip,
-            ports: ports
-                .into_iter()
-                // Validation refused any other protocol spelling.
-                .filter_map(|(name, p)| {
-                    Protocol::parse(&p.protocol).map(|protocol| Port { name: name.into(), protocol, port: p.port })
-                })
-                .collect(),
+            ports: ports_of(ports),
             zone: zones.get(&ip).map(|z| z.zone.as_str()).filter(|z| !z.is_empty()).map(Into::into),
             hostname: hostnames.get(&ip).map(|h| h.as_str()).filter(|h| !h.is_empty()).map(Into::into),
         })
         .collect();
-    RemoteService { cluster, shared, backends: backends.into() }
+    RemoteService { cluster, shared, backends: backends.into(), home_frontends }
 }
 
 /// The merge rule for one service.
 fn merge_service(key: &ServiceKey, slot: &ServiceSlot) -> Option<GlobalServiceView> {
-    let local = slot.local.as_ref().filter(|l| l.global)?;
-    // Remote backends are exported only when ready or serving, so "healthy" means "listed".
-    let local_preferred = local.affinity == Affinity::Local && local.ready_local_endpoints > 0;
+    // The local Service defines a global service; on an external workload (no local Services) the home cluster's
+    // exported service does (see `CoreConfig::home`).
+    let home = slot.remotes.iter().find_map(|c| c.value.home_frontends.as_ref());
+    let (affinity, frontends, local_preferred) = match (slot.local.as_ref().filter(|l| l.global), home) {
+        // Remote backends are exported only when ready or serving, so "healthy" means "listed".
+        (Some(l), _) => (l.affinity, l.frontends.clone(), l.affinity == Affinity::Local && l.ready_local_endpoints > 0),
+        (None, Some(home)) => (Affinity::None, home.to_vec(), false),
+        (None, None) => return None,
+    };
     let mut clusters: Vec<ClusterBackends> = Vec::new();
     if !local_preferred {
         for c in &slot.remotes {
-            // A remote marks a service it does not share; its backends are not for us.
-            if !c.value.shared || c.value.backends.is_empty() {
+            // A remote marks a service it does not share; its backends are not for us (the home's are: a VM is one
+            // of the home cluster's members).
+            let usable = c.value.shared || c.value.home_frontends.is_some();
+            if !usable || c.value.backends.is_empty() {
                 continue;
             }
             clusters.push(ClusterBackends { cluster: c.value.cluster.clone(), backends: c.value.backends.to_vec() });
         }
     }
     clusters.sort_by(|a, b| a.cluster.cmp(&b.cluster));
-    Some(GlobalServiceView { key: key.clone(), affinity: local.affinity, frontends: local.frontends.clone(), clusters })
+    Some(GlobalServiceView { key: key.clone(), affinity, frontends, clusters })
 }

@@ -437,7 +437,8 @@ mod tests {
     #[test]
     fn unusable_objects_say_why() {
         type Edit = fn(&mut ExternalWorkload);
-        let cases: Vec<(&str, Edit, fn(&Skip) -> bool)> = vec![
+        type Check = fn(&Skip) -> bool;
+        let cases: Vec<(&str, Edit, Check)> = vec![
             ("no status", |w| w.status = None, |s| *s == Skip::NotReady),
             (
                 "Ready=False",
