@@ -633,6 +633,18 @@ async fn keyed_registrations_are_refused_without_a_range_or_with_a_bad_key() -> 
         assert_eq!(get(&mut c, &key).await, None, "{key} exported for a refused registration");
     }
 
+    // A keyed host named like a cluster Node would replace that node's record: refused.
+    let node: k8s_openapi::api::core::v1::Node =
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "worker-1"}}))?;
+    Api::<k8s_openapi::api::core::v1::Node>::all(s.client.clone()).create(&PostParams::default(), &node).await?;
+    s.create_workload_with("worker-1", json!({"app": "web"}), Some("10.192.4.0/30")).await?;
+    let clash = s.register_keyed("worker-1", "192.0.2.22", KEY).await?;
+    let status = clash.err().context("a host named like a Node was accepted")?;
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert!(status.message().contains("a Node of this cluster is named \"worker-1\""), "{}", status.message());
+    assert_eq!(ready_condition(&s.status("worker-1").await?)["reason"], json!("NodeNameTaken"));
+    assert_eq!(get(&mut c, &ipcache_key("192.0.2.22")).await, None);
+
     // Now a good key: joined (and Ready again); the answer has no DNS server (no kube-dns Service here).
     let ok = s.register_keyed("vm-b", "192.0.2.21", KEY).await?.context("keyed registration")?;
     assert_eq!((ok.mesh_ipv4.as_str(), ok.cluster_dns.as_str()), ("10.192.2.1", ""));

@@ -62,6 +62,11 @@ pub enum Refusal {
         "{what} overlaps {theirs} of external workload {owner:?}: ranges and addresses of two hosts must not overlap"
     )]
     Overlap { what: String, theirs: IpNet, owner: String },
+    #[error(
+        "a Node of this cluster is named {0:?}: the host's node record would replace that node's; give the \
+         ExternalWorkload (and the host) another name"
+    )]
+    NodeNameTaken(String),
 }
 
 impl Refusal {
@@ -76,6 +81,7 @@ impl Refusal {
             Refusal::NoAllocCidr(_) => "no_alloc_cidr",
             Refusal::BadAllocCidr { .. } => "bad_alloc_cidr",
             Refusal::Overlap { .. } => "overlap",
+            Refusal::NodeNameTaken(_) => "node_name_taken",
         }
     }
 
@@ -88,6 +94,7 @@ impl Refusal {
             Refusal::NoAllocCidr(_) => Some("NoAllocCIDR"),
             Refusal::BadAllocCidr { .. } => Some("InvalidAllocCIDR"),
             Refusal::Overlap { .. } => Some("AllocCIDROverlap"),
+            Refusal::NodeNameTaken(_) => Some("NodeNameTaken"),
             Refusal::NotExternalWorkload(_)
             | Refusal::NoClientCertificate
             | Refusal::UnknownWorkload(_)
@@ -269,6 +276,8 @@ pub struct WorkloadObject {
     pub status_ips: Vec<IpAddr>,
     /// The status names a WireGuard key: a node record was exported for the host.
     pub status_keyed: bool,
+    /// A Node of the cluster has the object's name (its node record has the same key as the host's would).
+    pub node_name_taken: bool,
 }
 
 /// The identity labels of an external workload: its object's labels as `k8s:` labels, the namespace label (the
@@ -470,6 +479,7 @@ impl Registry {
             }
         }
         let mesh = match &req.wireguard_key {
+            Some(_) if object.node_name_taken => return Err(Refusal::NodeNameTaken(req.name.clone())),
             Some(key) => Some(self.mesh(req, key, object)?),
             None => None,
         };
@@ -688,6 +698,17 @@ mod tests {
         }
         // Without a key the range is not looked at.
         assert!(reg.plan("east", &req("vm", "192.0.2.7", ""), Some(&with_cidr(o, "192.0.2.0/24"))).is_ok());
+    }
+
+    #[test]
+    fn a_keyed_host_may_not_take_a_cluster_node_s_name() {
+        let reg = Registry::default();
+        let mut o = with_cidr(object("worker-1", &[]), "10.192.1.0/30");
+        o.node_name_taken = true;
+        let refused = reg.plan("east", &keyed("worker-1", "192.0.2.7", KEY), Some(&o));
+        assert_eq!(refused, Err(Refusal::NodeNameTaken("worker-1".into())));
+        // Without a key there is no node record to clash.
+        assert!(reg.plan("east", &req("worker-1", "192.0.2.7", ""), Some(&o)).is_ok());
     }
 
     #[test]

@@ -15,7 +15,8 @@ pub struct ResultLabels {
 #[derive(Debug, Clone, Default)]
 pub struct WorkloadMetrics {
     /// Register calls by result: `ok`, `denied`, `invalid`, `unknown_workload`, `deleting`, `address_in_use`,
-    /// `no_alloc_cidr`, `bad_alloc_cidr`, `overlap` (see `core::Refusal::metric_label`), `error` (kube/etcd/allocator).
+    /// `no_alloc_cidr`, `bad_alloc_cidr`, `overlap`, `node_name_taken` (see `core::Refusal::metric_label`), `error`
+    /// (kube/etcd/allocator).
     pub registrations: Family<ResultLabels, Counter>,
     /// External workloads registered with this process.
     pub registered: Gauge,

@@ -13,7 +13,7 @@ use causeway_crds::{ExternalWorkload, ExternalWorkloadStatus, WorkloadCondition}
 use causeway_store::{ClusterInfo, StoreKey};
 use futures::StreamExt;
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::{watcher, WatchStreamExt};
 use tokio::sync::{mpsc, Mutex};
@@ -93,6 +93,18 @@ where
             Status::unavailable(format!("cannot read ExternalWorkload {name:?} from the Kubernetes API: {e}"))
         })?;
         Ok(obj.map(|o| (view(name, &o), o)))
+    }
+
+    /// Whether a Node of the cluster is named `name` (the export writes its node record under the same key).
+    async fn node_exists(&self, name: &str) -> Result<bool, Status> {
+        let api: Api<Node> = Api::all(self.client.clone());
+        // A list narrowed to the one name: the role lists Nodes already (the export watches them).
+        let params = ListParams::default().fields(&format!("metadata.name={name}"));
+        let list = api
+            .list(&params)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot look up Node {name:?} in the Kubernetes API: {e}")))?;
+        Ok(list.items.iter().any(|n| n.metadata.name.as_deref() == Some(name)))
     }
 
     /// Watches ExternalWorkload objects for as long as the service lives: a deleted object's host is withdrawn
@@ -324,7 +336,10 @@ where
         tracing::Span::current().record("workload", raw.name.as_str());
 
         let mut registry = self.registry.lock().await;
-        let object = self.read_object(&raw.name).await?;
+        let mut object = self.read_object(&raw.name).await?;
+        if let Some((view, _)) = object.as_mut().filter(|_| !raw.wireguard_pub_key.trim().is_empty()) {
+            view.node_name_taken = self.node_exists(&raw.name).await?;
+        }
         let decided = core::parse_request(&raw.name, &raw.ipv4, &raw.ipv6, &raw.wireguard_pub_key)
             .and_then(|req| registry.plan(self.cluster.name.as_str(), &req, object.as_ref().map(|(v, _)| v)));
         let plan = match decided {
@@ -403,6 +418,7 @@ fn view(name: &str, o: &ExternalWorkload) -> WorkloadObject {
         ipv6_alloc_cidr: o.spec.ipv6_alloc_cidr.clone(),
         status_ips,
         status_keyed: status.wireguard_public_key.as_deref().is_some_and(|k| !k.trim().is_empty()),
+        node_name_taken: false,
     }
 }
 
@@ -417,7 +433,9 @@ pub fn refusal_status(r: Refusal) -> Status {
         Refusal::Deleting(_) | Refusal::NoAllocCidr(_) | Refusal::BadAllocCidr { .. } => {
             Status::failed_precondition(msg)
         }
-        Refusal::AddressInUse { .. } | Refusal::Overlap { .. } => Status::already_exists(msg),
+        Refusal::AddressInUse { .. } | Refusal::Overlap { .. } | Refusal::NodeNameTaken(_) => {
+            Status::already_exists(msg)
+        }
     }
 }
 
