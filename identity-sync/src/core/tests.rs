@@ -747,3 +747,34 @@ fn on_an_external_workload_the_home_clusters_services_define_the_global_services
     v.local_service_upsert(global("cart"));
     assert!(v.service(&skey("cart")).unwrap().frontends.is_empty(), "the local Service's frontends, not east's");
 }
+
+#[test]
+fn two_local_workloads_on_one_mesh_address_do_not_take_it_from_each_other() {
+    let mut v = view();
+    let a = workload("vm-a", "10.192.1.1", "ka");
+    let mut b = workload("vm-b", "10.192.1.1", "kb");
+    b.ip.identity += 1;
+    v.local_workload_upsert(a.clone());
+    v.local_workload_upsert(b.clone());
+    assert_eq!(&*v.ip(&ip("10.192.1.1")).unwrap().pod_name, "vm-a");
+    // vm-b's own updates leave vm-a's entry alone; vm-a's update shows.
+    b.node.wireguard_pub_key = "kb2".into();
+    v.local_workload_upsert(b.clone());
+    assert_eq!(&*v.ip(&ip("10.192.1.1")).unwrap().pod_name, "vm-a");
+    // vm-a goes: vm-b takes the address over, with its identity.
+    v.take_deltas();
+    v.local_workload_delete("vm-a");
+    let now = v.ip(&ip("10.192.1.1")).unwrap();
+    assert_eq!((&*now.pod_name, now.identity), ("vm-b", b.ip.identity));
+    assert_eq!(
+        kinds(&v.take_deltas()),
+        vec![
+            format!("upsert {:?}", ObjectKey::Ip(ip("10.192.1.1"))),
+            format!("delete {:?}", ObjectKey::Node { cluster: "home".into(), name: "vm-a".into() })
+        ]
+    );
+    // vm-b moving elsewhere frees it.
+    v.local_workload_upsert(workload("vm-b", "10.192.1.2", "kb2"));
+    assert!(v.ip(&ip("10.192.1.1")).is_none());
+    assert_eq!(&*v.ip(&ip("10.192.1.2")).unwrap().pod_name, "vm-b");
+}

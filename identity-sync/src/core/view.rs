@@ -260,6 +260,8 @@ pub struct MergedView {
     local_source: Option<RemoteIdx>,
     /// Local external workloads as last applied, by object name, to know what an update or delete withdraws.
     local_workloads: BTreeMap<Box<str>, LocalWorkload>,
+    /// Which local workload's entry holds each mesh address in the local source's claim.
+    local_ip_holders: HashMap<IpAddr, Box<str>>,
     log: Log,
 }
 
@@ -297,6 +299,7 @@ impl MergedView {
             nodes: BTreeMap::new(),
             local_source: None,
             local_workloads: BTreeMap::new(),
+            local_ip_holders: HashMap::new(),
             log: Log::default(),
         }
     }
@@ -891,24 +894,54 @@ impl MergedView {
 
     /// A local external workload is (still) ready to be peered with: its node and its mesh address enter the view,
     /// replacing what an earlier version of the same object contributed. Unchanged input emits nothing.
+    ///
+    /// Two workloads claiming one mesh address (a misconfiguration: their ranges must not overlap) do not take it
+    /// from each other: the first keeps it, the other's entry waits and takes over when the first lets go.
     pub fn local_workload_upsert(&mut self, w: LocalWorkload) {
         let r = self.local_source(&w.node.cluster);
         let name = w.node.name.clone();
-        if let Some(old) = self.local_workloads.get(&name) {
-            if *old == w {
+        let (ip, node) = (w.ip.clone(), w.node.clone());
+        let old = self.local_workloads.insert(name.clone(), w);
+        if let Some(old) = old {
+            if old.ip == ip && old.node == node {
                 return;
             }
-            let (old_ip, old_node) = (old.ip.ip, (old.node.cluster.clone(), old.node.name.clone()));
-            if old_ip != w.ip.ip {
-                self.release_ip(r, old_ip);
+            if old.ip.ip != ip.ip {
+                self.local_ip_withdraw(r, &name, old.ip.ip);
             }
-            if old_node != (w.node.cluster.clone(), w.node.name.clone()) {
+            let old_node = (old.node.cluster.clone(), old.node.name.clone());
+            if old_node != (node.cluster.clone(), node.name.clone()) {
                 self.release_node(r, old_node);
             }
         }
-        self.claim_node(r, 0, w.node.clone());
-        self.claim_ip(r, 0, w.ip.clone());
-        self.local_workloads.insert(name, w);
+        self.claim_node(r, 0, node);
+        match self.local_ip_holders.get(&ip.ip) {
+            Some(holder) if *holder != name => {
+                warn!(workload = %name, holder = %holder, ip = %ip.ip, "mesh address already used by another external workload; keeping that one's entry");
+            }
+            _ => {
+                self.local_ip_holders.insert(ip.ip, name);
+                self.claim_ip(r, 0, ip);
+            }
+        }
+    }
+
+    /// `name` no longer holds `ip`: hand it to another local workload waiting for it, or withdraw it.
+    fn local_ip_withdraw(&mut self, r: RemoteIdx, name: &str, ip: IpAddr) {
+        if self.local_ip_holders.get(&ip).is_none_or(|h| &**h != name) {
+            return;
+        }
+        let next = self.local_workloads.iter().find(|(n, w)| &***n != name && w.ip.ip == ip);
+        match next.map(|(n, w)| (n.clone(), w.ip.clone())) {
+            Some((n, view)) => {
+                self.local_ip_holders.insert(ip, n);
+                self.claim_ip(r, 0, view);
+            }
+            None => {
+                self.local_ip_holders.remove(&ip);
+                self.release_ip(r, ip);
+            }
+        }
     }
 
     /// A local external workload is gone or no longer usable (deleted, not Ready, a field missing or invalid):
@@ -916,7 +949,7 @@ impl MergedView {
     pub fn local_workload_delete(&mut self, name: &str) {
         let Some(old) = self.local_workloads.remove(name) else { return };
         let Some(r) = self.local_source else { return };
-        self.release_ip(r, old.ip.ip);
+        self.local_ip_withdraw(r, name, old.ip.ip);
         self.release_node(r, (old.node.cluster.clone(), old.node.name.clone()));
     }
 
