@@ -9,7 +9,7 @@
 //! ```text
 //! remote etcd ─► causeway-kvstore ─► RemoteContext::decode ─► core::MergedView ─┬─► kube adapter (EndpointSlices)
 //!                                                                              └─► stream::MeshViewHub ─► agents
-//! local ExternalWorkloads ─► kube::workloads::convert ─► core::MergedView (local workloads source) ─┘
+//! local ExternalWorkloads (kube) ─► kube::workloads::convert ─► core::MergedView (the local workloads source)
 //! ```
 //!
 //! - [`core`]: the sans-IO merged view; plain state machines fed with events and a clock value.
