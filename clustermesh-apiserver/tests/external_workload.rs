@@ -8,6 +8,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -666,8 +667,27 @@ async fn keyed_registrations_are_refused_without_a_range_or_with_a_bad_key() -> 
     s.still_running()
 }
 
+/// Every delete etcd reports under `prefix` from now on (the watch runs until the test ends).
+async fn record_deletes(etcd: &etcd_client::Client, prefix: &str) -> Result<Arc<Mutex<Vec<String>>>> {
+    let mut stream = etcd.clone().watch(prefix, Some(etcd_client::WatchOptions::new().with_prefix())).await?;
+    let deletes = Arc::new(Mutex::new(Vec::new()));
+    let out = deletes.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(resp)) = stream.message().await {
+            for e in resp.events() {
+                if e.event_type() == etcd_client::EventType::Delete {
+                    let key = e.kv().map(|kv| String::from_utf8_lossy(kv.key()).into_owned()).unwrap_or_default();
+                    out.lock().unwrap_or_else(|p| p.into_inner()).push(key);
+                }
+            }
+        }
+    });
+    Ok(deletes)
+}
+
 /// A keyed host survives an apiserver restart: its node record and mesh entry are exported again by the new
-/// process (under its own lease) from the object's status.
+/// process (under its own lease) from the object's status, before the new process's initial sync, so they are
+/// never deleted on the way (peers would drop the host's tunnel for a moment).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_host_is_re_exported_after_a_restart() -> Result<()> {
     let mut s = Setup::start().await?;
@@ -676,7 +696,9 @@ async fn keyed_host_is_re_exported_after_a_restart() -> Result<()> {
     assert_eq!(resp.mesh_ipv4, "10.192.3.0", "a /31's first address");
     let c = s.etcd.client().await;
     wait_node(&c, "mesh-vm", |_| true).await.context("node record")?;
+    wait_ipcache(&c, "10.192.3.0", resp.identity).await?;
     let old_lease = lease(&c, &node_key("mesh-vm")).await.context("lease of the first process")?;
+    let deletes = record_deletes(&c, "cilium/state/").await?;
     s.restart().await?;
     let c2 = s.etcd.client().await;
     let reexported = wait_until(WAIT, || {
@@ -689,5 +711,19 @@ async fn keyed_host_is_re_exported_after_a_restart() -> Result<()> {
     assert_eq!((node.wireguard_pub_key.as_str(), node.ipv4_alloc_cidr), (KEY, Some("10.192.3.0/31".parse()?)));
     let entry = wait_ipcache(&c2, "10.192.3.0", resp.identity).await?;
     assert_eq!(entry["HostIP"], json!("192.0.2.30"));
+    // The new process has synced (its canary is written) and still did not delete the host's keys.
+    let synced = wait_until(WAIT, || {
+        let mut c = c2.clone();
+        async move { get(&mut c, "cilium/synced/east/cilium/state/nodes/v1").await.is_some() }
+    })
+    .await;
+    assert!(synced, "the restarted apiserver never wrote its nodes canary");
+    let ip_lease = lease(&c2, &ipcache_key("10.192.3.0")).await;
+    assert!(ip_lease.is_some_and(|l| l != old_lease), "mesh entry not under the new process's lease");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deleted = deletes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for key in [node_key("mesh-vm"), ipcache_key("10.192.3.0"), ipcache_key("192.0.2.30")] {
+        assert!(!deleted.contains(&key), "{key} was deleted across the restart: {deleted:?}");
+    }
     s.still_running()
 }

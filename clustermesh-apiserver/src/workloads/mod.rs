@@ -139,7 +139,8 @@ pub struct Shared<S, R> {
     pub metrics: WorkloadMetrics,
 }
 
-/// Binds and serves the registration service when `--workloads-addr` is set; None when it is off.
+/// Binds and serves the registration service when `--workloads-addr` is set; None when it is off. Hosts registered
+/// before a restart are exported again before this returns, i.e. before the caller starts the export loop.
 pub async fn start<S, R>(args: &WorkloadsArgs, shared: Shared<S, R>) -> Result<Option<JoinHandle<()>>>
 where
     S: ExportSink + 'static,
@@ -163,6 +164,11 @@ where
         shared.metrics,
         args.network(),
     ));
+    match service.restore_all().await {
+        Ok(n) => info!(objects = n, "external workloads registered before the restart are exported again"),
+        // Not fatal: the watcher restores them once the kube API answers, only later than the initial export.
+        Err(e) => warn!(error = %e, "cannot list ExternalWorkloads at start; the watcher will restore them"),
+    }
     let watch = AbortOnDrop(service.clone().spawn_watcher());
     let server = tonic::transport::Server::builder()
         .tls_config(tls)

@@ -49,6 +49,10 @@ pub struct WorkloadService<S, R> {
     network: ClusterNetwork,
 }
 
+/// Free slots of the export loop's channel below which the start-up restore leaves the rest to the watcher (each
+/// restored host takes one slot until the export loop runs).
+const RESTORE_CHANNEL_RESERVE: usize = 64;
+
 /// Why a Register call failed: a refusal decided by the core, or an I/O failure.
 enum Failure {
     Refused(Refusal),
@@ -133,6 +137,33 @@ where
                 }
             }
         })
+    }
+
+    /// Exports again the hosts an earlier process registered (from their objects' status), before the export loop
+    /// starts. Their entries are then handed to the store writer ahead of its initial sync, so the stale-key
+    /// cleanup keeps them and the synced canaries cover them: peers never see a restarting apiserver withdraw a host
+    /// for a moment. Stops early (the watcher restores the rest) rather than fill the export loop's channel, which
+    /// nobody drains yet. Returns how many objects it looked at.
+    pub async fn restore_all(&self) -> Result<usize, kube::Error> {
+        let api: Api<ExternalWorkload> = Api::all(self.client.clone());
+        let objects = api.list(&ListParams::default()).await?;
+        let mut seen = 0;
+        for o in &objects.items {
+            if self.export.capacity() < RESTORE_CHANNEL_RESERVE {
+                warn!(
+                    cluster = %self.cluster.name,
+                    restored = seen,
+                    total = objects.items.len(),
+                    "restoring the rest of the external workloads once the export runs"
+                );
+                break;
+            }
+            if o.metadata.deletion_timestamp.is_none() {
+                self.restore(o.metadata.name.as_deref().unwrap_or_default(), o).await;
+            }
+            seen += 1;
+        }
+        Ok(seen)
     }
 
     fn set_gauges(&self, registry: &Registry) {
