@@ -9,7 +9,8 @@
 //! - [`sink`]: the traits the adapter writes through (store writer, identity resolver), with in-memory versions.
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`readiness`]: `/readyz`, combining the export's state and etcd's.
-//! - [`workloads`]: external workloads (VMs) registering over mTLS gRPC, exported like pods.
+//! - [`workloads`]: external workloads (VMs) registering over mTLS gRPC, exported like pods (and, with a WireGuard
+//!   key, like nodes).
 
 pub mod export;
 pub mod identity;

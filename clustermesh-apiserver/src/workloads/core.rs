@@ -19,8 +19,9 @@ pub const EXTERNAL_WORKLOAD_CN: &str = "externalworkload";
 /// The namespace label an external workload gets when its object does not set one (as Cilium did).
 pub const DEFAULT_NAMESPACE: &str = "default";
 
-/// `Source` written into an external workload's node record (cluster nodes say `kubernetes`).
-pub const NODE_SOURCE: &str = "external-workload";
+/// `Source` written into an external workload's node record: the record comes from a custom resource (the
+/// ExternalWorkload), one of the sources Cilium knows (cluster nodes say `kubernetes`).
+pub const NODE_SOURCE: &str = "custom-resource";
 
 /// IPv4 ranges a mesh range may not touch: the tunnel would capture "this network", loopback, multicast or
 /// reserved/broadcast traffic.
