@@ -534,12 +534,26 @@ async fn keyed_host_joins_the_mesh_datapath_and_leaves_with_its_object() -> Resu
     assert_eq!(node.ipv4_alloc_cidr, Some("10.192.1.0/30".parse()?));
     assert_eq!(node.wireguard_pub_key, KEY);
     assert_eq!(node.zone(), Some("dc-2"));
+    // A peer's reader accepts the record and the mesh entry as this cluster's (name, ID, identity range).
+    let peer_view = causeway_store::RemoteContext {
+        name: causeway_store::ClusterName::new("east")?,
+        id: causeway_store::ClusterId::new(7, causeway_store::MaxConnectedClusters::C255)?,
+        mode: causeway_store::MaxConnectedClusters::C255,
+    };
+    let raw = get(&mut c.clone(), &node_key("db-vm-1")).await.context("node record")?;
+    match peer_view.decode(&node_key("db-vm-1"), raw.as_bytes()) {
+        Ok(causeway_store::validate::RemoteEntry::Node(n)) => assert_eq!(n, node),
+        other => bail!("a peer rejects the node record {raw}: {other:?}"),
+    }
 
     // Both addresses map to the host's identity, and live at the underlay address.
     for ip in ["192.0.2.7", "10.192.1.1"] {
         let entry = wait_ipcache(&c, ip, id).await?;
         assert_eq!((entry["IP"].clone(), entry["HostIP"].clone()), (json!(ip), json!("192.0.2.7")), "{entry}");
         assert_eq!(entry["K8sPodName"], json!("db-vm-1"));
+        let raw = get(&mut c.clone(), &ipcache_key(ip)).await.context("entry")?;
+        let decoded = peer_view.decode(&ipcache_key(ip), raw.as_bytes());
+        assert!(matches!(decoded, Ok(causeway_store::validate::RemoteEntry::Ip(_))), "{ip}: {decoded:?}");
     }
     let status = s.status("db-vm-1").await?;
     assert_eq!((status["meshIPv4"].clone(), status["wireguardPublicKey"].clone()), (json!("10.192.1.1"), json!(KEY)));
