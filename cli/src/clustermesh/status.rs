@@ -136,7 +136,12 @@ pub fn render(status: &SyncStatus, rows: &[RemoteStatus]) -> String {
     out
 }
 
-async fn fetch(cluster: &Cluster, http: &reqwest::Client, source: &Source) -> Result<SyncStatus, String> {
+async fn fetch(
+    cluster: &Cluster,
+    proxy: &kube::Client,
+    http: &reqwest::Client,
+    source: &Source,
+) -> Result<SyncStatus, String> {
     let text = match source {
         Source::Url(url) => {
             let resp = http.get(url).send().await.map_err(|e| format!("GET {url}: {e}"))?;
@@ -148,7 +153,11 @@ async fn fetch(cluster: &Cluster, http: &reqwest::Client, source: &Source) -> Re
         Source::ServiceProxy { service, port } => {
             let path = format!("/api/v1/namespaces/{}/services/{service}:{port}/proxy/status", cluster.namespace);
             let req = http::Request::get(&path).body(Vec::new()).map_err(|e| e.to_string())?;
-            cluster.client.request_text(req).await.map_err(|e| format!("kube API service proxy {path}: {e}"))?
+            // Bounded: a proxied backend that accepts but never answers must not hang the command.
+            match tokio::time::timeout(Duration::from_secs(10), proxy.request_text(req)).await {
+                Ok(r) => r.map_err(|e| format!("kube API service proxy {path}: {e}"))?,
+                Err(_) => return Err(format!("kube API service proxy {path}: no answer within 10s")),
+            }
         }
     };
     serde_json::from_str(&text).map_err(|e| format!("identity-sync /status is not the expected JSON: {e}"))
@@ -172,6 +181,7 @@ pub async fn status(
     mut progress_out: impl FnMut(&str),
 ) -> Result<StatusOutcome, Error> {
     let cluster = Cluster::open(target, namespace).await?;
+    let proxy = target.client_without_retries().await?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -183,7 +193,7 @@ pub async fn status(
             Ok(Some(s)) => configured_remotes(&s),
             _ => BTreeSet::new(),
         };
-        let fetched = fetch(&cluster, &http, source).await;
+        let fetched = fetch(&cluster, &proxy, &http, source).await;
         match (fetched, wait) {
             (Ok(status), wait) => {
                 let rows = rows(&status, &configured);

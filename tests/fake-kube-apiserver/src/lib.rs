@@ -9,6 +9,7 @@
 mod discovery;
 mod error;
 mod patch;
+mod proxy;
 mod registry;
 mod routes;
 mod selectors;

@@ -147,6 +147,12 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(target) = crate::proxy::parse(uri.path(), uri.query()) {
+        if method != Method::GET {
+            return ApiError::method_not_allowed("the service proxy of this stand-in serves GET only").into_response();
+        }
+        return crate::proxy::serve(shared, target).await;
+    }
     let result = dispatch(&shared, &method, &uri, &headers, &body);
     match result {
         Ok(resp) => resp,
