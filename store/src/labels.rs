@@ -14,6 +14,27 @@ pub const NAMESPACE_LABELS_PREFIX: &str = "io.cilium.k8s.namespace.labels.";
 /// Source of labels that come from Kubernetes.
 pub const SOURCE_K8S: &str = "k8s";
 
+/// Pod label keys that differ between pods of one workload or between its rollouts (a Deployment's
+/// `pod-template-hash` changes on every rollout, a StatefulSet names each pod). They say nothing about what a pod
+/// is allowed to do, and keeping them would give every rollout (or every replica) its own identity: identities
+/// churn, ipcache entries change identity on each rollout, and the allocator fills up. Cilium leaves the same
+/// kinds of labels out of identities.
+pub const IDENTITY_IRRELEVANT_POD_LABELS: &[&str] = &[
+    "pod-template-hash",
+    "pod-template-generation",
+    "controller-revision-hash",
+    "controller-uid",
+    "statefulset.kubernetes.io/pod-name",
+    "apps.kubernetes.io/pod-index",
+    "batch.kubernetes.io/controller-uid",
+    "batch.kubernetes.io/job-completion-index",
+];
+
+/// Whether a pod label takes part in the pod's identity (see [`IDENTITY_IRRELEVANT_POD_LABELS`]).
+pub fn is_identity_label(key: &str) -> bool {
+    !IDENTITY_IRRELEVANT_POD_LABELS.contains(&key)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Label {
     pub source: String,
@@ -73,7 +94,7 @@ impl LabelSet {
         namespace_labels: impl IntoIterator<Item = (&'a String, &'a String)>,
     ) -> LabelSet {
         let mut set = LabelSet::new();
-        for (k, v) in pod_labels {
+        for (k, v) in pod_labels.into_iter().filter(|(k, _)| is_identity_label(k)) {
             set.insert(SOURCE_K8S, k, v);
         }
         for (k, v) in namespace_labels {
@@ -131,6 +152,33 @@ mod tests {
         );
         assert_eq!(LabelSet::parse(&set.to_string()).unwrap(), set);
         assert_eq!(set.cluster(), Some("east"));
+    }
+
+    #[test]
+    fn replicas_and_rollouts_of_one_workload_share_an_identity() {
+        let pod = |extra: &[(&str, &str)]| -> BTreeMap<String, String> {
+            let mut m: BTreeMap<String, String> =
+                [("app".to_string(), "cart".to_string()), ("app.kubernetes.io/version".to_string(), "2".to_string())]
+                    .into();
+            m.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            m
+        };
+        let ns: BTreeMap<String, String> = BTreeMap::new();
+        let plain = LabelSet::for_pod("east", "shop", &pod(&[]), &ns);
+        let rollout_a = LabelSet::for_pod("east", "shop", &pod(&[("pod-template-hash", "5d8f7c")]), &ns);
+        let rollout_b = LabelSet::for_pod("east", "shop", &pod(&[("pod-template-hash", "77b9f")]), &ns);
+        let replica = LabelSet::for_pod(
+            "east",
+            "shop",
+            &pod(&[("statefulset.kubernetes.io/pod-name", "cart-3"), ("controller-revision-hash", "cart-6c")]),
+            &ns,
+        );
+        assert_eq!(rollout_a, plain);
+        assert_eq!(rollout_b, plain);
+        assert_eq!(replica, plain);
+        // What a policy selects on stays.
+        assert_eq!(plain.get("app.kubernetes.io/version").map(|l| l.value.as_str()), Some("2"));
+        assert!(!is_identity_label("pod-template-hash") && is_identity_label("app"));
     }
 
     #[test]
