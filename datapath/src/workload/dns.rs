@@ -132,7 +132,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_resolv_conf_without_nameservers_is_refused_up_front() {
-        let err = resolver("search cluster.local\n").err().expect("no nameserver");
+        let err = resolver("search cluster.local\n").expect_err("no nameserver");
         assert!(matches!(err, DnsError::Config(_)), "{err}");
         assert!(resolver("nameserver 10.96.0.10\nsearch default.svc.cluster.local cluster.local\noptions ndots:5\n")
             .is_ok());

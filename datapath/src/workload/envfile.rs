@@ -230,7 +230,8 @@ mod tests {
 
     #[test]
     fn hostile_or_broken_fields_are_refused() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut RegisterResponse)>)> = vec![
+        type Mutate = Box<dyn Fn(&mut RegisterResponse)>;
+        let cases: Vec<(&str, Mutate)> = vec![
             ("cluster_name", Box::new(|r| r.cluster_name = "east\nCAUSEWAY_MESH_IPV4=1.2.3.4".into())),
             ("cluster_name", Box::new(|r| r.cluster_name = "$(reboot)".into())),
             ("cluster_id", Box::new(|r| r.cluster_id = 0)),
