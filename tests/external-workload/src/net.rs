@@ -61,11 +61,15 @@ impl Network {
         netns::veth(&node1, "und0", &format!("{NODE1_IP}/24"), &ctl, "p1", "")?;
         ctl.ip("link set p1 master br0")?;
         node1.router()?;
+        // A default route, as every node has: proxy ARP for the pods' gateway answers only for routable addresses.
+        node1.ip(&format!("route add default via {CONTROL_IP} dev und0"))?;
         let vm1 = Netns::new("cwx-vm1")?;
         netns::veth(&vm1, "und0", &format!("{VM_IP}/24"), &ctl, "p2", "")?;
         ctl.ip("link set p2 master br0")?;
         vm1.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         vm1.ip("link set lo up")?;
+        // The host's own default route (its internet uplink in real life): cluster addresses must not leak there.
+        vm1.ip(&format!("route add default via {CONTROL_IP} dev und0"))?;
         let echo = add_pod(&node1, "echo", ECHO_POD_IP, "lxc0")?;
         let dns = add_pod(&node1, "dns", DNS_POD_IP, "lxc1")?;
         netns::ping(&ctl, &NODE1_IP.to_string()).context("underlay to node1")?;

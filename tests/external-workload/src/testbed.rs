@@ -269,11 +269,7 @@ impl Testbed {
             format!("--workloads-tls-cert={}", f(server_tls, "tls.crt")),
             format!("--workloads-tls-key={}", f(server_tls, "tls.key")),
         ];
-        if help_mentions(&bin, "--service-cidrs") {
-            args.push(format!("--service-cidrs={SERVICE_CIDR}"));
-        } else {
-            eprintln!("warning: clustermesh-apiserver has no --service-cidrs yet: the host will not route Services");
-        }
+        args.push(format!("--service-cidrs={SERVICE_CIDR}"));
         let log = self.log("clustermesh-apiserver");
         self.apiserver = Some(Proc::spawn("clustermesh-apiserver", &bin, &args, &log)?);
         wait_http(None, metrics, "/readyz", SOON, || self.apiserver.as_mut().is_some_and(|p| p.is_running()))
@@ -327,24 +323,26 @@ impl Testbed {
     }
 
     /// The agent publishes its WireGuard public key on its Node (clustermesh-apiserver exports it in node1's
-    /// record). Until the agent does, the key is taken from its key file, with a warning.
+    /// record, which is how the joining host learns it); it must match the agent's key file.
     fn wait_node_key_published(&self) -> Result<()> {
         let nodes = Api::<Node>::all(self.kube.clone());
-        let published = netns::wait_for(Duration::from_secs(20), || {
-            self.rt
+        let mut published = None;
+        let ok = netns::wait_for(SOON, || {
+            published = self
+                .rt
                 .block_on(nodes.get("node1"))
                 .ok()
                 .and_then(|n| n.metadata.annotations)
-                .is_some_and(|a| a.contains_key(NODE_WG_KEY_ANNOTATION))
+                .and_then(|mut a| a.remove(NODE_WG_KEY_ANNOTATION));
+            published.is_some()
         });
-        if published {
-            return Ok(());
-        }
-        eprintln!("warning: node1's agent did not publish {NODE_WG_KEY_ANNOTATION}; setting it from its key file");
+        ensure!(ok, "node1's agent never published {NODE_WG_KEY_ANNOTATION}:\n{}", tail(&self.log("agent-node1"), 30));
         let key = std::fs::read_to_string(self.node1_dirs.state_dir.join("wireguard.key"))?;
         let private: causeway_datapath::wireguard::PrivateKey = key.trim().parse()?;
-        let patch = json!({"metadata": {"annotations": {NODE_WG_KEY_ANNOTATION: private.public_key().to_base64()}}});
-        self.rt.block_on(nodes.patch("node1", &PatchParams::default(), &Patch::Merge(&patch)))?;
+        ensure!(
+            published.as_deref() == Some(private.public_key().to_base64().as_str()),
+            "node1 publishes {published:?}, not the public key of its key file"
+        );
         Ok(())
     }
 
@@ -465,9 +463,30 @@ impl Testbed {
         })
     }
 
+    /// What a user would look at when traffic does not flow: routes, the WireGuard devices and their peers, the
+    /// kube-proxy stand-in's table, on node1 and vm1.
+    pub fn network_report(&self) -> String {
+        let mut out = String::new();
+        for (name, ns, wg) in [("node1", &self.net.node1, &self.node1_wg), ("vm1", &self.net.vm1, &self.vm_wg)] {
+            for argv in [
+                vec!["ip", "-4", "route"],
+                vec!["ip", "-4", "addr", "show", "dev", wg.as_str()],
+                vec!["wg", "show", wg.as_str()],
+                vec!["nft", "list", "table", "ip", kube_proxy::TABLE],
+            ] {
+                let text = match ns.exec_unchecked(&argv) {
+                    Ok(o) => format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+                    Err(e) => e.to_string(),
+                };
+                out.push_str(&format!("---- {name}: {}\n{text}", argv.join(" ")));
+            }
+        }
+        out
+    }
+
     /// Every component's log tail, for a failure message.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
+        let mut out = self.network_report();
         for name in [
             "clustermesh-apiserver",
             "identity-sync-west",
@@ -489,6 +508,15 @@ impl Drop for Testbed {
         }
         for f in &self.forwarders {
             f.abort();
+        }
+        // The agents die by SIGKILL: their userspace WireGuard leaves its UAPI socket file behind (the devices go
+        // with their namespaces).
+        for p in [self.vm_agent.take(), self.node_agent.take()].into_iter().flatten() {
+            let mut p = p;
+            p.kill();
+        }
+        for wg in [&self.node1_wg, &self.vm_wg] {
+            let _ = std::fs::remove_file(causeway_datapath::wireguard::uapi_socket(wg));
         }
     }
 }
@@ -542,10 +570,6 @@ fn start_etcd(dir: &Path, tls: &Path, port: u16) -> Result<EtcdProc> {
         tail(&log_path, 20)
     );
     Ok(etcd)
-}
-
-fn help_mentions(bin: &Path, flag: &str) -> bool {
-    Command::new(bin).arg("--help").output().map(|o| String::from_utf8_lossy(&o.stdout).contains(flag)).unwrap_or(false)
 }
 
 /// `GET path` from inside `ns` (None: this namespace); the body if the answer is 200.
