@@ -1,7 +1,8 @@
 //! External workloads (VMs joined to a cluster), both sides, over a real MeshView gRPC stream:
 //!
 //! - in a cluster: a Ready `ExternalWorkload` (fake kube API) becomes a Node and the ipcache entry of its mesh address
-//!   on the stream; turning not ready or being deleted withdraws both (DELETE events);
+//!   on the stream; a refused re-registration (Ready=False, still exported) keeps them; a keyless re-registration or
+//!   deleting the object withdraws both (DELETE events);
 //! - on the VM (`--external-workload`, the real binary, no kube API at all): the home cluster's store in a real etcd
 //!   (mTLS, auth on, read as the `externalworkload` user) named like the local cluster is imported, and its node
 //!   (with its WireGuard key), ipcache entry and global service reach the stream.
@@ -186,9 +187,27 @@ async fn a_ready_external_workload_is_a_node_and_an_ipcache_entry_on_the_stream_
     // The underlay address is not a mesh address: only the node names it.
     assert!(!view.ips.contains_key("192.168.50.10"));
 
-    // Not ready any more (a refused re-registration): both withdrawn.
-    api.patch_status("vm-1", &pp, &Patch::Merge(ready_status("False"))).await?;
-    until(&mut stream, &mut view, "DELETEs after Ready=False", |v| {
+    // A refused re-registration: Ready=False, the previous registration still exported (status fields kept) — the
+    // host stays a peer, as it stays in the exported store for remote clusters. Then a keyless re-registration
+    // (the apiserver clears key and mesh address and withdraws its node record): both withdrawn here too.
+    // (The same patch relabels the identity, so the stream shows when the patch has been taken.)
+    let mut refused = ready_status("False");
+    refused["status"]["id"] = json!((2 << 16) + 43);
+    api.patch_status("vm-1", &pp, &Patch::Merge(refused)).await?;
+    until(&mut stream, &mut view, "the refused re-registration taken", |v| {
+        v.ips.get("10.192.1.1").is_some_and(|ip| ip.identity == (2 << 16) + 43)
+    })
+    .await?;
+    assert!(view.deleted_nodes.is_empty() && view.nodes.contains_key(&node_key), "Ready=False withdrew the host");
+    api.patch_status(
+        "vm-1",
+        &pp,
+        &Patch::Merge(json!({"status": {"wireguardPublicKey": null, "meshIPv4": null,
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-23T18:01:00Z",
+                            "reason": "Registered", "message": ""}]}})),
+    )
+    .await?;
+    until(&mut stream, &mut view, "DELETEs after the keyless re-registration", |v| {
         v.deleted_nodes.contains(&node_key) && v.deleted_ips.iter().any(|i| i == "10.192.1.1")
     })
     .await?;

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use base64::Engine as _;
-use causeway_crds::external_workload::{ExternalWorkload, CONDITION_READY};
+use causeway_crds::external_workload::ExternalWorkload;
 use causeway_runtime::prometheus_client::encoding::EncodeLabelSet;
 use causeway_runtime::prometheus_client::metrics::counter::Counter;
 use causeway_runtime::prometheus_client::metrics::family::Family;
@@ -45,7 +45,7 @@ pub struct LocalCluster {
 /// a host to peer with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Skip {
-    #[error("not Ready=True (not registered yet, or its last registration was refused)")]
+    #[error("not registered (no status yet)")]
     NotReady,
     #[error("{0} is not set (a host joins the mesh datapath only with it)")]
     Missing(&'static str),
@@ -80,16 +80,18 @@ fn valid_wireguard_key(key: &str) -> bool {
 
 /// The view entries of one `ExternalWorkload`, or why it has none.
 ///
-/// Usable means: Ready=True, `status.ip` (a unicast IPv4 address: the underlay the local nodes reach it at),
+/// The status fields, not the `Ready` condition, decide: clustermesh-apiserver writes `ip`, `meshIPv4` and
+/// `wireguardPublicKey` exactly when it exports the host (node record and ipcache entries) and clears them when it
+/// withdraws them. `Ready=False` with those fields set means "the last re-registration was refused, the previous
+/// one is still exported": local nodes must keep peering with the host exactly as remote clusters do.
+///
+/// Usable means: `status.ip` (a unicast IPv4 address: the underlay the local nodes reach it at),
 /// `status.wireguardPublicKey`, `spec.ipv4AllocCIDR`, `status.meshIPv4` inside that range, and `status.id` one of
 /// the local cluster's identities. `status.ipv6`, when set, must be a unicast IPv6 address and is added to the
 /// node's internal IPs. Anything else yields a [`Skip`].
 pub fn convert(w: &ExternalWorkload, local: &LocalCluster) -> Result<LocalWorkload, Skip> {
     let name = required("metadata.name", w.metadata.name.as_deref())?;
     let Some(status) = &w.status else { return Err(Skip::NotReady) };
-    if !status.conditions.iter().any(|c| c.type_ == CONDITION_READY && c.status == "True") {
-        return Err(Skip::NotReady);
-    }
     let raw = required("status.ip", status.ip.as_deref())?;
     let ip: Ipv4Addr = raw.parse().map_err(|_| Skip::invalid("status.ip", raw, "not an IPv4 address"))?;
     if !causeway_store::validate::is_workload_ip(&IpAddr::V4(ip)) || ip.is_broadcast() {
@@ -365,7 +367,7 @@ mod tests {
 
     fn ready(status: &str) -> WorkloadCondition {
         WorkloadCondition {
-            type_: CONDITION_READY.into(),
+            type_: causeway_crds::external_workload::CONDITION_READY.into(),
             status: status.into(),
             last_transition_time: "2026-11-23T18:00:00Z".into(),
             reason: "Registered".into(),
@@ -441,11 +443,10 @@ mod tests {
         let cases: Vec<(&str, Edit, Check)> = vec![
             ("no status", |w| w.status = None, |s| *s == Skip::NotReady),
             (
-                "Ready=False",
-                |w| w.status.iter_mut().for_each(|s| s.conditions = vec![ready("False")]),
-                |s| *s == Skip::NotReady,
+                "keyless re-registration",
+                |w| w.status.iter_mut().for_each(|s| s.wireguard_public_key = None),
+                |s| *s == Skip::Missing("status.wireguardPublicKey"),
             ),
-            ("no conditions", |w| w.status.iter_mut().for_each(|s| s.conditions.clear()), |s| *s == Skip::NotReady),
             ("no ip", |w| w.status.iter_mut().for_each(|s| s.ip = None), |s| *s == Skip::Missing("status.ip")),
             (
                 "IPv6 as ip",
@@ -522,17 +523,22 @@ mod tests {
         // Unchanged: nothing.
         assert_eq!(idx.apply(Event::Apply(vm("vm-1"))), Applied::default());
 
-        // Turns not ready: one delete and one notice; the same again: nothing.
+        // A refused re-registration (Ready=False, the previous registration still exported): kept as it is.
+        let mut refused = vm("vm-1");
+        refused.status.iter_mut().for_each(|s| s.conditions = vec![ready("False")]);
+        assert_eq!(idx.apply(Event::Apply(refused)), Applied::default());
+
+        // Withdrawn by the apiserver (status cleared): one delete and one notice; the same again: nothing.
         let mut down = vm("vm-1");
-        down.status.iter_mut().for_each(|s| s.conditions = vec![ready("False")]);
+        down.status = None;
         let a = idx.apply(Event::Apply(down.clone()));
         assert_eq!(a.changes, vec![WorkloadChange::Delete("vm-1".into())]);
         assert_eq!(a.skipped, vec![SkipNotice { name: "vm-1".into(), skip: Skip::NotReady }]);
         assert_eq!(idx.apply(Event::Apply(down.clone())), Applied::default());
         assert_eq!(idx.counts(), (0, 1));
         // A different problem is reported, with no view change.
+        down = vm("vm-1");
         down.status.iter_mut().for_each(|s| s.mesh_ipv4 = None);
-        down.status.iter_mut().for_each(|s| s.conditions = vec![ready("True")]);
         let a = idx.apply(Event::Apply(down.clone()));
         assert!(a.changes.is_empty());
         assert_eq!(a.skipped.len(), 1);
