@@ -18,7 +18,7 @@ use causeway_external_workload_tests::net::{
     echo_from, host_of, install_underlay_counters, underlay_counter, ECHO_POD_IP, ECHO_PORT, NODE1_IP, VM_IP,
 };
 use causeway_external_workload_tests::testbed::{
-    Testbed, DOMAIN, ECHO_SERVICE_IP, ECHO_SERVICE_PORT, SERVICE_CIDR, SOON, WG_PORT, WORKLOAD_LABELS,
+    Testbed, DNS_SERVICE_IP, DOMAIN, ECHO_SERVICE_IP, ECHO_SERVICE_PORT, SERVICE_CIDR, SOON, WG_PORT, WORKLOAD_LABELS,
 };
 use causeway_testsupport::netns;
 use serde_json::Value;
@@ -71,6 +71,10 @@ fn vm_joins_west_reaches_pod_and_global_service_resolves_dns_and_uninstalls() ->
     assert_eq!(status["ip"], VM_IP.to_string(), "{status}");
     assert_eq!(status["meshIPv4"], MESH_IP, "{status}");
     let id = status["id"].as_u64().context("status.id")?;
+    // The key the host registered is the one its agent tunnels with (the key file `register` created).
+    let key = std::fs::read_to_string(root.join("var/lib/causeway/wireguard.key"))?;
+    let key: causeway_datapath::wireguard::PrivateKey = key.trim().parse()?;
+    assert_eq!(status["wireguardPublicKey"], key.public_key().to_base64(), "{status}");
 
     // west's etcd: the mesh address maps to that identity, and the identity carries the workload's labels.
     let entry = eventually("ipcache entry of the mesh address", SOON, || {
@@ -114,6 +118,20 @@ fn vm_joins_west_reaches_pod_and_global_service_resolves_dns_and_uninstalls() ->
     let dns_out = String::from_utf8_lossy(&dns.stdout);
     assert!(dns.status.success(), "check-dns {name}: {dns_out}\n{}", String::from_utf8_lossy(&dns.stderr));
     assert!(dns_out.contains(ECHO_SERVICE_IP), "{dns_out}");
+    // A short name, through the search list the script wrote (svc.<domain> first).
+    let short = Command::new("nsenter")
+        .arg(format!("--net={}", tb.net.vm1.path().display()))
+        .arg(&agent)
+        .args(["check-dns", "--resolv-conf"])
+        .arg(root.join("etc/resolv.conf"))
+        .args(["--name", "kube-dns.kube-system", "--expect", DNS_SERVICE_IP, "--timeout", "30s"])
+        .output()?;
+    assert!(
+        short.status.success(),
+        "check-dns kube-dns.kube-system: {}{}",
+        String::from_utf8_lossy(&short.stdout),
+        String::from_utf8_lossy(&short.stderr)
+    );
 
     // Between the host and the node the underlay carried WireGuard and nothing else.
     let from_node = underlay_counter(&tb.net.vm1, "wg")?;
@@ -138,8 +156,11 @@ fn vm_joins_west_reaches_pod_and_global_service_resolves_dns_and_uninstalls() ->
     ] {
         assert!(!root.join(gone).exists(), "{gone} is still there after uninstall");
     }
-    let link = tb.net.vm1.exec_unchecked(&["ip", "link", "show", &tb.vm_wg])?;
-    assert!(!link.status.success(), "the WireGuard device {} is still there", tb.vm_wg);
+    for dev in [tb.vm_wg.as_str(), "cw_vxlan"] {
+        let link = tb.net.vm1.exec_unchecked(&["ip", "link", "show", dev])?;
+        assert!(!link.status.success(), "the device {dev} is still there after uninstall");
+    }
+    assert!(!tb.vm_dirs.pin_dir.exists(), "{} is still pinned after uninstall", tb.vm_dirs.pin_dir.display());
     let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     assert_eq!(std::fs::read_to_string(root.join("etc/resolv.conf"))?, host_resolv, "resolv.conf not restored");
     assert!(!Path::new(&root.join("etc/systemd/resolved.conf.d/causeway.conf")).exists());
