@@ -205,7 +205,9 @@ if [ "$START" = 0 ]; then
 else
   step "starting causeway-identity-sync.service and causeway-node-agent.service"
   systemctl daemon-reload
-  systemctl enable --now causeway-identity-sync.service causeway-node-agent.service
+  systemctl enable causeway-identity-sync.service causeway-node-agent.service
+  # restart, not start: a second run (new certificates, a new registration) must reach running services.
+  systemctl restart causeway-identity-sync.service causeway-node-agent.service
   step "checking cluster DNS: causeway-node-agent check-dns --name $DNS_NAME (for up to 60 s)"
   DEADLINE=$((SECONDS + 60))
   DNS_OK=0

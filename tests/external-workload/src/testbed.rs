@@ -348,10 +348,10 @@ impl Testbed {
 
     // ------------------------------------------------------------------ the joining host
 
-    /// `causeway external-workload install vm1` against west's kube API, with the workspace's binaries.
-    pub fn render_join_script(&self) -> Result<String> {
+    /// `causeway external-workload install <name>` against west's kube API, with the workspace's binaries.
+    pub fn render_join_script(&self, name: &str) -> Result<String> {
         let out = Command::new(binary("causeway")?)
-            .args(["external-workload", "install", WORKLOAD])
+            .args(["external-workload", "install", name])
             .arg("--agent-binary")
             .arg(binary("causeway-node-agent")?)
             .arg("--identity-sync-binary")

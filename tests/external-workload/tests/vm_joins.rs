@@ -18,7 +18,8 @@ use causeway_external_workload_tests::net::{
     echo_from, host_of, install_underlay_counters, underlay_counter, ECHO_POD_IP, ECHO_PORT, NODE1_IP, VM_IP,
 };
 use causeway_external_workload_tests::testbed::{
-    Testbed, DNS_SERVICE_IP, DOMAIN, ECHO_SERVICE_IP, ECHO_SERVICE_PORT, SERVICE_CIDR, SOON, WG_PORT, WORKLOAD_LABELS,
+    Testbed, DNS_SERVICE_IP, DOMAIN, ECHO_SERVICE_IP, ECHO_SERVICE_PORT, SERVICE_CIDR, SOON, WG_PORT, WORKLOAD,
+    WORKLOAD_LABELS,
 };
 use causeway_testsupport::netns;
 use serde_json::Value;
@@ -48,8 +49,22 @@ fn vm_joins_west_reaches_pod_and_global_service_resolves_dns_and_uninstalls() ->
     install_underlay_counters(&tb.net.vm1, "und0", NODE1_IP, WG_PORT, &inner)?;
     install_underlay_counters(&tb.net.node1, "und0", VM_IP, WG_PORT, &inner)?;
 
+    // A host without an ExternalWorkload object is refused at registration, with the server's reason, and the
+    // script stops there: no service units.
+    let stray = tb.dir.path().join("join-vm2.sh");
+    std::fs::write(&stray, tb.render_join_script("vm2")?)?;
+    let stray_root = tb.dir.path().join("vm2-root");
+    std::fs::create_dir_all(&stray_root)?;
+    let (ok, out, err) = tb.run_join_script(&stray, &stray_root, &[])?;
+    assert!(!ok, "joining without an ExternalWorkload succeeded:\n{out}");
+    assert!(err.contains("registration failed"), "{out}\n{err}");
+    assert!(err.contains("vm2"), "the server's reason does not name the workload:\n{err}");
+    assert!(!stray_root.join("etc/systemd/system/causeway-node-agent.service").exists());
+    let (ok, out, err) = tb.run_join_script(&stray, &stray_root, &["uninstall"])?;
+    ensure!(ok, "uninstall after a refused join failed:\n{out}\n{err}");
+
     // The join, as a user runs it: script from the CLI, bash inside the host.
-    let script = tb.render_join_script()?;
+    let script = tb.render_join_script(WORKLOAD)?;
     let path = tb.dir.path().join("join.sh");
     std::fs::write(&path, &script)?;
     let root = tb.dir.path().join("vm1-root");
