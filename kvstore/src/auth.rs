@@ -4,6 +4,8 @@
 //! users are created without passwords and certificates (from `causeway-pki`) are the
 //! credentials.
 
+use std::collections::BTreeSet;
+
 use etcd_client::{Client, Permission, PermissionType, UserAddOptions};
 
 use crate::list::prefix_end;
@@ -15,6 +17,8 @@ pub const REMOTE_ROLE: &str = "remote";
 pub const ADMIN_ROLE: &str = "admin";
 /// etcd's built-in superuser role.
 pub const ROOT_ROLE: &str = "root";
+/// Prefix of the read-only user each peer cluster reads this cluster's etcd as (`remote-<peer>`).
+pub const REMOTE_USER_PREFIX: &str = "remote-";
 /// The user (and its role of the same name) external workloads (VMs) connect as, as in
 /// Cilium: they read the whole store and register themselves under
 /// [`NODE_REGISTER_PREFIX`].
@@ -187,4 +191,145 @@ async fn ensure_user(client: &mut Client, user: &str, role: &str) -> Result<(), 
         client.user_grant_role(user, role).await.map_err(|e| KvError::request("user grant role", user, e))?;
     }
     Ok(())
+}
+
+/// What [`plan_peer_users`] decided: the `remote-<peer>` users to create, the ones to keep (and whose role to
+/// check), and the ones to delete. Sorted, without duplicates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerUserPlan {
+    /// Users of wanted peers that etcd does not have yet.
+    pub add: Vec<String>,
+    /// Users of wanted peers that etcd already has.
+    pub keep: Vec<String>,
+    /// `remote-*` users of peers no longer wanted: their read access is revoked by deleting them.
+    pub remove: Vec<String>,
+}
+
+impl PeerUserPlan {
+    /// Whether applying the plan changes which users exist.
+    pub fn changes_users(&self) -> bool {
+        !self.add.is_empty() || !self.remove.is_empty()
+    }
+}
+
+/// The etcd user a peer cluster reads this cluster's etcd as.
+pub fn remote_user(peer: &str) -> String {
+    format!("{REMOTE_USER_PREFIX}{peer}")
+}
+
+/// Decides, from the wanted peers and the users etcd has, which `remote-<peer>` users to add and which to delete.
+///
+/// Only users named `remote-…` are ever removed: `root`, `admin-<cluster>`, [`EXTERNAL_WORKLOAD_USER`] and any
+/// user someone else created are not this function's business. An empty wanted set removes every `remote-*`
+/// user: the caller decides whether an empty set is a real answer (a ConfigMap read) or no answer yet.
+pub fn plan_peer_users<P: AsRef<str>, U: AsRef<str>>(wanted_peers: &[P], existing_users: &[U]) -> PeerUserPlan {
+    let wanted: BTreeSet<String> =
+        wanted_peers.iter().map(|p| p.as_ref()).filter(|p| !p.is_empty()).map(remote_user).collect();
+    let existing: BTreeSet<&str> = existing_users.iter().map(|u| u.as_ref()).collect();
+    let mut plan = PeerUserPlan::default();
+    for user in &wanted {
+        if existing.contains(user.as_str()) {
+            plan.keep.push(user.clone());
+        } else {
+            plan.add.push(user.clone());
+        }
+    }
+    plan.remove = existing
+        .iter()
+        .filter(|u| u.starts_with(REMOTE_USER_PREFIX) && !wanted.contains(**u))
+        .map(|u| u.to_string())
+        .collect();
+    plan
+}
+
+/// Converges the `remote-<peer>` users of the etcd of cluster `local_cluster` to exactly `peers`: lists the users,
+/// decides with [`plan_peer_users`], creates missing users with role [`REMOTE_ROLE`] (ensuring the role and its
+/// grants first, as [`ensure_auth`] does) and deletes the users of peers no longer wanted, which revokes their
+/// read access at once (etcd checks the certificate's user on every request).
+///
+/// Does not enable auth nor create the other users: [`ensure_auth`] does that, and callers run it first when
+/// there is any peer. `client` must be `root`. Returns what it did.
+#[tracing::instrument(skip_all, fields(cluster = local_cluster, peers = peers.len()))]
+pub async fn sync_peer_users<S: AsRef<str>>(
+    client: &mut Client,
+    local_cluster: &str,
+    peers: &[S],
+) -> Result<PeerUserPlan, KvError> {
+    let users = client.user_list().await.map_err(|e| KvError::request("user list", local_cluster, e))?;
+    let plan = plan_peer_users(peers, users.users());
+    if !plan.add.is_empty() || !plan.keep.is_empty() {
+        ensure_role(client, REMOTE_ROLE, &remote_grants(local_cluster)).await?;
+    }
+    for user in plan.add.iter().chain(&plan.keep) {
+        ensure_user(client, user, REMOTE_ROLE).await?;
+    }
+    for user in &plan.remove {
+        match client.user_delete(user.as_str()).await {
+            Ok(_) => {}
+            // Someone else deleted it between the list and now: the outcome we want.
+            Err(e) if e.to_string().contains("user name not found") => {}
+            Err(e) => return Err(KvError::request("user delete", user.as_str(), e)),
+        }
+    }
+    if plan.changes_users() {
+        tracing::info!(added = ?plan.add, removed = ?plan.remove, "peer etcd users converged");
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn users(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn adds_missing_peers_and_keeps_present_ones() {
+        let plan = plan_peer_users(&["east", "south"], &["root", "admin-west", "remote-east"]);
+        assert_eq!(plan.add, users(&["remote-south"]));
+        assert_eq!(plan.keep, users(&["remote-east"]));
+        assert!(plan.remove.is_empty());
+        assert!(plan.changes_users());
+    }
+
+    #[test]
+    fn removes_only_remote_users_of_peers_no_longer_wanted() {
+        let existing = [
+            "root",
+            "admin-west",
+            "admin-south",
+            EXTERNAL_WORKLOAD_USER,
+            "stranger",
+            "remotely-ok",
+            "remote-east",
+            "remote-south",
+        ];
+        let plan = plan_peer_users(&["east"], &existing);
+        assert_eq!(plan.remove, users(&["remote-south"]));
+        assert_eq!(plan.keep, users(&["remote-east"]));
+        assert!(plan.add.is_empty());
+    }
+
+    #[test]
+    fn no_peers_removes_every_remote_user_and_nothing_else() {
+        let plan =
+            plan_peer_users::<&str, &str>(&[], &["root", "admin-west", "remote-a", "remote-b", "externalworkload"]);
+        assert_eq!(plan.remove, users(&["remote-a", "remote-b"]));
+        assert!(plan.add.is_empty() && plan.keep.is_empty());
+    }
+
+    #[test]
+    fn converged_state_is_a_no_op_and_duplicates_collapse() {
+        let plan = plan_peer_users(&["east", "east", "south", ""], &["root", "remote-east", "remote-south"]);
+        assert_eq!(plan, PeerUserPlan { add: vec![], keep: users(&["remote-east", "remote-south"]), remove: vec![] });
+        assert!(!plan.changes_users());
+    }
+
+    #[test]
+    fn empty_etcd_adds_every_peer_sorted() {
+        let plan = plan_peer_users::<&str, &str>(&["south", "east"], &[]);
+        assert_eq!(plan.add, users(&["remote-east", "remote-south"]));
+    }
 }

@@ -8,7 +8,8 @@
 //! surviving disconnects and compaction).
 //!
 //! Also here: [`connect`] (endpoints + mTLS, checked with a first request), the
-//! [`LeasePool`] behind the writes, [`ensure_auth`] to create the etcd users and roles,
+//! [`LeasePool`] behind the writes, [`ensure_auth`] to create the etcd users and roles
+//! ([`sync_peer_users`] to follow peers being connected and disconnected),
 //! and the [`Heartbeat`] and [`write_cluster_config`] writers, and the [`ResetDetector`]
 //! that notices an etcd which lost its data, and the [`WriteGate`] that pauses every write
 //! from the moment a reset is suspected until the owner re-created etcd. Keys and values are raw
@@ -27,8 +28,9 @@ mod sync_store;
 mod watch_store;
 
 pub use auth::{
-    ensure_auth, external_workload_grants, remote_grants, Grant, GrantKind, ADMIN_ROLE, EXTERNAL_WORKLOAD_ROLE,
-    EXTERNAL_WORKLOAD_USER, INIT_LOCK_PREFIX, NODE_REGISTER_PREFIX, REMOTE_ROLE, ROOT_ROLE,
+    ensure_auth, external_workload_grants, plan_peer_users, remote_grants, remote_user, sync_peer_users, Grant,
+    GrantKind, PeerUserPlan, ADMIN_ROLE, EXTERNAL_WORKLOAD_ROLE, EXTERNAL_WORKLOAD_USER, INIT_LOCK_PREFIX,
+    NODE_REGISTER_PREFIX, REMOTE_ROLE, REMOTE_USER_PREFIX, ROOT_ROLE,
 };
 pub use connect::{connect, EtcdConfig, TlsConfig};
 pub use error::KvError;

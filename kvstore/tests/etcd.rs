@@ -4,9 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use causeway_kvstore::{
-    canary_key, connect, ensure_auth, external_workload_grants, Client, EtcdConfig, KvError, LeaseConfig, LeasePool,
-    SyncStore, SyncStoreConfig, TlsConfig, WatchEvent, WatchStore, WatchStoreConfig, EXTERNAL_WORKLOAD_ROLE,
-    EXTERNAL_WORKLOAD_USER, INIT_LOCK_PREFIX, NODE_REGISTER_PREFIX,
+    canary_key, connect, ensure_auth, external_workload_grants, sync_peer_users, Client, EtcdConfig, KvError,
+    LeaseConfig, LeasePool, SyncStore, SyncStoreConfig, TlsConfig, WatchEvent, WatchStore, WatchStoreConfig,
+    EXTERNAL_WORKLOAD_ROLE, EXTERNAL_WORKLOAD_USER, INIT_LOCK_PREFIX, NODE_REGISTER_PREFIX,
 };
 use causeway_pki::{Pki, ServerNames};
 use causeway_testsupport::{wait_until, Etcd, TcpProxy};
@@ -699,4 +699,58 @@ async fn externalworkload_reads_everything_and_writes_only_its_registration() {
     let err = vm.delete("cilium/state/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.unwrap_err();
     assert!(err.to_string().contains("permission denied"), "{err}");
     assert_eq!(dump(&mut root, "cilium/state/nodes/").await.get("cilium/state/nodes/v1/east/n1"), Some(&b"x".to_vec()));
+}
+
+#[tokio::test]
+async fn peer_users_follow_the_wanted_peers_granting_and_revoking_read_access() {
+    init_tracing();
+    let pki = Pki::loopback().unwrap();
+    let etcd = Etcd::start_tls(&pki).await;
+    let root_cfg = EtcdConfig::new(etcd.endpoints()).with_tls(tls_config(&etcd, "root"));
+    let mut root = connect(&root_cfg).await.unwrap();
+    root.put("cilium/state/nodes/v1/west/n1", "{}", None).await.unwrap();
+    ensure_auth(&mut root, "west", &["east"]).await.unwrap();
+
+    let connect_as = |user: &str| EtcdConfig::new(etcd.endpoints()).with_tls(tls_config(&etcd, user));
+    // Connections opened before the changes: etcd checks the certificate's user on every request.
+    let mut east = connect(&connect_as("remote-east")).await.unwrap();
+    let mut south = connect(&connect_as("remote-south")).await.unwrap();
+    let read = |c: &mut Client| {
+        let mut c = c.clone();
+        async move { c.get("cilium/state/", Some(GetOptions::new().with_prefix())).await.map(|r| r.kvs().len()) }
+    };
+    assert_eq!(read(&mut east).await.unwrap(), 1);
+    let err = read(&mut south).await.expect_err("remote-south reads before being a peer");
+    assert!(err.to_string().contains("permission denied"), "{err}");
+
+    // south is connected: its user appears and reads, without anything restarting.
+    let plan = sync_peer_users(&mut root, "west", &["east", "south"]).await.unwrap();
+    assert_eq!((plan.add, plan.remove), (vec!["remote-south".to_string()], vec![]));
+    assert_eq!(read(&mut south).await.expect("remote-south reads once added"), 1);
+    assert_eq!(read(&mut east).await.unwrap(), 1);
+    // Converged: a second pass changes nothing.
+    let again = sync_peer_users(&mut root, "west", &["east", "south"]).await.unwrap();
+    assert!(!again.changes_users(), "{again:?}");
+
+    // south is disconnected: refused at once, on the open connection and on a new one; east keeps reading.
+    let plan = sync_peer_users(&mut root, "west", &["east"]).await.unwrap();
+    assert_eq!((plan.add, plan.remove), (vec![], vec!["remote-south".to_string()]));
+    let err = read(&mut south).await.expect_err("remote-south still reads after removal");
+    assert!(err.to_string().contains("permission denied"), "{err}");
+    // A new connection is refused too, whether at connect's first request or at the read.
+    let refused = match connect(&connect_as("remote-south")).await {
+        Err(e) => e.to_string(),
+        Ok(mut c) => read(&mut c).await.expect_err("a new remote-south connection reads after removal").to_string(),
+    };
+    assert!(refused.contains("permission denied"), "{refused}");
+    assert_eq!(read(&mut east).await.expect("remote-east keeps reading"), 1);
+
+    // The other users are never touched, even with no peer left.
+    sync_peer_users::<&str>(&mut root, "west", &[]).await.unwrap();
+    let users: BTreeSet<String> = root.user_list().await.unwrap().users().iter().cloned().collect();
+    let want: BTreeSet<String> = ["root", "admin-west", EXTERNAL_WORKLOAD_USER].into_iter().map(String::from).collect();
+    assert_eq!(users, want);
+    assert!(read(&mut east).await.is_err(), "remote-east reads after every peer was removed");
+    let mut admin = connect(&connect_as("admin-west")).await.unwrap();
+    admin.put("cilium/state/nodes/v1/west/n2", "{}", None).await.expect("admin-west still writes");
 }
