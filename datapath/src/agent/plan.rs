@@ -6,7 +6,9 @@
 //! Ordered make-before-break, so that a packet never meets a reference to something not yet (or no longer) there,
 //! and sees either the old or the new verdict but never neither:
 //!
-//! 1. WireGuard peers added or updated, then routes added (a route never points into a tunnel with no peer);
+//! 1. WireGuard peers added or updated, then routes added (a route never points into a tunnel with no peer); peers
+//!    that gain allowed IPs before peers that only lose some, so a prefix moving between two peers (a joined host's
+//!    Service CIDRs when their node changes) always has a peer;
 //! 2. ipcache and identity-policy upserts;
 //! 3. egress GROUPS upserts, then LPM upserts (which reference groups), then SRC upserts (which reference the LPM
 //!    entries of their class) — a pod moves to its new class only once that class is complete;
@@ -137,6 +139,12 @@ pub fn plan(current: &MapContents, desired: &MapContents) -> Vec<Op> {
     let (lpm_up, lpm_del) = diff(&current.egress_lpm, &desired.egress_lpm);
     let (src_up, src_del) = diff(&current.egress_src, &desired.egress_src);
 
+    // Gainers first, in key order, then the rest in key order (a stable sort on "gains nothing").
+    let mut peer_up = peer_up;
+    peer_up.sort_by_key(|(k, v)| {
+        let had = current.wg_peers.get(k).map(|p| p.allowed_ips.as_slice()).unwrap_or_default();
+        !v.allowed_ips.iter().any(|a| !had.contains(a))
+    });
     let mut ops = Vec::new();
     ops.extend(peer_up.into_iter().map(|(k, v)| Op::UpsertWgPeer(k, v)));
     ops.extend(route_up.into_iter().map(|(k, v)| Op::AddRoute(k, v)));
@@ -253,6 +261,36 @@ mod tests {
             assert_eq!(programmed, want);
         }
         assert_eq!(programmed, MapContents::default());
+    }
+
+    #[test]
+    fn a_prefix_moving_between_peers_is_never_without_one() {
+        let svc = net("10.96.0.0/16");
+        let peer = |last: u8, extra: bool| {
+            let mut allowed = vec![net(&format!("10.2.{last}.0/24"))];
+            if extra {
+                allowed.push(svc);
+            }
+            allowed.sort();
+            WgPeer { endpoint: (ip(&format!("192.168.1.{last}")), 51871), allowed_ips: allowed }
+        };
+        // Both directions, so the peer that loses the prefix sorts first once and last once.
+        for (from, to) in [(1u8, 2u8), (2, 1)] {
+            let mut cur = MapContents::default();
+            cur.wg_peers.insert(WgKey([from; 32]), peer(from, true));
+            cur.wg_peers.insert(WgKey([to; 32]), peer(to, false));
+            let mut want = MapContents::default();
+            want.wg_peers.insert(WgKey([from; 32]), peer(from, false));
+            want.wg_peers.insert(WgKey([to; 32]), peer(to, true));
+            let ops = plan(&cur, &want);
+            assert!(matches!(&ops[0], Op::UpsertWgPeer(k, _) if *k == WgKey([to; 32])), "gainer first: {ops:?}");
+            let mut m = cur.clone();
+            for op in &ops {
+                op.apply_to(&mut m);
+                assert!(m.wg_peers.values().any(|p| p.allowed_ips.contains(&svc)), "after {op:?}: {svc} has no peer");
+            }
+            assert_eq!(m, want);
+        }
     }
 
     #[test]
