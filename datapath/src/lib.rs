@@ -17,7 +17,8 @@
 //!   itself then runs in host mode: only a WireGuard interface, a mesh address and routes to the home cluster).
 //!
 //! Nothing here talks to etcd; the agent gets its inputs from identity-sync's and egress-gw's streams. The only kube
-//! API use is optional: publishing this node's interfaces on its Node object (`egress::publish`).
+//! API use is optional: publishing this node's interfaces and WireGuard key on its Node object (`egress::publish`).
+//! A joined host's `register` is the one call to the clustermesh-apiserver (`workload::register`, mTLS gRPC).
 
 pub mod agent;
 pub mod bpf;
