@@ -129,7 +129,8 @@ pub fn render_script(p: &JoinParams) -> String {
          # Environment: CAUSEWAY_AGENT_BINARY, CAUSEWAY_IDENTITY_SYNC_BINARY (binaries to install),\n\
          # CAUSEWAY_NODE_IP (default: the source address of the default route), CAUSEWAY_ETCD_ENDPOINT and\n\
          # CAUSEWAY_WORKLOADS_ENDPOINT (override the cluster's endpoints), CAUSEWAY_WIREGUARD_INTERFACE (default\n\
-         # cw_wg), CAUSEWAY_BPFFS_ROOT, CAUSEWAY_REGISTER_TIMEOUT (default 2m), CAUSEWAY_JOIN_ROOT (install under\n\
+         # cw_wg), CAUSEWAY_BPFFS_ROOT, CAUSEWAY_REGISTER_TIMEOUT (default 2m), CAUSEWAY_DNS_CHECK_SECONDS (default\n\
+         # 60), CAUSEWAY_JOIN_ROOT (install under\n\
          # another root: everything is written there, registration still happens, nothing is started),\n\
          # CAUSEWAY_JOIN_NO_START=1 (write everything, start nothing).\n\n",
     );

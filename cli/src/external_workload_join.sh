@@ -208,8 +208,9 @@ else
   systemctl enable causeway-identity-sync.service causeway-node-agent.service
   # restart, not start: a second run (new certificates, a new registration) must reach running services.
   systemctl restart causeway-identity-sync.service causeway-node-agent.service
-  step "checking cluster DNS: causeway-node-agent check-dns --name $DNS_NAME (for up to 60 s)"
-  DEADLINE=$((SECONDS + 60))
+  DNS_WAIT="${CAUSEWAY_DNS_CHECK_SECONDS:-60}"
+  step "checking cluster DNS: causeway-node-agent check-dns --name $DNS_NAME (for up to $DNS_WAIT s)"
+  DEADLINE=$((SECONDS + DNS_WAIT))
   DNS_OK=0
   while [ "$SECONDS" -lt "$DEADLINE" ]; do
     if "$BIN/causeway-node-agent" check-dns --resolv-conf /etc/resolv.conf --name "$DNS_NAME" --timeout 10s; then
@@ -221,7 +222,7 @@ else
   if [ "$DNS_OK" = 1 ]; then
     step "cluster DNS works: $DNS_NAME resolves"
   else
-    step "warning: $DNS_NAME did not resolve within 60 s; check: systemctl status causeway-node-agent causeway-identity-sync; wg show $WG_IF; journalctl -u causeway-node-agent"
+    step "warning: $DNS_NAME did not resolve within $DNS_WAIT s; check: systemctl status causeway-node-agent causeway-identity-sync; wg show $WG_IF; journalctl -u causeway-node-agent"
   fi
 fi
 step "done"
