@@ -69,7 +69,9 @@ fn vm_joins_west_reaches_pod_and_global_service_resolves_dns_and_uninstalls() ->
     std::fs::write(&path, &script)?;
     let root = tb.dir.path().join("vm1-root");
     std::fs::create_dir_all(&root)?;
+    let started = Instant::now();
     let (ok, out, err) = tb.run_join_script(&path, &root, &[])?;
+    let join_took = started.elapsed();
     ensure!(ok, "the join script failed:\n{out}\n{err}\n{}", tb.logs());
     for step in ["causeway-join: registering with the clustermesh-apiserver", "causeway-join: registered: identity"] {
         ensure!(out.contains(step), "{step:?} missing from the script's output:\n{out}");
@@ -104,7 +106,9 @@ fn vm_joins_west_reaches_pod_and_global_service_resolves_dns_and_uninstalls() ->
     }
 
     // The host's services, as systemd would start them.
+    let started = Instant::now();
     tb.start_vm_units(&root)?;
+    let units_ready = started.elapsed();
 
     // A pod over WireGuard: the pod sees the host's mesh address.
     let pod = SocketAddr::from((ECHO_POD_IP, ECHO_PORT));
@@ -112,6 +116,12 @@ fn vm_joins_west_reaches_pod_and_global_service_resolves_dns_and_uninstalls() ->
         eventually("vm1 → echo pod", SOON, || echo_from(&tb.net.vm1, pod, b"hello pod")).with_context(|| tb.logs())?;
     assert!(intact, "the echo came back damaged");
     assert_eq!(host_of(&peer), MESH_IP, "the pod saw {peer}");
+    // Figures for the reader (never asserted; a debug build on a shared machine): how long the join takes.
+    println!(
+        "join script (registration included): {join_took:?}; services ready: {units_ready:?}; first pod reply \
+         after start: {:?}",
+        started.elapsed()
+    );
 
     // The global Service by its ClusterIP (routed into the tunnel, translated by node1's service proxy).
     let svc: SocketAddr = format!("{ECHO_SERVICE_IP}:{ECHO_SERVICE_PORT}").parse()?;
