@@ -454,6 +454,23 @@ impl Testbed {
         Ok(causeway_kvstore::connect(&config).await?)
     }
 
+    /// Tries to write `key` in west's etcd with the client certificate in `certs` (ca.crt, tls.crt, tls.key).
+    pub fn etcd_put_as(&self, certs: &Path, key: &str, value: &str) -> Result<()> {
+        self.rt.block_on(async {
+            let tls = causeway_kvstore::TlsConfig::from_files(
+                &certs.join("ca.crt"),
+                &certs.join("tls.crt"),
+                &certs.join("tls.key"),
+            )?;
+            let config = causeway_kvstore::EtcdConfig::new([format!("https://127.0.0.1:{}", self.etcd_port)])
+                .with_connect_timeout(Duration::from_secs(5))
+                .with_tls(tls);
+            let mut c = causeway_kvstore::connect(&config).await?;
+            c.put(key, value, None).await?;
+            Ok(())
+        })
+    }
+
     /// `etcd get key` as root.
     pub fn etcd_get(&self, key: &str) -> Result<Option<String>> {
         self.rt.block_on(async {

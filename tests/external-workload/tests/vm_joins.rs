@@ -105,6 +105,12 @@ fn vm_joins_west_reaches_pod_and_global_service_resolves_dns_and_uninstalls() ->
         assert!(labels.contains(&format!("{k}={v};")), "identity {id} labels {labels:?} lack {k}={v}");
     }
 
+    // etcd auth is on: the host's certificate (the one its identity-sync reads with) cannot write the cluster's
+    // state.
+    let forged = tb.etcd_put_as(&root.join("etc/causeway/certs"), "cilium/state/ip/v1/default/10.244.1.99", "{}");
+    let why = format!("{:#}", forged.err().context("the externalworkload certificate wrote into west's ipcache")?);
+    assert!(why.contains("permission denied"), "the write failed, but not for lack of permission: {why}");
+
     // The host's services, as systemd would start them.
     let started = Instant::now();
     tb.start_vm_units(&root)?;
