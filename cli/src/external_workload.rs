@@ -130,9 +130,8 @@ pub fn render_script(p: &JoinParams) -> String {
          # CAUSEWAY_NODE_IP (default: the source address of the default route), CAUSEWAY_ETCD_ENDPOINT and\n\
          # CAUSEWAY_WORKLOADS_ENDPOINT (override the cluster's endpoints), CAUSEWAY_WIREGUARD_INTERFACE (default\n\
          # cw_wg), CAUSEWAY_BPFFS_ROOT, CAUSEWAY_REGISTER_TIMEOUT (default 2m), CAUSEWAY_DNS_CHECK_SECONDS (default\n\
-         # 60), CAUSEWAY_JOIN_ROOT (install under\n\
-         # another root: everything is written there, registration still happens, nothing is started),\n\
-         # CAUSEWAY_JOIN_NO_START=1 (write everything, start nothing).\n\n",
+         # 60), CAUSEWAY_JOIN_ROOT (install under another root: everything is written there, registration\n\
+         # still happens, nothing is started), CAUSEWAY_JOIN_NO_START=1 (write everything, start nothing).\n\n",
     );
     let vars = [
         ("WORKLOAD_NAME", p.name.clone()),
