@@ -141,7 +141,12 @@ impl Testbed {
     /// Builds the network and cluster west with node1, its pods and Services, and the ExternalWorkload `vm1`;
     /// returns when every process is ready.
     pub fn start() -> Result<Testbed> {
-        let dir = tempfile::Builder::new().prefix("causeway-ew-e2e-").tempdir()?;
+        let mut dir = tempfile::Builder::new().prefix("causeway-ew-e2e-").tempdir()?;
+        // CAUSEWAY_E2E_KEEP=1 keeps the logs, the host's root and the certificates for a look afterwards.
+        if std::env::var("CAUSEWAY_E2E_KEEP").as_deref() == Ok("1") {
+            dir.disable_cleanup(true);
+            eprintln!("keeping {}", dir.path().display());
+        }
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let net = Network::build().context("building the network namespaces")?;
         let kube_server = rt.block_on(FakeApiServer::start("127.0.0.1:0".parse()?))?;
