@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use causeway_external_workload_tests::net::{
-    echo_from, host_of, install_underlay_counters, underlay_counter, ECHO_POD_IP, ECHO_PORT, NODE1_IP, VM_IP,
+    echo_from, host_of, install_underlay_counters, underlay_counter, EchoServer, ECHO_POD_IP, ECHO_PORT, NODE1_IP,
+    VM_IP,
 };
 use causeway_external_workload_tests::testbed::{
     Testbed, DNS_SERVICE_IP, DOMAIN, ECHO_SERVICE_IP, ECHO_SERVICE_PORT, SERVICE_CIDR, SOON, WG_PORT, WORKLOAD,
@@ -26,6 +27,11 @@ use serde_json::Value;
 
 /// The mesh address of vm1: the first usable address of its spec.ipv4AllocCIDR (10.192.1.0/30).
 const MESH_IP: &str = "10.192.1.1";
+
+/// The resolv.conf of the machine running the test: the script copies it under its root, and uninstall restores it.
+fn host_resolv_conf() -> String {
+    std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()
+}
 
 /// Polls `check` until it returns Ok, or fails with its last error after `timeout`.
 fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<T>) -> Result<T> {
@@ -164,6 +170,22 @@ fn vm_joins_west_reaches_pod_and_global_service_resolves_dns_and_uninstalls() ->
         String::from_utf8_lossy(&short.stderr)
     );
 
+    // The other way: a pod reaches a server on the host at its mesh address, and the host sees the pod's address.
+    let _server = EchoServer::start(&tb.net.vm1, SocketAddr::from(([0, 0, 0, 0], 9000)))?;
+    let on_host: SocketAddr = format!("{MESH_IP}:9000").parse()?;
+    let (peer, intact) = eventually("echo pod → vm1", SOON, || echo_from(&tb.net.echo.ns, on_host, b"hello host"))?;
+    assert!(intact, "the host's echo came back damaged");
+    assert_eq!(host_of(&peer), ECHO_POD_IP.to_string(), "the host saw {peer}");
+
+    // Running the script again (as users do) keeps the host's identity and address, and traffic flows on.
+    let (ok, out, err) = tb.run_join_script(&path, &root, &[])?;
+    ensure!(ok, "the second run of the join script failed:\n{out}\n{err}");
+    let again = serde_json::to_value(tb.workload()?.status)?;
+    assert_eq!((again["id"].as_u64(), &again["meshIPv4"]), (Some(id), &status["meshIPv4"]), "{again}");
+    assert_eq!(std::fs::read_to_string(root.join("etc/causeway/resolv.conf.orig"))?, host_resolv_conf());
+    let (peer, _) = echo_from(&tb.net.vm1, pod, b"still there")?;
+    assert_eq!(host_of(&peer), MESH_IP);
+
     // Between the host and the node the underlay carried WireGuard and nothing else.
     let from_node = underlay_counter(&tb.net.vm1, "wg")?;
     let from_vm = underlay_counter(&tb.net.node1, "wg")?;
@@ -192,8 +214,7 @@ fn vm_joins_west_reaches_pod_and_global_service_resolves_dns_and_uninstalls() ->
         assert!(!link.status.success(), "the device {dev} is still there after uninstall");
     }
     assert!(!tb.vm_dirs.pin_dir.exists(), "{} is still pinned after uninstall", tb.vm_dirs.pin_dir.display());
-    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    assert_eq!(std::fs::read_to_string(root.join("etc/resolv.conf"))?, host_resolv, "resolv.conf not restored");
+    assert_eq!(std::fs::read_to_string(root.join("etc/resolv.conf"))?, host_resolv_conf(), "resolv.conf not restored");
     assert!(!Path::new(&root.join("etc/systemd/resolved.conf.d/causeway.conf")).exists());
     Ok(())
 }
