@@ -8,6 +8,8 @@
 //! - [`kube`]: the adapter. Watches the kube API, feeds the core, carries out its requests, marks kinds synced.
 //! - [`sink`]: the traits the adapter writes through (store writer, identity resolver), with in-memory versions.
 //! - [`metrics`]: Prometheus counters and gauges.
+//! - [`peers`]: the `remote-<peer>` etcd users follow the peers ConfigMap `connect`/`disconnect` keep, while
+//!   running.
 //! - [`readiness`]: `/readyz`, combining the export's state and etcd's.
 //! - [`workloads`]: external workloads (VMs) registering over mTLS gRPC, exported like pods (and, with a WireGuard
 //!   key, like nodes).
@@ -16,6 +18,7 @@ pub mod export;
 pub mod identity;
 pub mod kube;
 pub mod metrics;
+pub mod peers;
 pub mod readiness;
 pub mod sink;
 pub mod workloads;

@@ -45,9 +45,14 @@ struct Args {
     #[arg(long, env = "CAUSEWAY_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// Peer cluster names, comma-separated: a read-only etcd user `remote-<peer>` is created for each (needs the
-    /// root user's certificate).
+    /// root user's certificate). With --peers-configmap, these are always kept in addition to the ConfigMap's.
     #[arg(long, env = "CAUSEWAY_PEERS", value_delimiter = ',')]
     peers: Vec<String>,
+    /// NAMESPACE/NAME of the ConfigMap whose `peers` key (`causeway clustermesh connect`/`disconnect` keep it) the
+    /// peer users follow while running: a connected peer's `remote-<peer>` user is created, a disconnected one's
+    /// deleted. Needs the root user's certificate, and get/list/watch on that ConfigMap.
+    #[arg(long, env = "CAUSEWAY_PEERS_CONFIGMAP")]
+    peers_configmap: Option<clustermesh_apiserver::peers::ConfigMapRef>,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "CAUSEWAY_METRICS_ADDR", default_value = "0.0.0.0:9962")]
     metrics_addr: SocketAddr,
@@ -122,7 +127,10 @@ struct ResetHandler {
     detector: causeway_kvstore::ResetDetector,
     etcd: causeway_kvstore::Client,
     cluster: String,
-    peers: Vec<String>,
+    /// The peers whose users etcd has now (the static --peers, or what the peer task last converged to).
+    peers: tokio::sync::watch::Receiver<Vec<String>>,
+    /// Bumped after each re-creation, so the peer task converges the users again.
+    recreated: tokio::sync::watch::Sender<u64>,
     config: Vec<u8>,
     leases: Arc<causeway_kvstore::LeasePool>,
     heartbeat: Arc<causeway_kvstore::Heartbeat>,
@@ -171,6 +179,7 @@ impl ResetHandler {
             gate.open();
             self.readiness.set_etcd_ok();
             self.heartbeat.write_now();
+            self.recreated.send_modify(|n| *n += 1);
             if self.export.send(Input::EtcdReset).await.is_err() {
                 return;
             }
@@ -218,7 +227,8 @@ impl ResetHandler {
     }
 
     async fn recreate(&mut self) -> Result<()> {
-        prepare_etcd(&mut self.etcd, &self.cluster, &self.peers, &self.config).await?;
+        let peers = self.peers.borrow().clone();
+        prepare_etcd(&mut self.etcd, &self.cluster, &peers, &self.config).await?;
         let replaced = self.leases.replace_all_lost().await.context("replacing lost etcd leases")?;
         info!(cluster = %self.cluster, replaced, "etcd leases checked after the reset");
         Ok(())
@@ -310,12 +320,30 @@ async fn main() -> Result<()> {
         }
     });
 
+    let (current_peers, peers_rx) = tokio::sync::watch::channel(args.peers.clone());
+    let (recreated, recreated_rx) = tokio::sync::watch::channel(0u64);
+    let peer_task = args.peers_configmap.clone().map(|config_map| {
+        let peer_metrics = clustermesh_apiserver::peers::PeerMetrics::default();
+        health.with_registry(|r| peer_metrics.register(r));
+        info!(configmap = %config_map, "peer etcd users follow the peers ConfigMap");
+        tokio::spawn(clustermesh_apiserver::peers::run(clustermesh_apiserver::peers::PeerTask {
+            kube: client.clone(),
+            config_map,
+            etcd: etcd.clone(),
+            cluster: cluster.name.to_string(),
+            floor: args.peers.clone(),
+            metrics: peer_metrics,
+            current: current_peers,
+            resets: recreated_rx,
+        }))
+    });
     let resets = tokio::spawn(
         ResetHandler {
             detector,
             etcd: etcd.clone(),
             cluster: cluster.name.to_string(),
-            peers: args.peers.clone(),
+            peers: peers_rx,
+            recreated,
             config,
             leases: leases.clone(),
             heartbeat,
@@ -354,6 +382,9 @@ async fn main() -> Result<()> {
         w.abort();
     }
     resets.abort();
+    if let Some(p) = peer_task {
+        p.abort();
+    }
     if let Some(w) = workloads {
         w.abort();
     }

@@ -272,7 +272,7 @@ pub async fn sync_peer_users<S: AsRef<str>>(
         }
     }
     if plan.changes_users() {
-        tracing::info!(added = ?plan.add, removed = ?plan.remove, "peer etcd users converged");
+        tracing::debug!(added = ?plan.add, removed = ?plan.remove, "peer etcd users converged");
     }
     Ok(plan)
 }
