@@ -271,7 +271,8 @@ fn minimal_values_render_every_component_as_valid_api_objects() -> Result<()> {
     // With certificates from `causeway clustermesh enable`, the chart must not create (and so overwrite) them.
     assert!(!ms.iter().any(|m| m.kind == "Secret"), "tls.source=secrets renders no Secret");
     for m in ms.iter().filter(|m| m.kind != "ClusterRole" && m.kind != "ClusterRoleBinding") {
-        let expected = if m.kind.starts_with("Role") { "default" } else { NS };
+        // egress-gw records Events in "default" only; everything else lives in the release namespace.
+        let expected = if m.kind.starts_with("Role") && m.name.ends_with("-events") { "default" } else { NS };
         assert_eq!(m.namespace.as_deref(), Some(expected), "{} {} namespace", m.kind, m.name);
     }
     Ok(())
@@ -361,6 +362,26 @@ fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
     out
 }
 
+/// Like [`grants`], for roles whose rules may name their objects: (apiGroup, resource, verb, resourceName), with
+/// `*` for a rule that names none.
+fn named_grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String, String)> {
+    let mut out = BTreeSet::new();
+    for r in rules {
+        assert!(r.non_resource_urls.is_none(), "unexpected rule shape {r:?}");
+        let names = r.resource_names.clone().unwrap_or_else(|| vec!["*".to_string()]);
+        for g in r.api_groups.iter().flatten() {
+            for res in r.resources.iter().flatten() {
+                for v in &r.verbs {
+                    for n in &names {
+                        out.insert((g.clone(), res.clone(), v.clone(), n.clone()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 fn set(items: &[(&str, &str, &[&str])]) -> BTreeSet<(String, String, String)> {
     let mut out = BTreeSet::new();
     for (g, r, verbs) in items {
@@ -394,6 +415,29 @@ fn rbac_grants_each_component_exactly_the_calls_its_binary_makes() -> Result<()>
         ("causeway.io", "externalworkloads/status", &["patch"]),
     ]);
     assert_eq!(cluster_role(&ms, "causeway-clustermesh-apiserver")?, apiserver);
+    // src/peers.rs: the one ConfigMap the peers are kept in, watched by name, in the release namespace only.
+    let peers: Role = typed(one(&ms, "Role", "causeway-clustermesh-apiserver-peers")?)?;
+    assert_eq!(peers.metadata.namespace.as_deref(), Some(NS));
+    let want: BTreeSet<(String, String, String, String)> = ["get", "list", "watch"]
+        .into_iter()
+        .map(|v| (String::new(), "configmaps".to_string(), v.to_string(), cli::CONFIG_MAP.to_string()))
+        .collect();
+    assert_eq!(named_grants(peers.rules.as_deref().unwrap_or_default()), want);
+    let b: RoleBinding = typed(one(&ms, "RoleBinding", "causeway-clustermesh-apiserver-peers")?)?;
+    assert_eq!(b.metadata.namespace.as_deref(), Some(NS));
+    assert_eq!((b.role_ref.kind.as_str(), b.role_ref.name.as_str()), ("Role", "causeway-clustermesh-apiserver-peers"));
+    let subjects = b.subjects.unwrap_or_default();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(
+        (subjects[0].kind.as_str(), subjects[0].name.as_str(), subjects[0].namespace.as_deref()),
+        ("ServiceAccount", "causeway-clustermesh-apiserver", Some(NS))
+    );
+    // ...which is the ConfigMap the apiserver is told to watch.
+    let spec = pod_spec(&ms, "Deployment", "clustermesh-apiserver")?;
+    assert_eq!(
+        arg_value(container(&spec, "clustermesh-apiserver")?, "--peers-configmap"),
+        Some(format!("{NS}/{}", cli::CONFIG_MAP).as_str())
+    );
     // identity-sync/src/kube: watch Services and EndpointSlices, server-side apply (patch + create) and delete slices,
     // watch ExternalWorkloads (src/kube/workloads.rs).
     let sync = set(&[
@@ -508,6 +552,7 @@ fn resource_uses(dirs: &[&str]) -> Result<BTreeMap<(String, String), bool>> {
                     "CausewayIdentity" => ("causeway.io", "causewayidentities"),
                     "EgressGatewayPolicy" => ("causeway.io", "egressgatewaypolicies"),
                     "ExternalWorkload" => ("causeway.io", "externalworkloads"),
+                    "ConfigMap" => ("", "configmaps"),
                     // The ServiceExport watch (a DynamicObject) is checked with enableMcsApi above; `K` is a generic.
                     "DynamicObject" | "K" => continue,
                     other => bail!("{}: Api<{other}>: a kind this test cannot map to a resource; add it", f.display()),
@@ -528,15 +573,20 @@ fn every_kind_a_component_calls_is_in_its_role_and_no_other() -> Result<()> {
             let m = ms.iter().find(|m| (m.kind == "ClusterRole" || m.kind == "Role") && m.name == *name);
             let m = m.with_context(|| format!("no role {name}"))?;
             let rules: Vec<PolicyRule> = serde_json::from_value(m.doc["rules"].clone())?;
-            // Subresources (status) belong to their resource.
+            // Subresources (status) belong to their resource; a rule naming its objects grants its resource too.
             out.extend(
-                grants(&rules).into_iter().map(|(g, r, _)| (g, r.split('/').next().unwrap_or_default().to_string())),
+                named_grants(&rules)
+                    .into_iter()
+                    .map(|(g, r, _, _)| (g, r.split('/').next().unwrap_or_default().to_string())),
             );
         }
         Ok(out)
     };
     for (dirs, role_names) in [
-        (&["clustermesh-apiserver/src"][..], &["causeway-clustermesh-apiserver"][..]),
+        (
+            &["clustermesh-apiserver/src"][..],
+            &["causeway-clustermesh-apiserver", "causeway-clustermesh-apiserver-peers"][..],
+        ),
         (&["identity-sync/src"][..], &["causeway-identity-sync"][..]),
         (&["egress-gw/src"][..], &["causeway-egress-gw", "causeway-egress-gw-events"][..]),
         (&["datapath/src"][..], &["causeway-node-agent"][..]),
@@ -547,17 +597,19 @@ fn every_kind_a_component_calls_is_in_its_role_and_no_other() -> Result<()> {
             if !watched {
                 continue;
             }
+            // Across the component's roles (a ClusterRole, or a Role naming the one object watched).
+            let mut g = BTreeSet::new();
             for name in role_names {
-                if let Some(m) = ms.iter().find(|m| m.kind == "ClusterRole" && m.name == *name) {
+                for m in ms.iter().filter(|m| (m.kind == "ClusterRole" || m.kind == "Role") && m.name == *name) {
                     let rules: Vec<PolicyRule> = serde_json::from_value(m.doc["rules"].clone())?;
-                    let g = grants(&rules);
-                    for verb in ["list", "watch"] {
-                        assert!(
-                            g.contains(&(group.clone(), resource.clone(), verb.to_string())),
-                            "{name}: {dirs:?} runs a watcher on {group}/{resource}, which needs {verb}"
-                        );
-                    }
+                    g.extend(named_grants(&rules).into_iter().map(|(g, r, v, _)| (g, r, v)));
                 }
+            }
+            for verb in ["list", "watch"] {
+                assert!(
+                    g.contains(&(group.clone(), resource.clone(), verb.to_string())),
+                    "{role_names:?}: {dirs:?} runs a watcher on {group}/{resource}, which needs {verb}"
+                );
             }
         }
     }
@@ -884,7 +936,8 @@ fn chart_and_cli_agree_on_the_objects_they_share() -> Result<()> {
     let ms = render("")?;
     check_all_typed(&ms)?;
     assert!(!ms.iter().any(|m| m.kind == "ConfigMap"), "enable owns causeway-config");
-    for (workload, extra) in [("clustermesh-apiserver", Some(cli::KEY_PEERS)), ("identity-sync", None)] {
+    // (The apiserver watches the peers key with --peers-configmap, checked with the RBAC; it is not read at start.)
+    for (workload, extra) in [("clustermesh-apiserver", None::<&str>), ("identity-sync", None)] {
         let spec = pod_spec(&ms, "Deployment", workload)?;
         let c = container(&spec, workload)?;
         let refs: BTreeMap<String, bool> = c
@@ -900,7 +953,6 @@ fn chart_and_cli_agree_on_the_objects_they_share() -> Result<()> {
                 .into_iter()
                 .map(|k| (k.to_string(), false))
                 .collect();
-        // The peers `connect` records become the apiserver's --peers; optional until the first connect.
         want.extend(extra.map(|k| (k.to_string(), true)));
         assert_eq!(refs, want, "{workload}: ConfigMap keys (and whether optional)");
     }
