@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use causeway::clustermesh::{REMOTES_SECRET, SERVER_SECRET};
+use causeway::clustermesh::{ADMIN_SECRET, CONFIG_MAP, REMOTES_SECRET, SERVER_SECRET};
 use causeway_kvstore::{EtcdConfig, TlsConfig};
 use common::Clusters;
 use k8s_openapi::api::core::v1::{Secret, Service};
@@ -197,5 +197,117 @@ async fn real_etcd_accepts_connect_certificates_and_serves_rotated_ones_without_
         fresh.get("cilium/.heartbeat", None).await?.kvs().first().map(|kv| kv.value().to_vec()),
         Some(b"2026-11-23T10:01:00Z".to_vec())
     );
+    Ok(())
+}
+
+/// The node east exports in the test below.
+const EAST_NODE_KEY: &str = "cilium/state/nodes/v1/east/east-node-1";
+
+/// How a read of east's exported node as a peer ends: the number of keys, or etcd's error.
+async fn peer_read(client: &causeway_kvstore::Client) -> Result<usize, String> {
+    let mut c = client.clone();
+    let read = c.get(EAST_NODE_KEY, None);
+    match tokio::time::timeout(Duration::from_secs(10), read).await {
+        Ok(r) => r.map(|r| r.kvs().len()).map_err(|e| e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+async fn wait_for(what: &str, mut ok: impl AsyncFnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok().await {
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// `connect` then `disconnect`, with east's apiserver peer task (clustermesh_apiserver::peers, the code the binary
+/// runs with --peers-configmap) following east's `causeway-config`: the certificate `connect` issues to west reads
+/// east's etcd as soon as `connect` returns, with nothing restarted, and is refused after `disconnect`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_lets_the_peer_read_and_disconnect_revokes_it_without_restart() -> anyhow::Result<()> {
+    if !etcd_bin().is_file() {
+        panic!("etcd not found at {} (run scripts/install-deps.sh or set CAUSEWAY_ETCD_BIN)", etcd_bin().display());
+    }
+    let tmp = tempfile::tempdir()?;
+    let clusters = Clusters::start(&["east", "west"]).await?;
+    let (east, west) = (clusters.client("east").await?, clusters.client("west").await?);
+    let port = free_port();
+    lb_service(&east, "127.0.0.1", port).await?;
+    lb_service(&west, "127.0.0.2", 2379).await?;
+    for (ctx, id) in [("east", "1"), ("west", "2")] {
+        clusters
+            .causeway(&["clustermesh", "enable", "--context", ctx, "--cluster-name", ctx, "--cluster-id", id])
+            .await?
+            .expect_ok("enable");
+    }
+    let tls_dir = tmp.path().join("east-server");
+    secret_files(&east, SERVER_SECRET, &tls_dir).await?;
+    let _etcd = start_etcd(tmp.path(), &tls_dir, port).await?;
+
+    // east's apiserver: etcd root with the admin certificate `enable` issued, and something exported.
+    let admin_dir = tmp.path().join("east-admin");
+    secret_files(&east, ADMIN_SECRET, &admin_dir).await?;
+    let read = |f: &str| std::fs::read_to_string(admin_dir.join(f));
+    let root_cfg = EtcdConfig::new([format!("https://127.0.0.1:{port}")]).with_tls(TlsConfig::from_pem(
+        read("ca.crt")?,
+        read("tls.crt")?,
+        read("tls.key")?,
+    ));
+    let mut root = causeway_kvstore::connect(&root_cfg).await?;
+    root.put(EAST_NODE_KEY, "{}", None).await?;
+    let (current, _) = tokio::sync::watch::channel(Vec::new());
+    let (_resets_tx, resets) = tokio::sync::watch::channel(0u64);
+    let task = tokio::spawn(clustermesh_apiserver::peers::run(clustermesh_apiserver::peers::PeerTask {
+        kube: east.clone(),
+        config_map: format!("{NS}/{CONFIG_MAP}").parse().map_err(anyhow::Error::msg)?,
+        etcd: root.clone(),
+        cluster: "east".into(),
+        // A peer given with --peers: etcd auth is on before west connects, as on a meshed cluster.
+        floor: vec!["north".into()],
+        metrics: clustermesh_apiserver::peers::PeerMetrics::default(),
+        current,
+        resets,
+    }));
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _task = Abort(task);
+    let users = |mut c: causeway_kvstore::Client| async move {
+        c.user_list().await.map(|u| u.users().to_vec()).unwrap_or_default()
+    };
+    wait_for("the peer task turned on auth with remote-north", async || {
+        users(root.clone()).await.iter().any(|u| u == "remote-north")
+    })
+    .await?;
+    assert!(!users(root.clone()).await.iter().any(|u| u == "remote-west"), "remote-west exists before connect");
+
+    clusters
+        .causeway(&["clustermesh", "connect", "--context", "west", "--destination-context", "east"])
+        .await?
+        .expect_ok("connect");
+    // West's identity-sync, with the certificate connect issued: reads once the user exists; nothing restarted.
+    let config = west_config_for_east(&west, &tmp.path().join("west-remotes")).await?;
+    let west_client = causeway_kvstore::connect(&config).await?;
+    wait_for("west reads east's exported state after connect", async || peer_read(&west_client).await == Ok(1)).await?;
+
+    clusters
+        .causeway(&["clustermesh", "disconnect", "--context", "west", "--destination-context", "east"])
+        .await?
+        .expect_ok("disconnect");
+    wait_for(
+        "west is refused after disconnect",
+        async || matches!(peer_read(&west_client).await, Err(e) if e.contains("permission denied")),
+    )
+    .await?;
+    let users = users(root.clone()).await;
+    assert!(!users.iter().any(|u| u == "remote-west"), "{users:?}");
+    for u in ["root", "admin-east", "remote-north"] {
+        assert!(users.iter().any(|x| x == u), "{u} missing: {users:?}");
+    }
     Ok(())
 }
