@@ -155,9 +155,67 @@ pub fn render_script(p: &JoinParams) -> String {
     s
 }
 
+/// The script and what the operator should know before running it (printed on stderr by the CLI).
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub script: String,
+    pub warnings: Vec<String>,
+}
+
+/// Warnings about the endpoints the script will use: unknown, only a ClusterIP, or not named by the server
+/// certificate (identity-sync verifies etcd's certificate against the address it dials).
+pub fn endpoint_warnings(
+    etcd: Option<&str>,
+    etcd_via: Option<&str>,
+    workloads: Option<&str>,
+    server_cert_names: Option<&[String]>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    match etcd {
+        None => out.push(
+            "warning: the clustermesh-apiserver Service has no usable etcd address: the script stops unless \
+             CAUSEWAY_ETCD_ENDPOINT is set on the host (or pass --etcd-endpoint)"
+                .to_string(),
+        ),
+        Some(url) => {
+            let host = url.trim_start_matches("https://").rsplit_once(':').map(|(h, _)| h).unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if let Some(names) = server_cert_names {
+                if !names.iter().any(|n| n == host) {
+                    out.push(format!(
+                        "warning: the clustermesh-apiserver server certificate does not name {host}: the host's \
+                         identity-sync will fail TLS verification of etcd until you run `causeway clustermesh \
+                         rotate-certs` (it adds the Service's current addresses)"
+                    ));
+                }
+            }
+        }
+    }
+    if etcd_via == Some("ClusterIP") {
+        out.push(
+            "warning: the clustermesh-apiserver Service has only a ClusterIP: the host must be able to route to the \
+             cluster's service network (use a LoadBalancer or NodePort Service otherwise)"
+                .to_string(),
+        );
+    }
+    if workloads.is_none() {
+        out.push(
+            "warning: the clustermesh-apiserver Service has no port named workloads: the script stops unless \
+             CAUSEWAY_WORKLOADS_ENDPOINT is set on the host (or pass --workloads-endpoint)"
+                .to_string(),
+        );
+    }
+    out
+}
+
 /// Reads the cluster's settings, the externalworkload certificate and the apiserver's endpoints, and renders the
 /// script.
-pub async fn install(target: &KubeTarget, namespace: &str, name: &str, opts: &InstallOptions) -> Result<String, Error> {
+pub async fn install(
+    target: &KubeTarget,
+    namespace: &str,
+    name: &str,
+    opts: &InstallOptions,
+) -> Result<Rendered, Error> {
     validate_name(name)?;
     if let Some(url) = &opts.etcd_endpoint {
         validate_endpoint("--etcd-endpoint", url)?;
@@ -185,14 +243,26 @@ pub async fn install(target: &KubeTarget, namespace: &str, name: &str, opts: &In
     let svc: Option<Service> = c.services().get_opt(APISERVER_SERVICE).await.ok().flatten();
     let nodes = crate::clustermesh::connect::some_nodes(&c.client, 50).await;
     let safe = |u: &String| u.chars().all(|c| c.is_ascii_alphanumeric() || ".:/[]-".contains(c));
-    let etcd_endpoint = opts
-        .etcd_endpoint
-        .clone()
-        .or_else(|| svc.as_ref().and_then(|s| pick_endpoint(s, &nodes).ok()).map(|e| e.url()).filter(safe));
+    let picked = svc.as_ref().and_then(|s| pick_endpoint(s, &nodes).ok());
+    let etcd_via = if opts.etcd_endpoint.is_some() { None } else { picked.as_ref().map(|e| e.via) };
+    let etcd_endpoint = opts.etcd_endpoint.clone().or_else(|| picked.map(|e| e.url()).filter(safe));
     let workloads_endpoint = opts.workloads_endpoint.clone().or_else(|| {
         svc.as_ref().and_then(|s| pick_named_endpoint(s, &nodes, WORKLOADS_PORT_NAME)).map(|e| e.url()).filter(safe)
     });
-    Ok(render_script(&JoinParams {
+    let server_cert_names = c
+        .get_secret(crate::clustermesh::SERVER_SECRET)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|s| secret_str(&s, causeway_pki::CERT_FILE))
+        .map(|pem| crate::clustermesh::sans(&pem));
+    let warnings = endpoint_warnings(
+        etcd_endpoint.as_deref(),
+        etcd_via,
+        workloads_endpoint.as_deref(),
+        server_cert_names.as_deref(),
+    );
+    let script = render_script(&JoinParams {
         name: name.to_string(),
         cluster: settings,
         agent_binary: opts.agent_binary.clone(),
@@ -202,7 +272,8 @@ pub async fn install(target: &KubeTarget, namespace: &str, name: &str, opts: &In
         ca_pem,
         cert_pem,
         key_pem,
-    }))
+    });
+    Ok(Rendered { script, warnings })
 }
 
 #[cfg(test)]
@@ -256,6 +327,26 @@ mod tests {
         // No port named workloads: unknown (never the etcd port by accident).
         let etcd_only = service(json!({"spec": {"clusterIP": "10.96.0.5", "ports": [{"name": "etcd", "port": 2379}]}}));
         assert_eq!(url(&etcd_only, &[]), None);
+    }
+
+    #[test]
+    fn endpoint_warnings_say_what_will_fail() {
+        let names = vec!["clustermesh-apiserver".to_string(), "198.51.100.4".to_string()];
+        let ok = endpoint_warnings(
+            Some("https://198.51.100.4:2379"),
+            Some("LoadBalancer"),
+            Some("https://198.51.100.4:9965"),
+            Some(&names),
+        );
+        assert!(ok.is_empty(), "{ok:?}");
+        let w = endpoint_warnings(Some("https://203.0.113.9:2379"), Some("ClusterIP"), None, Some(&names));
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].contains("does not name 203.0.113.9") && w[0].contains("rotate-certs"), "{w:?}");
+        assert!(w[1].contains("only a ClusterIP"), "{w:?}");
+        assert!(w[2].contains("no port named workloads"), "{w:?}");
+        let v6 = endpoint_warnings(Some("https://[2001:db8::1]:2379"), None, Some("x"), Some(&["2001:db8::1".into()]));
+        assert!(v6.is_empty(), "{v6:?}");
+        assert!(endpoint_warnings(None, None, Some("x"), None)[0].contains("no usable etcd address"));
     }
 
     #[test]

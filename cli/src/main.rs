@@ -292,8 +292,11 @@ async fn main() -> anyhow::Result<()> {
                 etcd_endpoint,
                 workloads_endpoint,
             };
-            let script = causeway::external_workload::install(&kube.target(), &namespace, &name, &opts).await?;
-            print!("{script}");
+            let rendered = causeway::external_workload::install(&kube.target(), &namespace, &name, &opts).await?;
+            for w in &rendered.warnings {
+                eprintln!("{w}");
+            }
+            print!("{}", rendered.script);
         }
         Command::Egress { action: EgressAction::Status { kube, output, agent_metrics_port, agent_timeout } } => {
             let report = causeway::egress::collect(&kube.target(), agent_metrics_port, agent_timeout).await?;

@@ -196,7 +196,7 @@ async fn join_script_writes_everything_under_root_registers_and_uninstalls() -> 
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755))?;
     let (agent_s, sync_s) = (agent.display().to_string(), sync.display().to_string());
-    let script = clusters
+    let install = clusters
         .causeway(&[
             "external-workload",
             "install",
@@ -209,8 +209,25 @@ async fn join_script_writes_everything_under_root_registers_and_uninstalls() -> 
             &sync_s,
         ])
         .await?
-        .expect_ok("install")
-        .stdout;
+        .expect_ok("install");
+    // The load balancer's address is in the server certificate (enable ran after the Service had it): no warning.
+    assert!(!install.stderr.contains("warning"), "{}", install.stderr);
+    let script = install.stdout;
+    // An override the certificate does not cover is flagged before anyone runs the script.
+    let other = clusters
+        .causeway(&[
+            "external-workload",
+            "install",
+            "vm-1",
+            "--context",
+            "east",
+            "--etcd-endpoint",
+            "https://203.0.113.9:2379",
+        ])
+        .await?
+        .expect_ok("install with --etcd-endpoint");
+    assert!(other.stderr.contains("does not name 203.0.113.9"), "{}", other.stderr);
+    assert!(other.stdout.contains("DEFAULT_ETCD_ENDPOINT='https://203.0.113.9:2379'"), "{}", other.stdout);
     assert!(script.starts_with("#!/usr/bin/env bash"), "{script}");
     assert!(script.contains("DEFAULT_ETCD_ENDPOINT='https://198.51.100.4:2379'"), "{script}");
     assert!(script.contains("DEFAULT_WORKLOADS_ENDPOINT='https://198.51.100.4:9965'"), "{script}");

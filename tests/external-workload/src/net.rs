@@ -165,8 +165,10 @@ pub fn host_of(peer: &str) -> &str {
 }
 
 /// Counters on `device`'s ingress in `ns` (table `netdev cw_underlay`) for what arrives from `peer`: `wg` counts
-/// WireGuard UDP (source port `wg_port`), `other` everything else from `peer`, `inner` any packet whose source is
-/// in `inner_cidrs` (a pod, Service or mesh address crossing the wire unencrypted).
+/// WireGuard UDP (source port `wg_port`), `wg_icmp` ICMP errors about WireGuard UDP (a peer that handshakes
+/// before the other end's agent listens: the host's agent starts after its registration made it a peer), `other`
+/// everything else from `peer`, `inner` any packet whose source is in `inner_cidrs` (a pod, Service or mesh
+/// address crossing the wire unencrypted).
 pub fn install_underlay_counters(
     ns: &Netns,
     device: &str,
@@ -174,18 +176,33 @@ pub fn install_underlay_counters(
     wg_port: u16,
     inner_cidrs: &[&str],
 ) -> Result<()> {
+    // `seen` records, for anything that is not WireGuard, the protocol, the first two 16-bit words of the transport
+    // header (ports for TCP/UDP; type/code and checksum for ICMP) and the two words at byte 28 (for an ICMP error:
+    // the source and destination port of the packet it answers), so a failure says what it was.
     let script = format!(
-        "table netdev cw_underlay {{\n  counter wg {{}}\n  counter other {{}}\n  counter inner {{}}\n\
+        "table netdev cw_underlay {{\n  counter wg {{}}\n  counter wg_icmp {{}}\n  counter other {{}}\n  counter inner {{}}\n\
+         \x20 set seen {{ type inet_proto . inet_service . inet_service; flags dynamic; size 256; }}\n\
          \x20 chain ingress {{\n    type filter hook ingress device \"{device}\" priority 0; policy accept;\n\
-         \x20   ip saddr {{ {} }} counter name \"inner\" accept\n\
+         \x20   ip saddr {{ {} }} counter name \"inner\" add @seen {{ ip protocol . @th,0,16 . @th,16,16 }} accept\n\
          \x20   ip saddr {peer} udp sport {wg_port} counter name \"wg\" accept\n\
-         \x20   ip saddr {peer} counter name \"other\" accept\n  }}\n}}\n",
+         \x20   ip saddr {peer} icmp type destination-unreachable @th,224,16 {wg_port} @th,240,16 {wg_port} \
+         counter name \"wg_icmp\" accept\n\
+         \x20   ip saddr {peer} counter name \"other\" add @seen {{ ip protocol . @th,0,16 . @th,16,16 }} accept\n\
+         \x20 }}\n}}\n",
         inner_cidrs.join(", ")
     );
     let file = tempfile::NamedTempFile::new()?;
     std::fs::write(file.path(), script)?;
     ns.exec(&["nft", "-f", &file.path().to_string_lossy()])?;
     Ok(())
+}
+
+/// What [`install_underlay_counters`] saw that was not WireGuard: `protocol . word0 . word1` elements.
+pub fn underlay_seen(ns: &Netns) -> String {
+    match ns.exec_unchecked(&["nft", "list", "set", "netdev", "cw_underlay", "seen"]) {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Err(e) => e.to_string(),
+    }
 }
 
 /// Packets counted by [`install_underlay_counters`]'s counter `name`.

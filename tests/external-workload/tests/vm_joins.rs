@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use causeway_external_workload_tests::net::{
-    echo_from, host_of, install_underlay_counters, underlay_counter, EchoServer, ECHO_POD_IP, ECHO_PORT, NODE1_IP,
-    VM_IP,
+    echo_from, host_of, install_underlay_counters, underlay_counter, underlay_seen, EchoServer, ECHO_POD_IP, ECHO_PORT,
+    NODE1_IP, VM_IP,
 };
 use causeway_external_workload_tests::testbed::{
     Testbed, DNS_SERVICE_IP, DOMAIN, ECHO_SERVICE_IP, ECHO_SERVICE_PORT, SERVICE_CIDR, SOON, WG_PORT, WORKLOAD,
@@ -191,8 +191,9 @@ fn vm_joins_west_reaches_pod_and_global_service_resolves_dns_and_uninstalls() ->
     let from_vm = underlay_counter(&tb.net.node1, "wg")?;
     assert!(from_node > 0 && from_vm > 0, "no WireGuard packets counted ({from_node} in, {from_vm} out)");
     for ns in [&tb.net.vm1, &tb.net.node1] {
-        assert_eq!(underlay_counter(ns, "other")?, 0, "non-WireGuard packets between vm1 and node1");
-        assert_eq!(underlay_counter(ns, "inner")?, 0, "pod/Service/mesh addresses on the underlay unencrypted");
+        let seen = underlay_seen(ns);
+        assert_eq!(underlay_counter(ns, "other")?, 0, "non-WireGuard packets between vm1 and node1: {seen}");
+        assert_eq!(underlay_counter(ns, "inner")?, 0, "pod/Service/mesh addresses on the underlay: {seen}");
     }
 
     // Uninstall: services stopped (as systemctl does), then the script's uninstall.
