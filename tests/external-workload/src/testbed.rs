@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -426,15 +426,15 @@ impl Testbed {
         let log = self.log("vm1-causeway-identity-sync");
         let vm1 = &self.net.vm1;
         let sync = &mut self.vm_sync;
-        wait_http(Some(vm1), loopback(9891), "/readyz", SOON, || sync.as_mut().is_some_and(|p| p.is_running()))
+        let sync_metrics = metrics_addr(&root.join("etc/causeway/identity-sync.env"))?;
+        wait_http(Some(vm1), sync_metrics, "/readyz", SOON, || sync.as_mut().is_some_and(|p| p.is_running()))
             .with_context(|| format!("vm1's identity-sync never became ready:\n{}", tail(&log, 40)))?;
         self.vm_agent = Some(self.start_unit(root, "causeway-node-agent.service")?);
         let log = self.log("vm1-causeway-node-agent");
         let agent = &mut self.vm_agent;
-        wait_http(Some(vm1), loopback(AGENT_METRICS_PORT), "/readyz", SOON, || {
-            agent.as_mut().is_some_and(|p| p.is_running())
-        })
-        .with_context(|| format!("vm1's node agent never became ready:\n{}", tail(&log, 40)))
+        let agent_metrics = metrics_addr(&root.join("etc/causeway/node-agent.env"))?;
+        wait_http(Some(vm1), agent_metrics, "/readyz", SOON, || agent.as_mut().is_some_and(|p| p.is_running()))
+            .with_context(|| format!("vm1's node agent never became ready:\n{}", tail(&log, 40)))
     }
 
     /// Stops vm1's services (what `systemctl disable --now` does before the script's uninstall).
@@ -732,7 +732,12 @@ async fn create_cluster_objects(kube: &kube::Client) -> Result<()> {
     Ok(())
 }
 
-/// The address vm1's units serve on (from the env files the script wrote).
-pub fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+/// `CAUSEWAY_METRICS_ADDR` of an env file the script wrote: where that service answers /readyz.
+fn metrics_addr(env_file: &Path) -> Result<SocketAddr> {
+    let text = std::fs::read_to_string(env_file).with_context(|| format!("reading {}", env_file.display()))?;
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CAUSEWAY_METRICS_ADDR="))
+        .with_context(|| format!("{} sets no CAUSEWAY_METRICS_ADDR", env_file.display()))?;
+    value.trim().parse().with_context(|| format!("{}: CAUSEWAY_METRICS_ADDR={value}", env_file.display()))
 }
