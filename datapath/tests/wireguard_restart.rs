@@ -6,9 +6,13 @@
 //!   pod A to pod B keeps going while node A's agent and then node B's agent are SIGKILLed and restarted: the
 //!   connection is never reset, every byte arrives in order, the device (same ifindex) and its routes stay during
 //!   the gap, and no pod packet crosses the underlay unencrypted. `--uninstall` then deletes the device.
+//!   After each restart the restarted node itself initiates a handshake with its peer (counted on the other node's
+//!   underlay: WireGuard initiations are the only 148-byte messages) and its device reports the session; without
+//!   that, the restarted receiving side would wait for its peer's 15 s rekey timeout.
 //! - the `Tunnel` API alone: a tunnel dropped without shutdown (what a dying agent does) leaves the interface, its
 //!   address and routes; the next `Tunnel::create` re-attaches; `delete_interface` removes it, also from under a
-//!   running boringtun (which then stops).
+//!   running boringtun (which then stops). Applying peers starts a handshake with each of them with no traffic at
+//!   all, on fresh devices and after a re-attach.
 //!
 //! Root/netns required: skipped with a message unless CAUSEWAY_PRIVILEGED_TESTS=1, which makes them fail instead.
 
@@ -24,7 +28,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use causeway_datapath::bpf::loader;
 use causeway_datapath::wireguard::{
-    delete_interface, uapi_socket, BackendPreference, NodeRecord, PrivateKey, Tunnel, TunnelConfig,
+    delete_interface, uapi, uapi_socket, BackendPreference, NodeRecord, PrivateKey, PublicKey, Tunnel, TunnelConfig,
 };
 use causeway_store::validate::RemoteEntry;
 use causeway_store::{ClusterId, ClusterName, MaxConnectedClusters, Node, NodeAddress, RemoteContext};
@@ -34,6 +38,18 @@ use identity_sync::stream::{MeshViewHub, StreamConfig, StreamMetrics};
 
 const WG_PORT: u16 = 51871;
 const WEST: &str = "west";
+
+/// An nft match for the WireGuard handshake initiations `from` sends to UDP `port`: an initiation is 148 bytes
+/// (UDP length 156); no other WireGuard message has that length (data messages are 32 + a multiple of 16).
+fn initiations(from: &str, port: u16) -> String {
+    format!("ip saddr {from} udp dport {port} udp length 156")
+}
+
+/// Whether the userspace device behind `ifname` reports a session with `peer` (read over its UAPI socket).
+fn has_session(ifname: &str, peer: &PublicKey) -> bool {
+    matches!(uapi::get(&uapi_socket(ifname)), Ok(Ok(status))
+        if status.peers.iter().any(|p| p.spec.public_key == *peer && p.has_handshake()))
+}
 
 /// The byte at offset `i` of the stream: a 251-byte cycle, so a lost, repeated or reordered segment shows.
 fn expected(offset: u64, len: usize) -> Vec<u8> {
@@ -324,17 +340,25 @@ fn wireguard_flow_survives_agent_sigkill_and_restart_and_uninstall_deletes_the_d
     );
     // Plain pod packets on either underlay would mean the gap misrouted them around the tunnel.
     let plain = "ip saddr 10.244.0.0/16";
-    let wire_a = NftCounters::ingress(&t.node_a, TwoNodes::UNDERLAY_IF, &[("plain", plain)])?;
-    let wire_b = NftCounters::ingress(&t.node_b, TwoNodes::UNDERLAY_IF, &[("plain", plain)])?;
+    let (init_from_b, init_from_a) = (initiations(b.ip, WG_PORT), initiations(a.ip, WG_PORT));
+    let wire_a = NftCounters::ingress(&t.node_a, TwoNodes::UNDERLAY_IF, &[("plain", plain), ("init", &init_from_b)])?;
+    let wire_b = NftCounters::ingress(&t.node_b, TwoNodes::UNDERLAY_IF, &[("plain", plain), ("init", &init_from_a)])?;
     let ifindex = (a.wg_ifindex()?, b.wg_ifindex()?);
 
     let stream = Stream::start(&t.pod_a, &t.pod_b, TwoNodes::POD_B_IP)?;
     stream.progressed(Duration::from_secs(20), "before the restarts")?;
 
     // Node A (the sender's side) first, then node B (the receiver's side): the restarted device has no session,
-    // so either it starts the handshake (its pod retransmits) or the peer does once its own data go unanswered.
-    for (node, agent, remote_pod) in [(&a, &mut agent_a, TwoNodes::POD_B_IP), (&b, &mut agent_b, TwoNodes::POD_A_IP)] {
+    // and the restarted agent starts the handshake itself (counted where its initiations arrive). For node B, whose
+    // pod only receives, nothing else would until node A gives up on its old session (KEEPALIVE + REKEY timeout,
+    // 15 s after the last packet it got from B).
+    for (node, agent, remote_pod, peer, wire) in [
+        (&a, &mut agent_a, TwoNodes::POD_B_IP, b.key.public_key(), &wire_b),
+        (&b, &mut agent_b, TwoNodes::POD_A_IP, a.key.public_key(), &wire_a),
+    ] {
         agent.sigkill()?;
+        let killed = std::time::Instant::now();
+        let initiations_before = wire.read("init")?.0;
         // The gap: the device and the route through it stay; packets are dropped there, not routed elsewhere.
         let route = node.route_dev(remote_pod)?;
         ensure!(
@@ -349,6 +373,24 @@ fn wireguard_flow_survives_agent_sigkill_and_restart_and_uninstall_deletes_the_d
         *agent = node.start(&hub_addr)?;
         node.wait_ready()?;
         let ready = std::time::Instant::now();
+        ensure!(
+            netns::wait_for(Duration::from_secs(60), || has_session(&node.wg, &peer)),
+            "node {}'s restarted device never got a session with its peer: {:?}",
+            node.ip,
+            uapi::get(&uapi_socket(&node.wg))
+        );
+        let initiations = wire.read("init")?.0;
+        if ready.duration_since(killed) < Duration::from_secs(12) {
+            ensure!(
+                initiations > initiations_before,
+                "node {}'s restarted agent did not start the handshake ({initiations_before} initiations from it \
+                 before the restart, {initiations} after); its peer did",
+                node.ip
+            );
+        } else {
+            // A restart this slow lets the peer's own rekey timeout fire first; who initiated then proves nothing.
+            eprintln!("node {}: restart took {:?}; initiator not checked", node.ip, ready.duration_since(killed));
+        }
         stream.progressed(Duration::from_secs(60), &format!("after node {}'s agent restarted", node.ip))?;
         // Reported, not asserted (timing belongs in benchmarks): how long the flow waited for the re-handshake.
         eprintln!("node {}: the stream moved 1 MiB {:?} after the restarted agent was ready", node.ip, ready.elapsed());
@@ -454,5 +496,88 @@ fn wireguard_tunnel_dropped_without_shutdown_is_reattached_and_delete_interface_
     // The tunnel whose device was deleted under it still shuts down cleanly (workers joined, socket removed).
     b.shutdown()?;
     ensure!(!uapi_socket(&if_b).exists(), "socket left");
+    Ok(())
+}
+
+#[test]
+fn wireguard_tunnel_starts_a_handshake_with_each_applied_peer_without_any_traffic() -> Result<()> {
+    if !netns::privileged("wireguard_tunnel_starts_a_handshake_with_each_applied_peer_without_any_traffic") {
+        return Ok(());
+    }
+    let t = TwoNodes::new()?;
+    let (key_a, key_b) = (PrivateKey::generate(), PrivateKey::generate());
+    let (if_a, if_b) = (unique_ifname("cwh"), unique_ifname("cwh"));
+    let _sockets = [SocketFile(uapi_socket(&if_a)), SocketFile(uapi_socket(&if_b))];
+    let (port_a, port_b) = (51830, 51831);
+    let create = |ns: &Netns, ifname: &str, key: &PrivateKey, port: u16| -> Result<Tunnel> {
+        let mut cfg = TunnelConfig::new(ifname, key.clone(), port);
+        cfg.backend = BackendPreference::Userspace;
+        Ok(ns.run_in(move || Tunnel::create(cfg))??)
+    };
+    let record = |name: &str, key: &PrivateKey, ip: &str, port: u16, cidr: &str, router: &str| -> Result<NodeRecord> {
+        Ok(NodeRecord {
+            name: name.into(),
+            public_key: key.public_key().to_string(),
+            endpoint: format!("{ip}:{port}").parse()?,
+            pod_cidrs: vec![cidr.parse()?],
+            node_ips: vec![ip.parse()?, router.parse()?],
+        })
+    };
+    let rec_a = record("a", &key_a, TwoNodes::NODE_A_IP, port_a, TwoNodes::POD_A_CIDR, TwoNodes::ROUTER_A_IP)?;
+    let rec_b = record("b", &key_b, TwoNodes::NODE_B_IP, port_b, TwoNodes::POD_B_CIDR, TwoNodes::ROUTER_B_IP)?;
+    // Who initiates, counted where the initiations arrive.
+    let wire_a =
+        NftCounters::ingress(&t.node_a, TwoNodes::UNDERLAY_IF, &[("init", &initiations(TwoNodes::NODE_B_IP, port_a))])?;
+    let wire_b =
+        NftCounters::ingress(&t.node_b, TwoNodes::UNDERLAY_IF, &[("init", &initiations(TwoNodes::NODE_A_IP, port_b))])?;
+
+    // Fresh devices: no pod sends anything in this test, yet applying the peers starts the handshakes.
+    let mut a = create(&t.node_a, &if_a, &key_a, port_a)?;
+    let mut b = create(&t.node_b, &if_b, &key_b, port_b)?;
+    let report = a.apply_nodes(std::slice::from_ref(&rec_b))?;
+    assert_eq!(report.handshakes_started, vec![key_b.public_key()]);
+    let report = b.apply_nodes(std::slice::from_ref(&rec_a))?;
+    assert_eq!(report.handshakes_started, vec![key_a.public_key()]);
+    ensure!(
+        netns::wait_for(Duration::from_secs(10), || has_session(&if_a, &key_b.public_key())
+            && has_session(&if_b, &key_a.public_key())),
+        "no session without traffic: a {:?}, b {:?}",
+        a.status(),
+        b.status()
+    );
+    // (Which side's initiation won is a race: A's may reach B between B's peer and B's own initiation, and B then
+    // answers instead. After the re-attach below only B can start one.)
+    ensure!(wire_b.read("init")?.0 + wire_a.read("init")?.0 > 0, "no initiation crossed the underlay");
+    // Applying the same peers again changes nothing and starts nothing.
+    ensure!(a.apply_nodes(std::slice::from_ref(&rec_b))?.handshakes_started.is_empty(), "idempotent");
+
+    // B's agent dies and comes back: A still holds the old session and sends nothing; the re-attached B, with its
+    // peer applied again, initiates by itself and has a session.
+    drop(b);
+    let detached = || {
+        t.node_b
+            .ip(&format!("-d -o link show dev {if_b}"))
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("numqueues 0 "))
+    };
+    ensure!(netns::wait_for(Duration::from_secs(5), detached), "boringtun's queues closed");
+    let before = wire_a.read("init")?.0;
+    let mut b = create(&t.node_b, &if_b, &key_b, port_b)?;
+    ensure!(b.reattached() && !has_session(&if_b, &key_a.public_key()), "a fresh boringtun has no session");
+    let report = b.apply_nodes(std::slice::from_ref(&rec_a))?;
+    assert_eq!(report.handshakes_started, vec![key_a.public_key()]);
+    ensure!(
+        netns::wait_for(Duration::from_secs(10), || has_session(&if_b, &key_a.public_key())),
+        "the re-attached device has no session with its peer: {:?}",
+        b.status()
+    );
+    ensure!(wire_a.read("init")?.0 > before, "the re-attached side initiated the handshake");
+    // The session carries traffic.
+    netns::ping(&t.pod_b, TwoNodes::POD_A_IP).context("through the re-handshaked tunnel")?;
+
+    // Removing the peer starts nothing; adding it back does.
+    ensure!(b.apply_nodes(&[])?.handshakes_started.is_empty(), "a removal starts no handshake");
+    assert_eq!(b.apply_nodes(std::slice::from_ref(&rec_a))?.handshakes_started, vec![key_a.public_key()]);
+    a.shutdown()?;
+    b.shutdown()?;
     Ok(())
 }

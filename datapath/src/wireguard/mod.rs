@@ -55,6 +55,13 @@ pub enum Error {
     },
     #[error("WireGuard device {0} is gone (its UAPI socket does not answer)")]
     DeviceGone(String),
+    #[error("starting a handshake on {ifname} (a packet to {addr}): {source}")]
+    Handshake {
+        ifname: String,
+        addr: std::net::IpAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("`{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
     #[error("network namespace: {0}")]

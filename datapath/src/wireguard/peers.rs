@@ -290,6 +290,55 @@ pub fn device_updates(changes: &[PeerChange], style: UpdateStyle) -> Vec<DeviceU
     }
 }
 
+/// The peers that `changes` leave without a session: every added peer, and with [`UpdateStyle::RemoveThenAdd`]
+/// every updated one (boringtun recreates it). Each should be sent a handshake initiation at once (see
+/// [`Tunnel::apply`](super::Tunnel::apply)): neither WireGuard nor boringtun starts one until a packet is routed to
+/// the peer, so a peer that only ever receives (the restarted receiving side of a stream) would wait for the remote
+/// side's KEEPALIVE + REKEY timeout (15 s) before its traffic flowed again.
+pub fn peers_without_session(changes: &[PeerChange], style: UpdateStyle) -> Vec<&PeerSpec> {
+    changes
+        .iter()
+        .filter_map(|change| match change {
+            PeerChange::Add(spec) => Some(spec),
+            PeerChange::Update { to, .. } if style == UpdateStyle::RemoveThenAdd => Some(to),
+            PeerChange::Update { .. } | PeerChange::Remove(_) => None,
+        })
+        .collect()
+}
+
+/// Where to send the packet that makes the device start a handshake with peer `key` of `set`: an address inside
+/// one of its allowed IPs that the device maps to that peer (no other peer holds a longer prefix containing it),
+/// preferring a host prefix (a node IP) over the first host of a pod CIDR, and never the peer's endpoint address
+/// (its underlay IP, which is also an allowed IP when it is a node IP). `None` when the peer has no such address; it
+/// then handshakes on its first real packet, as before.
+pub fn handshake_probe_address(set: &PeerSet, key: &PublicKey) -> Option<IpAddr> {
+    let spec = set.get(key)?;
+    let endpoint = spec.endpoint.map(|e| e.ip());
+    let mut prefixes: Vec<&IpNet> = spec.allowed_ips.iter().collect();
+    // Host prefixes first (longest prefix first), then the wider ones in their set order.
+    prefixes.sort_by_key(|net| std::cmp::Reverse(net.prefix_len() == net.max_prefix_len()));
+    prefixes.into_iter().filter_map(first_host).find(|addr| {
+        Some(*addr) != endpoint
+            && set
+                .iter()
+                .flat_map(|p| p.allowed_ips.iter().map(move |net| (net, p.public_key)))
+                .filter(|(net, _)| net.contains(addr))
+                .max_by_key(|(net, _)| net.prefix_len())
+                .is_some_and(|(_, owner)| owner == *key)
+    })
+}
+
+/// The address itself for a host prefix, else the one after the network address (the network address of a pod
+/// CIDR is nobody's; the next one is usually the node's router IP).
+fn first_host(net: &IpNet) -> Option<IpAddr> {
+    match net.trunc() {
+        IpNet::V4(n) if n.prefix_len() == 32 => Some(IpAddr::V4(n.addr())),
+        IpNet::V6(n) if n.prefix_len() == 128 => Some(IpAddr::V6(n.addr())),
+        IpNet::V4(n) => u32::from(n.network()).checked_add(1).map(|a| IpAddr::V4(a.into())),
+        IpNet::V6(n) => u128::from(n.network()).checked_add(1).map(|a| IpAddr::V6(a.into())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::keys::PrivateKey;
@@ -479,6 +528,61 @@ mod tests {
         let spec = desired.get(&b).unwrap();
         let config = peer_builder(spec).into_peer_config();
         assert!(PeerSet::from_peer_configs([&config]).diff(&desired).is_empty());
+    }
+
+    #[test]
+    fn added_and_recreated_peers_are_the_ones_without_a_session() {
+        let (local, b, c, d) = (key(), key(), key(), key());
+        let before = PeerSet::from_nodes(
+            &local,
+            &[node("b", &b, "192.0.2.2:1", &["10.0.2.0/24"], &[]), node("c", &c, "192.0.2.3:1", &["10.0.3.0/24"], &[])],
+            None,
+        )
+        .unwrap();
+        let after = PeerSet::from_nodes(
+            &local,
+            &[node("c", &c, "192.0.2.3:2", &["10.0.3.0/24"], &[]), node("d", &d, "192.0.2.4:1", &["10.0.4.0/24"], &[])],
+            None,
+        )
+        .unwrap();
+        // remove b (no session wanted), update c, add d.
+        let changes = before.diff(&after);
+        let keys = |style| peers_without_session(&changes, style).iter().map(|p| p.public_key).collect::<Vec<_>>();
+        assert_eq!(keys(UpdateStyle::RemoveThenAdd), vec![c, d], "boringtun recreates an updated peer");
+        assert_eq!(keys(UpdateStyle::InPlace), vec![d], "an in-place update keeps the session");
+        assert!(peers_without_session(&after.diff(&after), UpdateStyle::RemoveThenAdd).is_empty());
+    }
+
+    #[test]
+    fn handshake_probe_goes_to_an_address_the_device_maps_to_that_peer() {
+        let (local, b, c, d, e) = (key(), key(), key(), key(), key());
+        let set = PeerSet::from_nodes(
+            &local,
+            &[
+                // A node IP (host prefix) is preferred over the pod CIDR; the endpoint address never.
+                node("b", &b, "192.0.2.2:1", &["10.244.2.0/24"], &["192.0.2.2", "10.244.2.1"]),
+                // Only a pod CIDR: its first host.
+                node("c", &c, "192.0.2.3:1", &["10.244.3.0/24", "fd00:3::/64"], &[]),
+                // A wide prefix whose first host is inside another peer's longer prefix: the next candidate.
+                node("d", &d, "192.0.2.4:1", &["10.96.0.0/12", "10.244.4.0/24"], &[]),
+                // Nothing but its underlay address: no probe, it handshakes on its first packet.
+                node("e", &e, "192.0.2.5:1", &[], &["192.0.2.5"]),
+            ],
+            None,
+        )
+        .unwrap();
+        // c also holds 10.96.0.0/24 (nested in d's /12; from_nodes only rejects identical prefixes).
+        let mut spec_c = set.get(&c).unwrap().clone();
+        spec_c.allowed_ips.insert("10.96.0.0/24".parse().unwrap());
+        let set = PeerSet::from_specs(set.iter().filter(|p| p.public_key != c).cloned().chain([spec_c]));
+        let probe = |k: &PublicKey| handshake_probe_address(&set, k).map(|a| a.to_string());
+        assert_eq!(probe(&b).as_deref(), Some("10.244.2.1"));
+        assert_eq!(probe(&c).as_deref(), Some("10.96.0.1"), "c's own longer prefix");
+        assert_eq!(probe(&d).as_deref(), Some("10.244.4.1"), "10.96.0.1 belongs to c, the longer match");
+        assert_eq!(probe(&e), None);
+        assert_eq!(probe(&local), None, "not a peer");
+        let v6 = PeerSet::from_nodes(&local, &[node("c", &c, "[fd00::9]:1", &["fd00:3::/64"], &[])], None).unwrap();
+        assert_eq!(handshake_probe_address(&v6, &c).map(|a| a.to_string()).as_deref(), Some("fd00:3::1"));
     }
 
     #[test]

@@ -10,14 +10,17 @@
 //! exits or is killed the device keeps its addresses and the routes through it, and packets routed there are
 //! dropped by the TUN driver (no queue attached) instead of falling through to another route unencrypted. The next
 //! [`Tunnel::create`] with the same name re-attaches: boringtun opens new queues on the existing device, the key
-//! and port are set again, and the caller re-applies the peers (a fresh boringtun has none), which re-handshake on
-//! the next packet. Only [`Tunnel::shutdown`] or [`delete_interface`] (uninstall) remove the device.
+//! and port are set again, and the caller re-applies the peers (a fresh boringtun has none); [`Tunnel::apply`] then
+//! starts a handshake with each of them at once, so the node is reachable again one round trip later even when it
+//! has nothing to send itself (see [`Tunnel::apply`]). Only [`Tunnel::shutdown`] or [`delete_interface`] (uninstall) remove the device.
 //!
 //! The tunnel remembers the network namespace of the thread that created it and runs every later kernel-facing
 //! command there, so the agent (or a test) may call it from any thread.
 
 use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::fs::File;
+use std::net::{IpAddr, SocketAddrV4, SocketAddrV6};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -31,7 +34,10 @@ use wireguard_control::{DeviceUpdate, InterfaceName};
 
 use super::backend::{choose_backend, probe_kernel_wireguard, BackendKind, BackendPreference, KernelSupport};
 use super::keys::{PrivateKey, PublicKey};
-use super::peers::{device_updates, route_changes, NodeRecord, PeerChange, PeerSet, PeerSetError, UpdateStyle};
+use super::peers::{
+    device_updates, handshake_probe_address, peers_without_session, route_changes, NodeRecord, PeerChange, PeerSet,
+    PeerSetError, UpdateStyle,
+};
 use super::uapi::{self, DeviceStatus, PeerStatus};
 use super::Error;
 
@@ -83,7 +89,13 @@ pub struct ApplyReport {
     pub routes_removed: Vec<IpNet>,
     /// Node records that were left out (bad key, conflicting allowed IPs...).
     pub rejected: Vec<PeerSetError>,
+    /// Peers left without a session (added, or recreated by boringtun) that were sent a handshake initiation.
+    pub handshakes_started: Vec<PublicKey>,
 }
+
+/// ICMP identifier of the echo reply that starts a handshake (see [`send_echo_reply`]); "cw", only to recognise
+/// it in a capture.
+const HANDSHAKE_PROBE_ID: u16 = 0x6377;
 
 /// One WireGuard interface, up, with its routes. Removed on [`Tunnel::shutdown`]; dropping the tunnel (or the
 /// process dying) only stops boringtun and leaves the interface, its addresses and routes in place for the next
@@ -274,17 +286,36 @@ impl Tunnel {
     }
 
     /// Makes the device's peers equal to `desired` with the minimal change (nothing when they already are), then
-    /// the routes through the interface equal to `desired.routes()`.
+    /// the routes through the interface equal to `desired.routes()`, then starts a handshake with every peer the
+    /// change left without a session (all of them after a re-attach: a fresh boringtun has none).
+    ///
+    /// Why: WireGuard only initiates a handshake when it has a packet for the peer. After the agent restarts, the
+    /// remote node still holds the old session and keeps sending data on it, which the fresh device drops; if this
+    /// node has nothing to send (the receiving end of a stream), nothing happens until the remote gives up waiting
+    /// for an answer (KEEPALIVE + REKEY timeout, 15 s) and starts a handshake itself, and TCP's backoff stretches
+    /// the stall to 20-25 s. So the tunnel sends one packet towards the peer itself: the device queues it and sends
+    /// a handshake initiation at once, and the remote switches to the new session on the answer.
+    ///
+    /// Why a packet and not something else: boringtun 0.7 offers no API to reach its peers (`DeviceHandle` hides
+    /// the device), its UAPI has no "initiate" command, and a persistent keepalive set over UAPI only fires after a
+    /// full interval (then forever, and changing it later recreates the peer). A packet is what triggers the
+    /// handshake in every implementation (boringtun, wireguard-go, the kernel). It is an ICMP echo *reply* to an
+    /// address the device maps to that peer (see [`handshake_probe_address`]), sent from a raw socket bound to the
+    /// interface (SO_BINDTODEVICE: into the tunnel whatever the routes say, never out of another interface in
+    /// clear). Once the handshake delivers it, the remote stack drops it without answering (nothing answers an
+    /// unsolicited echo reply), whereas a UDP datagram or an echo request would draw an answer from the remote
+    /// node, sent from its pod-network address to our underlay address, i.e. outside the tunnel. Failing to send it
+    /// is logged, not an error: the peer then handshakes on its first real packet, as before.
     pub fn apply(&mut self, desired: &PeerSet) -> Result<ApplyReport, Error> {
         let span = tracing::info_span!("wireguard_apply", ifname = %self.ifname);
         let _enter = span.enter();
         let current = self.peers()?;
         let changes = current.diff(desired);
+        let style = match self.kind {
+            BackendKind::Userspace => UpdateStyle::RemoveThenAdd,
+            BackendKind::Kernel => UpdateStyle::InPlace,
+        };
         if !changes.is_empty() {
-            let style = match self.kind {
-                BackendKind::Userspace => UpdateStyle::RemoveThenAdd,
-                BackendKind::Kernel => UpdateStyle::InPlace,
-            };
             info!(changes = changes.len(), "updating WireGuard peers");
             for update in device_updates(&changes, style) {
                 self.configure(update)?;
@@ -301,7 +332,31 @@ impl Tunnel {
             self.routes.insert(*net);
         }
         debug!(added = add.len(), removed = del.len(), "routes through the tunnel");
-        Ok(ApplyReport { changes, routes_added: add, routes_removed: del, rejected: Vec::new() })
+        let mut handshakes_started = Vec::new();
+        for spec in peers_without_session(&changes, style) {
+            let Some(addr) = handshake_probe_address(desired, &spec.public_key) else {
+                debug!(peer = %spec.public_key, "no address to start a handshake with; it starts on the first packet");
+                continue;
+            };
+            match self.start_handshake(addr) {
+                Ok(()) => {
+                    debug!(peer = %spec.public_key, %addr, "handshake started");
+                    handshakes_started.push(spec.public_key);
+                }
+                Err(e) => warn!(peer = %spec.public_key, %addr, error = %e, "could not start a handshake"),
+            }
+        }
+        Ok(ApplyReport { changes, routes_added: add, routes_removed: del, rejected: Vec::new(), handshakes_started })
+    }
+
+    /// Sends the packet that makes the device start a handshake with the peer owning `addr` (see [`Tunnel::apply`]).
+    fn start_handshake(&self, addr: IpAddr) -> Result<(), Error> {
+        let ifname = self.ifname.clone();
+        self.in_netns(move || send_echo_reply(&ifname, addr))?.map_err(|e| Error::Handshake {
+            ifname: self.ifname.clone(),
+            addr,
+            source: e.into(),
+        })
     }
 
     /// Replaces the private key without taking the interface down and returns the new public key, which must be
@@ -396,6 +451,48 @@ impl Drop for Tunnel {
             drop(device);
         }
     }
+}
+
+/// Sends one ICMP (v6) echo reply to `addr` through interface `ifname` from a raw socket (the agent has
+/// CAP_NET_RAW: it creates TUN devices and BPF programs). The kernel writes the IP header and picks the source.
+fn send_echo_reply(ifname: &str, addr: IpAddr) -> nix::Result<()> {
+    use nix::sys::socket::{
+        sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn,
+        SockaddrIn6,
+    };
+    use std::os::fd::AsRawFd;
+    let (family, protocol, kind) = match addr {
+        IpAddr::V4(_) => (AddressFamily::Inet, SockProtocol::Icmp, 0u8),
+        IpAddr::V6(_) => (AddressFamily::Inet6, SockProtocol::IcmpV6, 129u8),
+    };
+    let fd = socket(family, SockType::Raw, SockFlag::SOCK_CLOEXEC, protocol)?;
+    setsockopt(&fd, sockopt::BindToDevice, &OsString::from(ifname))?;
+    let [id_hi, id_lo] = HANDSHAKE_PROBE_ID.to_be_bytes();
+    // type, code, checksum (2), identifier (2), sequence number (2).
+    let mut msg = [kind, 0, 0, 0, id_hi, id_lo, 0, 1];
+    match addr {
+        IpAddr::V4(ip) => {
+            let [c_hi, c_lo] = icmp_checksum(&msg).to_be_bytes();
+            msg[2] = c_hi;
+            msg[3] = c_lo;
+            sendto(fd.as_raw_fd(), &msg, &SockaddrIn::from(SocketAddrV4::new(ip, 0)), MsgFlags::empty())?;
+        }
+        // ICMPv6 raw sockets have the kernel fill in the checksum (it covers the pseudo-header).
+        IpAddr::V6(ip) => {
+            sendto(fd.as_raw_fd(), &msg, &SockaddrIn6::from(SocketAddrV6::new(ip, 0, 0, 0)), MsgFlags::empty())?;
+        }
+    }
+    Ok(())
+}
+
+/// The Internet checksum (RFC 1071) of an ICMPv4 message whose checksum field is zero.
+fn icmp_checksum(msg: &[u8]) -> u16 {
+    let mut sum: u32 =
+        msg.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 /// Makes sure a persistent multi-queue TUN device named `ifname` exists in the calling thread's network namespace
@@ -528,12 +625,18 @@ fn status_from_device(device: &wireguard_control::Device) -> DeviceStatus {
         .iter()
         .filter_map(|p| {
             let spec = PeerSet::from_peer_configs([&p.config]).iter().next().cloned()?;
-            let last_handshake_sec = p
+            let since_epoch = p
                 .stats
                 .last_handshake_time
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs());
-            Some(PeerStatus { spec, last_handshake_sec, rx_bytes: p.stats.rx_bytes, tx_bytes: p.stats.tx_bytes })
+                .unwrap_or_default();
+            Some(PeerStatus {
+                spec,
+                last_handshake_sec: since_epoch.as_secs(),
+                last_handshake_nsec: since_epoch.subsec_nanos(),
+                rx_bytes: p.stats.rx_bytes,
+                tx_bytes: p.stats.tx_bytes,
+            })
         })
         .collect();
     DeviceStatus { listen_port: device.listen_port, peers }
@@ -566,7 +669,18 @@ fn run_ip_output(args: &[&str]) -> Result<String, Error> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_link_kind;
+    use super::{icmp_checksum, parse_link_kind};
+
+    #[test]
+    fn icmp_checksum_verifies_to_zero() {
+        // An echo request as `ping` sends it (type 8, id 0x1234, seq 1, payload "abc"); its checksum by hand.
+        let msg = [8u8, 0, 0, 0, 0x12, 0x34, 0, 1, b'a', b'b', b'c'];
+        let sum = icmp_checksum(&msg);
+        assert_eq!(sum, 0x2168);
+        let mut with = msg;
+        with[2..4].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(icmp_checksum(&with), 0, "a message carrying its checksum sums to zero");
+    }
 
     #[test]
     fn link_kind_from_ip_detail_lines() {

@@ -31,13 +31,16 @@ pub struct PeerStatus {
     /// `last_handshake_time_sec` as reported: 0 means no handshake yet. (wireguard-go reports the Unix time,
     /// boringtun 0.7 the seconds since the handshake, so only "non-zero" is portable.)
     pub last_handshake_sec: u64,
+    /// `last_handshake_time_nsec`: with boringtun's "time since", a handshake less than a second ago shows only
+    /// here.
+    pub last_handshake_nsec: u32,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
 }
 
 impl PeerStatus {
     pub fn has_handshake(&self) -> bool {
-        self.last_handshake_sec != 0 || self.rx_bytes != 0
+        self.last_handshake_sec != 0 || self.last_handshake_nsec != 0 || self.rx_bytes != 0
     }
 }
 
@@ -87,6 +90,7 @@ pub fn parse_get(reply: &str) -> Result<DeviceStatus, UapiError> {
                         keepalive: None,
                     },
                     last_handshake_sec: 0,
+                    last_handshake_nsec: 0,
                     rx_bytes: 0,
                     tx_bytes: 0,
                 });
@@ -106,9 +110,10 @@ pub fn parse_get(reply: &str) -> Result<DeviceStatus, UapiError> {
                         p.spec.keepalive = (k != 0).then_some(k);
                     }
                     "last_handshake_time_sec" => p.last_handshake_sec = num(value)?,
+                    "last_handshake_time_nsec" => p.last_handshake_nsec = value.parse().map_err(|_| bad())?,
                     "rx_bytes" => p.rx_bytes = num(value)?,
                     "tx_bytes" => p.tx_bytes = num(value)?,
-                    // preshared_key, protocol_version, last_handshake_time_nsec and anything newer.
+                    // preshared_key, protocol_version and anything newer.
                     _ => {}
                 }
             }
@@ -162,6 +167,10 @@ mod tests {
         assert_eq!(p.spec.allowed_ips.len(), 2);
         assert_eq!((p.rx_bytes, p.tx_bytes, p.has_handshake()), (100, 200, true));
         assert!(!status.peers[1].has_handshake());
+        // boringtun reports the time since the handshake: one less than a second ago is 0 s and some ns.
+        let fresh =
+            format!("public_key={B}\nlast_handshake_time_sec=0\nlast_handshake_time_nsec=250\nrx_bytes=0\nerrno=0\n");
+        assert!(parse_get(&fresh).expect("valid").peers[0].has_handshake());
         assert_eq!(status.peers[1].spec.endpoint, None);
     }
 
