@@ -162,8 +162,8 @@ pub struct Rendered {
     pub warnings: Vec<String>,
 }
 
-/// Warnings about the endpoints the script will use: unknown, only a ClusterIP, or not named by the server
-/// certificate (identity-sync verifies etcd's certificate against the address it dials).
+/// Warnings about the endpoints the script will use: unknown, only a ClusterIP, or a server certificate without the
+/// name the host verifies it against.
 pub fn endpoint_warnings(
     etcd: Option<&str>,
     etcd_via: Option<&str>,
@@ -177,15 +177,15 @@ pub fn endpoint_warnings(
              CAUSEWAY_ETCD_ENDPOINT is set on the host (or pass --etcd-endpoint)"
                 .to_string(),
         ),
-        Some(url) => {
-            let host = url.trim_start_matches("https://").rsplit_once(':').map(|(h, _)| h).unwrap_or_default();
-            let host = host.trim_start_matches('[').trim_end_matches(']');
+        Some(_) => {
+            // The host's identity-sync verifies etcd's certificate against `clustermesh-apiserver`
+            // (tls-server-name in its remote config), whatever address it dials.
             if let Some(names) = server_cert_names {
-                if !names.iter().any(|n| n == host) {
+                if !names.iter().any(|n| n == APISERVER_SERVICE) {
                     out.push(format!(
-                        "warning: the clustermesh-apiserver server certificate does not name {host}: the host's \
-                         identity-sync will fail TLS verification of etcd until you run `causeway clustermesh \
-                         rotate-certs` (it adds the Service's current addresses)"
+                        "warning: the clustermesh-apiserver server certificate does not name {APISERVER_SERVICE}: \
+                         the host's identity-sync will fail TLS verification of etcd until you run `causeway \
+                         clustermesh rotate-certs`"
                     ));
                 }
             }
@@ -332,6 +332,7 @@ mod tests {
     #[test]
     fn endpoint_warnings_say_what_will_fail() {
         let names = vec!["clustermesh-apiserver".to_string(), "198.51.100.4".to_string()];
+        let old_cert = vec!["etcd".to_string(), "198.51.100.4".to_string()];
         let ok = endpoint_warnings(
             Some("https://198.51.100.4:2379"),
             Some("LoadBalancer"),
@@ -339,13 +340,14 @@ mod tests {
             Some(&names),
         );
         assert!(ok.is_empty(), "{ok:?}");
-        let w = endpoint_warnings(Some("https://203.0.113.9:2379"), Some("ClusterIP"), None, Some(&names));
+        // A NodePort address the certificate never named is fine: the name is what is verified.
+        let np = endpoint_warnings(Some("https://203.0.113.9:32379"), Some("NodePort"), Some("x"), Some(&names));
+        assert!(np.is_empty(), "{np:?}");
+        let w = endpoint_warnings(Some("https://203.0.113.9:2379"), Some("ClusterIP"), None, Some(&old_cert));
         assert_eq!(w.len(), 3, "{w:?}");
-        assert!(w[0].contains("does not name 203.0.113.9") && w[0].contains("rotate-certs"), "{w:?}");
+        assert!(w[0].contains("does not name clustermesh-apiserver") && w[0].contains("rotate-certs"), "{w:?}");
         assert!(w[1].contains("only a ClusterIP"), "{w:?}");
         assert!(w[2].contains("no port named workloads"), "{w:?}");
-        let v6 = endpoint_warnings(Some("https://[2001:db8::1]:2379"), None, Some("x"), Some(&["2001:db8::1".into()]));
-        assert!(v6.is_empty(), "{v6:?}");
         assert!(endpoint_warnings(None, None, Some("x"), None)[0].contains("no usable etcd address"));
     }
 

@@ -94,6 +94,8 @@ install -d -m 0700 "$ETC/remotes"
   echo "trusted-ca-file: $ETC/certs/ca.crt"
   echo "cert-file: $ETC/certs/tls.crt"
   echo "key-file: $ETC/certs/tls.key"
+  # The address dialed (a NodePort or load balancer) need not be in etcd's certificate; this name always is.
+  echo "tls-server-name: clustermesh-apiserver"
 } > "$ETC/remotes/$CLUSTER_NAME"
 
 step "registering with the clustermesh-apiserver at $WORKLOADS_ENDPOINT over mTLS (WireGuard key: $STATE/wireguard.key) into $ETC/workload.env"

@@ -43,12 +43,14 @@ fn etcd_bin() -> PathBuf {
 async fn start_etcd(dir: &Path, tls_dir: &Path, client_port: u16) -> anyhow::Result<EtcdProc> {
     let peer = format!("http://127.0.0.1:{}", free_port());
     let url = format!("https://127.0.0.1:{client_port}");
+    // Also on LATE_LB_IP: an address the server certificate does not name (see the first test).
+    let listen = format!("{url},https://{LATE_LB_IP}:{client_port}");
     let log = std::fs::File::create(dir.join("etcd.log"))?;
     let child = Command::new(etcd_bin())
         .args([
             "--name=east".to_string(),
             format!("--data-dir={}", dir.join("data").display()),
-            format!("--listen-client-urls={url}"),
+            format!("--listen-client-urls={listen}"),
             format!("--advertise-client-urls={url}"),
             format!("--listen-peer-urls={peer}"),
             format!("--initial-advertise-peer-urls={peer}"),
@@ -95,7 +97,11 @@ async fn lb_service(client: &Client, ip: &str, port: u16) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// West's view of east, as identity-sync loads it from the mounted remotes Secret.
+/// A load-balancer address east's Service gets only after `enable` issued the server certificate.
+const LATE_LB_IP: &str = "127.0.0.3";
+
+/// West's view of east, as identity-sync loads it from the mounted remotes Secret (TLS settings built by
+/// identity-sync's own code, `tls-server-name` included).
 async fn west_config_for_east(west: &Client, dir: &Path) -> anyhow::Result<EtcdConfig> {
     secret_files(west, REMOTES_SECRET, dir).await?;
     let scan = identity_sync::remotes::config::scan_dir(dir)?;
@@ -104,12 +110,8 @@ async fn west_config_for_east(west: &Client, dir: &Path) -> anyhow::Result<EtcdC
         other => anyhow::bail!("identity-sync cannot use west's config for east: {other:?}"),
     };
     let tls = cfg.tls.ok_or_else(|| anyhow::anyhow!("no TLS in west's config for east"))?;
-    let s = |b: Vec<u8>| String::from_utf8(b).unwrap_or_default();
-    Ok(EtcdConfig::new(cfg.endpoints).with_connect_timeout(Duration::from_secs(5)).with_tls(TlsConfig::from_pem(
-        s(tls.ca_pem),
-        s(tls.cert_pem),
-        s(tls.key_pem),
-    )))
+    let tls = tls.to_kvstore().map_err(|what| anyhow::anyhow!("{what} is not UTF-8"))?;
+    Ok(EtcdConfig::new(cfg.endpoints).with_connect_timeout(Duration::from_secs(5)).with_tls(tls))
 }
 
 /// The certificate etcd presents on a fresh connection (PEM, as printed by `openssl s_client`).
@@ -153,6 +155,12 @@ async fn real_etcd_accepts_connect_certificates_and_serves_rotated_ones_without_
             .await?
             .expect_ok("enable");
     }
+    // The load balancer's address changes after the certificate was issued (it does not name it): peers verify
+    // the certificate by the name `clustermesh-apiserver` (tls-server-name), not by the address they dial.
+    let status = json!({"status": {"loadBalancer": {"ingress": [{"ip": LATE_LB_IP}]}}});
+    Api::<Service>::namespaced(east.clone(), NS)
+        .patch_status("clustermesh-apiserver", &PatchParams::default(), &Patch::Merge(status))
+        .await?;
     clusters
         .causeway(&["clustermesh", "connect", "--context", "west", "--destination-context", "east"])
         .await?
@@ -166,7 +174,14 @@ async fn real_etcd_accepts_connect_certificates_and_serves_rotated_ones_without_
     // west reaches it as identity-sync would, and can read and write (no etcd auth users in this test).
     let remotes_dir = tmp.path().join("west-remotes");
     let config = west_config_for_east(&west, &remotes_dir).await?;
-    assert_eq!(config.endpoints, vec![format!("https://127.0.0.1:{port}")]);
+    assert_eq!(config.endpoints, vec![format!("https://{LATE_LB_IP}:{port}")]);
+    // Verified by address, the certificate does not match: the check below can fail.
+    let mut by_address = config.clone();
+    if let Some(t) = by_address.tls.as_mut() {
+        t.server_name = None;
+    }
+    let by_address = by_address.with_connect_timeout(Duration::from_secs(3));
+    assert!(causeway_kvstore::connect(&by_address).await.is_err(), "the server certificate names {LATE_LB_IP}");
     let mut client = causeway_kvstore::connect(&config).await?;
     client.put("cilium/.heartbeat", "2026-11-23T10:00:00Z", None).await?;
     assert_eq!(client.get("cilium/.heartbeat", None).await?.kvs().len(), 1);

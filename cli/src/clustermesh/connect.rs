@@ -124,10 +124,14 @@ pub fn pick_endpoint(svc: &Service, nodes: &[Node]) -> Result<Endpoint, String> 
     }
 }
 
-/// The peer config file identity-sync reads (Cilium's format), naming the TLS files next to it.
+/// The peer config file identity-sync reads (Cilium's format), naming the TLS files next to it. `tls-server-name`
+/// (a Causeway addition) verifies the peer's certificate against `clustermesh-apiserver`, a name every certificate
+/// Causeway issues carries, since the address picked (a node's address with the NodePort, a load balancer that
+/// appeared later) need not be in it.
 pub fn peer_config(peer: &str, endpoint: &Endpoint) -> String {
     format!(
-        "endpoints:\n- {}\ntrusted-ca-file: {peer}.ca.crt\ncert-file: {peer}.crt\nkey-file: {peer}.key\n",
+        "endpoints:\n- {}\ntrusted-ca-file: {peer}.ca.crt\ncert-file: {peer}.crt\nkey-file: {peer}.key\n\
+         tls-server-name: {APISERVER_SERVICE}\n",
         endpoint.url()
     )
 }

@@ -8,7 +8,12 @@
 //! trusted-ca-file: /var/lib/causeway/remotes/east.ca.crt   # relative paths resolve against the directory
 //! cert-file: east.crt
 //! key-file: east.key
+//! tls-server-name: clustermesh-apiserver   # optional (a Causeway addition): verify etcd's certificate against
+//!                                          # this name instead of the endpoint's host
 //! ```
+//!
+//! `tls-server-name` exists because peers and hosts often dial a NodePort or load-balancer address that the server
+//! certificate was never issued for; every certificate Causeway issues carries the name `clustermesh-apiserver`.
 //!
 //! The directory is usually a mounted Secret, which kubelet updates by swapping a `..data` symlink. So files are
 //! read through symlinks, dotfiles (`..data`, `..2024_01_01...`) and TLS material (`*.crt`, `*.key`, `*.pem`) are
@@ -42,6 +47,8 @@ pub enum ConfigError {
     PartialTls { path: String, given: &'static str, missing: &'static str },
     #[error("remote config file {path} uses https endpoints but sets no trusted-ca-file/cert-file/key-file")]
     HttpsWithoutTls { path: String },
+    #[error("remote config file {path} has tls-server-name {name:?}: {why}")]
+    ServerName { path: String, name: String, why: &'static str },
     #[error("cannot read {what} {file} named by remote config file {path}: {why}")]
     TlsFile { path: String, what: &'static str, file: String, why: String },
 }
@@ -58,6 +65,8 @@ struct RawConfig {
     cert_file: Option<String>,
     #[serde(rename = "key-file", default)]
     key_file: Option<String>,
+    #[serde(rename = "tls-server-name", default)]
+    tls_server_name: Option<String>,
 }
 
 /// PEM material for mTLS, read at scan time so that a rotated certificate is a config change.
@@ -69,6 +78,25 @@ pub struct TlsMaterial {
     pub ca_pem: Vec<u8>,
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
+    /// Name the server certificate is verified against (`tls-server-name`), when not the endpoint's host.
+    pub server_name: Option<String>,
+}
+
+impl TlsMaterial {
+    /// The kvstore TLS settings this material stands for (with `tls-server-name` when set). Err names the file
+    /// whose content is not UTF-8 PEM.
+    pub fn to_kvstore(&self) -> Result<causeway_kvstore::TlsConfig, &'static str> {
+        let pem = |what: &'static str, b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| what);
+        let mut t = causeway_kvstore::TlsConfig::from_pem(
+            pem("trusted-ca-file", &self.ca_pem)?,
+            pem("cert-file", &self.cert_pem)?,
+            pem("key-file", &self.key_pem)?,
+        );
+        if let Some(name) = &self.server_name {
+            t = t.with_server_name(name.clone());
+        }
+        Ok(t)
+    }
 }
 
 impl std::fmt::Debug for TlsMaterial {
@@ -78,6 +106,7 @@ impl std::fmt::Debug for TlsMaterial {
             .field("ca_file", &self.ca_file)
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
+            .field("server_name", &self.server_name)
             .finish_non_exhaustive()
     }
 }
@@ -140,10 +169,24 @@ pub fn parse_remote(
     };
     let fields =
         [("trusted-ca-file", &raw.trusted_ca_file), ("cert-file", &raw.cert_file), ("key-file", &raw.key_file)];
+    let server_name = match raw.tls_server_name.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(n) if n.len() > 253 || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') => {
+            return Err(ConfigError::ServerName {
+                path: p,
+                name: n.chars().take(64).collect(),
+                why: "not a DNS name (letters, digits, '-' and '.')",
+            });
+        }
+        Some(n) => Some(n.to_ascii_lowercase()),
+    };
     let tls = match fields.iter().find(|(_, v)| v.is_some()) {
         None => {
             if endpoints.iter().any(|e| e.starts_with("https://")) {
                 return Err(ConfigError::HttpsWithoutTls { path: p });
+            }
+            if let Some(name) = server_name {
+                return Err(ConfigError::ServerName { path: p, name, why: "set without TLS (trusted-ca-file, ...)" });
             }
             None
         }
@@ -166,7 +209,7 @@ pub fn parse_remote(
             let ca_pem = load("trusted-ca-file", &ca_file)?;
             let cert_pem = load("cert-file", &cert_file)?;
             let key_pem = load("key-file", &key_file)?;
-            Some(TlsMaterial { ca_file, cert_file, key_file, ca_pem, cert_pem, key_pem })
+            Some(TlsMaterial { ca_file, cert_file, key_file, ca_pem, cert_pem, key_pem, server_name })
         }
     };
     Ok(RemoteConfig { name, path: path.to_path_buf(), endpoints, tls })
@@ -385,6 +428,19 @@ mod tests {
         assert_eq!(tls.ca_file, Path::new("/abs/ca.crt"));
         assert_eq!(tls.cert_file, Path::new("/etc/remotes/east.crt"));
         assert_eq!(tls.key_pem, b"PEM of /etc/remotes/east.key");
+        assert_eq!(tls.server_name, None);
+    }
+
+    #[test]
+    fn tls_server_name_is_optional_and_must_be_a_dns_name() {
+        let base = "endpoints:\n- https://192.0.2.7:32379\ntrusted-ca-file: ca\ncert-file: c\nkey-file: k\n";
+        let cfg = parse("east", &format!("{base}tls-server-name: Clustermesh-Apiserver\n"), files)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.tls.and_then(|t| t.server_name).as_deref(), Some("clustermesh-apiserver"));
+        let err = parse("east", &format!("{base}tls-server-name: \"a b/c\"\n"), files).err();
+        assert!(matches!(err, Some(ConfigError::ServerName { .. })), "{err:?}");
+        let err = parse("east", "endpoints: [http://a:1]\ntls-server-name: x", files).err();
+        assert!(matches!(err, Some(ConfigError::ServerName { .. })), "{err:?}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use causeway_kvstore::{EtcdConfig, KvError, TlsConfig, WatchEvent, WatchStore, WatchStoreConfig};
+use causeway_kvstore::{EtcdConfig, KvError, WatchEvent, WatchStore, WatchStoreConfig};
 use causeway_store::keys::{CLUSTER_CONFIG_PREFIX, HAS_CLUSTER_CONFIG};
 use causeway_store::validate::{validate_cluster_config, RemoteEntry};
 use causeway_store::values::ClusterConfig;
@@ -338,14 +338,8 @@ fn etcd_config(cfg: &RemoteConfig, timing: &Timing) -> Result<EtcdConfig, Sessio
     let remote = cfg.name.to_string();
     let mut ec = EtcdConfig::new(cfg.endpoints.clone()).with_connect_timeout(timing.connect_timeout);
     if let Some(tls) = &cfg.tls {
-        let pem = |what: &'static str, b: &[u8]| {
-            String::from_utf8(b.to_vec()).map_err(|_| SessionError::TlsNotUtf8 { remote: remote.clone(), what })
-        };
-        ec = ec.with_tls(TlsConfig::from_pem(
-            pem("trusted-ca-file", &tls.ca_pem)?,
-            pem("cert-file", &tls.cert_pem)?,
-            pem("key-file", &tls.key_pem)?,
-        ));
+        let t = tls.to_kvstore().map_err(|what| SessionError::TlsNotUtf8 { remote: remote.clone(), what })?;
+        ec = ec.with_tls(t);
     }
     Ok(ec)
 }
