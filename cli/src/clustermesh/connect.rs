@@ -249,10 +249,10 @@ impl Side {
     }
 
     /// Whether this side's server certificate covers `host`.
-    async fn server_cert_covers(&self, host: &str) -> Option<bool> {
+    async fn server_cert_covers(&self, name: &str) -> Option<bool> {
         let s = self.cluster.get_secret(SERVER_SECRET).await.ok()??;
         let cert = secret_str(&s, causeway_pki::CERT_FILE)?;
-        Some(super::sans(&cert).iter().any(|n| n == host))
+        Some(super::sans(&cert).iter().any(|n| n == name))
     }
 }
 
@@ -315,12 +315,13 @@ pub async fn connect(a: &KubeTarget, b: &KubeTarget, namespace: &str) -> Result<
                 side.settings.name
             ));
         }
-        if side.server_cert_covers(&ep.host).await == Some(false) {
+        // Peers verify by the name (tls-server-name in their config), whatever address they dial.
+        if side.server_cert_covers(APISERVER_SERVICE).await == Some(false) {
             lines.push(format!(
                 "warning: the server certificate of {} does not name {}: peers will fail TLS verification until you \
                  run `causeway clustermesh rotate-certs {}`",
                 side.settings.name,
-                ep.host,
+                APISERVER_SERVICE,
                 side.cluster.target.context.as_ref().map(|c| format!("--context {c}")).unwrap_or_default()
             ));
         }
