@@ -34,6 +34,10 @@ pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
 /// Longest delay between retries.
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
+/// Longest one convergence may take: a request to an etcd that went away can hang on reconnecting, and meanwhile
+/// the ConfigMap's changes would wait. A timeout counts as a failure and is retried with backoff.
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// `NAMESPACE/NAME` of the ConfigMap to follow (`--peers-configmap`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigMapRef {
@@ -148,8 +152,11 @@ impl PeerState {
         self.failures = 0;
     }
 
-    /// Converging failed: the delay before the next attempt (doubling, capped).
+    /// Converging failed: the delay before the next attempt (doubling, capped). A failed pass may have changed
+    /// some users and not others, so etcd's state is unknown until the next success: whatever is wanted next, even
+    /// the set last converged to, is converged again.
     pub fn failed(&mut self) -> Duration {
+        self.applied = None;
         let delay = FIRST_RETRY_DELAY.saturating_mul(1u32 << self.failures.min(16)).min(MAX_RETRY_DELAY);
         self.failures = self.failures.saturating_add(1);
         delay
@@ -279,7 +286,9 @@ async fn run_inner(mut task: PeerTask) {
             continue;
         }
         let Some(wanted) = state.pending() else { continue };
-        match converge(&mut task.etcd, &task.cluster, &wanted).await {
+        tracing::debug!(peers = ?wanted, "converging the peer etcd users");
+        let attempt = tokio::time::timeout(CONVERGE_TIMEOUT, converge(&mut task.etcd, &task.cluster, &wanted)).await;
+        match attempt.unwrap_or_else(|_| Err(ConvergeError::TimedOut)) {
             Ok(plan) => {
                 if plan.changes_users() {
                     task.metrics.changes.inc();
@@ -292,11 +301,20 @@ async fn run_inner(mut task: PeerTask) {
             Err(e) => {
                 task.metrics.errors.inc();
                 let delay = state.failed();
-                warn!(error = format!("{e:#}"), retry_in = ?delay, "cannot converge the peer etcd users; retrying");
+                warn!(error = %e, retry_in = ?delay, "cannot converge the peer etcd users; retrying");
                 retry_at = Some(tokio::time::Instant::now() + delay);
             }
         }
     }
+}
+
+/// Why one convergence failed.
+#[derive(Debug, thiserror::Error)]
+enum ConvergeError {
+    #[error(transparent)]
+    Etcd(#[from] causeway_kvstore::KvError),
+    #[error("etcd did not answer within {CONVERGE_TIMEOUT:?}")]
+    TimedOut,
 }
 
 async fn reset_changed(resets: &mut Option<watch::Receiver<u64>>) -> Result<(), watch::error::RecvError> {
@@ -313,7 +331,7 @@ async fn converge(
     etcd: &mut causeway_kvstore::Client,
     cluster: &str,
     wanted: &BTreeSet<String>,
-) -> Result<causeway_kvstore::PeerUserPlan, causeway_kvstore::KvError> {
+) -> Result<causeway_kvstore::PeerUserPlan, ConvergeError> {
     let peers: Vec<&str> = wanted.iter().map(String::as_str).collect();
     let plan = causeway_kvstore::sync_peer_users(etcd, cluster, &peers).await?;
     if !peers.is_empty() {
@@ -410,6 +428,19 @@ mod tests {
         assert_eq!(state.pending(), Some(set(&["east"])), "still pending after failures");
         state.converged(set(&["east"]));
         assert_eq!(state.failed(), FIRST_RETRY_DELAY);
+    }
+
+    #[test]
+    fn going_back_to_the_converged_set_after_a_failed_pass_converges_again() {
+        // east converged; adding south fails half-way (its user may exist); south is removed again.
+        let mut state = PeerState::new("west", Vec::new());
+        state.observe(Some(&data("east")));
+        state.converged(set(&["east"]));
+        state.observe(Some(&data("east,south")));
+        assert_eq!(state.pending(), Some(set(&["east", "south"])));
+        state.failed();
+        state.observe(Some(&data("east")));
+        assert_eq!(state.pending(), Some(set(&["east"])), "a half-added south must be removed");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! `--peers-configmap` against a real etcd with mTLS and auth, and the fake kube API (the one test stand-in). Writing
 //! the ConfigMap's `peers` as `causeway clustermesh connect`/`disconnect` do makes a new peer's `remote-<peer>`
 //! certificate able to read the exported state, and removing it refuses that certificate, with no restart; other
-//! peers keep reading, and a bad name is skipped without a crash.
+//! peers keep reading, a bad name is skipped without a crash, and a change made while etcd is down is retried
+//! until it is back.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -99,7 +100,7 @@ async fn set_peers(api: &Api<ConfigMap>, peers: &str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_users_follow_connect_and_disconnect_without_a_restart() -> Result<()> {
     let pki = Pki::loopback()?;
-    let etcd = Etcd::start_tls(&pki).await;
+    let mut etcd = Etcd::start_tls(&pki).await;
     let kube = FakeApiServer::start("127.0.0.1:0".parse()?).await?;
     let kubeconfig = Kubeconfig::from_yaml(&kube.kubeconfig_yaml())?;
     let client =
@@ -222,12 +223,39 @@ async fn peer_users_follow_connect_and_disconnect_without_a_restart() -> Result<
     assert_eq!(metric(metrics_port, "causeway_apiserver_peer_invalid_names").await, Some(1.0));
     assert_eq!(read_state(&east).await, Ok(1));
 
+    // etcd down while south is disconnected: the attempts fail and are retried with backoff until etcd is back
+    // (same data), then south is refused.
+    let ok =
+        wait_until(WAIT, || async { metric(metrics_port, "causeway_apiserver_peer_users").await == Some(2.0) }).await;
+    anyhow::ensure!(ok, "the pass adding south back never completed");
+    let errors = "causeway_apiserver_peer_user_errors_total";
+    let before = metric(metrics_port, errors).await.unwrap_or(0.0);
+    etcd.kill();
+    set_peers(&config_maps, "east").await?;
+    // A failure, and at least one retry that failed too.
+    let ok = wait_until(WAIT, || async { metric(metrics_port, errors).await.unwrap_or(0.0) >= before + 2.0 }).await;
+    apiserver.still_running()?;
+    anyhow::ensure!(ok, "no retried failure while etcd was down: {:?}", metric(metrics_port, errors).await);
+    etcd.restart().await;
+    let ok = wait_until(WAIT, || async { refused(&read_fresh(&etcd, "remote-south").await) }).await;
+    apiserver.still_running()?;
+    anyhow::ensure!(ok, "remote-south still reads after etcd came back: {:?}", read_fresh(&etcd, "remote-south").await);
+    assert_eq!(read_fresh(&etcd, "remote-east").await, Ok(1));
+    let ok =
+        wait_until(WAIT, || async { metric(metrics_port, "causeway_apiserver_peer_users").await == Some(1.0) }).await;
+    anyhow::ensure!(
+        ok,
+        "peer_users after the retried removal: {:?}",
+        metric(metrics_port, "causeway_apiserver_peer_users").await
+    );
+
     // The other users were never touched: root (the apiserver itself) still exports.
     let mut root_client = etcd.client().await;
     let users: Vec<String> = root_client.user_list().await?.users().to_vec();
-    for u in ["root", "admin-west", "externalworkload", "remote-east", "remote-south"] {
+    for u in ["root", "admin-west", "externalworkload", "remote-east"] {
         anyhow::ensure!(users.iter().any(|x| x == u), "user {u} missing: {users:?}");
     }
+    anyhow::ensure!(!users.iter().any(|x| x == "remote-south"), "{users:?}");
     apiserver.still_running()?;
     Ok(())
 }
