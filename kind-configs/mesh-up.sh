@@ -60,11 +60,8 @@ for ((i = 0; i < ${#clusters[@]}; i++)); do
     "$causeway" clustermesh connect --context "kind-${clusters[$i]}" --destination-context "kind-${clusters[$j]}"
   done
 done
-# connect records each peer in causeway-config's `peers`; the apiserver reads it at start and then creates the
-# read-only etcd user remote-<peer> for each.
-for c in "${clusters[@]}"; do
-  kubectl --context "kind-$c" -n causeway rollout restart deploy/clustermesh-apiserver
-done
+# connect records each peer in causeway-config's `peers`; each apiserver follows that ConfigMap
+# (--peers-configmap) and creates the read-only etcd user remote-<peer> while it runs: no restart.
 for c in "${clusters[@]}"; do
   "$causeway" clustermesh status --context "kind-$c" --wait
 done
