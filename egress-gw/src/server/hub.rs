@@ -6,6 +6,11 @@
 //!
 //! Publishing never blocks: each client has a bounded queue filled with `try_send`. A client whose queue is full
 //! is marked lagging and dropped from the fan-out; when it next reads it starts over from a fresh snapshot.
+//!
+//! Every client's queue holds the same [`Current`] for one change, and a `Current` converts and encodes its policy
+//! once per distinct zone view ([`Current::view`]): a change costs one conversion per view, not per client. Only
+//! the current version of each policy and versions still queued or being sent keep their encodings; the resume
+//! log holds bare assignments, so its memory does not grow with the number of zones.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,10 +20,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use prost::bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
+use super::convert;
 use crate::core::PolicyAssignment;
 
 /// Bounds of the stream.
@@ -47,6 +54,7 @@ pub struct StreamMetrics {
     pub lagging_client_resets: Counter,
     pub deltas_published: Counter,
     pub revision: Gauge,
+    pub views_encoded: Counter,
 }
 
 impl StreamMetrics {
@@ -61,30 +69,73 @@ impl StreamMetrics {
         );
         r.register("egress_stream_deltas_published", "Policy deltas published", self.deltas_published.clone());
         r.register("egress_stream_revision", "Current revision of the assignment stream", self.revision.clone());
+        r.register(
+            "egress_stream_views_encoded",
+            "Policy versions converted and encoded for one zone view (shared by every client of that view)",
+            self.views_encoded.clone(),
+        );
     }
 }
 
-/// One policy changed (`Some`) or removed (`None`) at `revision`.
+/// One version of a policy with its encodings, one per zone view, made on first use and shared by every client.
+#[derive(Debug)]
+pub(crate) struct Current {
+    pub(crate) assignment: Arc<PolicyAssignment>,
+    /// (view key, encoded `EgressPolicyAssignment`); a handful of entries (zones + the agnostic view).
+    views: Mutex<Vec<(Option<String>, Bytes)>>,
+}
+
+impl Current {
+    pub(crate) fn new(assignment: Arc<PolicyAssignment>) -> Self {
+        Current { assignment, views: Mutex::new(Vec::new()) }
+    }
+
+    /// The policy as a node in `zone` sees it, encoded. The first client of a view converts and encodes it (under
+    /// the lock, so clients of the same view arriving together wait for that one encoding instead of repeating it);
+    /// the others get the same bytes.
+    pub(crate) fn view(&self, zone: Option<&str>, metrics: &StreamMetrics) -> Bytes {
+        let key = convert::view_key(&self.assignment, zone);
+        let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, b)) = views.iter().find(|(k, _)| k.as_deref() == key) {
+            return b.clone();
+        }
+        let b = convert::encode_policy(&self.assignment, key);
+        metrics.views_encoded.inc();
+        views.push((key.map(str::to_string), b.clone()));
+        b
+    }
+}
+
+/// One policy changed (`Some`) or removed (`None`) at `revision`, as queued to clients: every client's queue holds
+/// the same `Arc<Current>`.
 #[derive(Debug, Clone)]
 pub(crate) struct Delta {
     pub(crate) revision: u64,
     pub(crate) name: String,
-    pub(crate) policy: Option<Arc<PolicyAssignment>>,
+    pub(crate) policy: Option<Arc<Current>>,
+}
+
+/// A delta as the resume log keeps it: without encodings.
+#[derive(Debug, Clone)]
+struct Logged {
+    revision: u64,
+    name: String,
+    policy: Option<Arc<PolicyAssignment>>,
 }
 
 pub(crate) struct Snapshot {
     pub(crate) revision: u64,
-    pub(crate) policies: Vec<Arc<PolicyAssignment>>,
+    pub(crate) policies: Vec<Arc<Current>>,
 }
 
 /// The changes that turn `held` into `new`: changed or added policies, then removed ones, each in name order.
 pub(crate) fn diff(
-    held: &BTreeMap<String, Arc<PolicyAssignment>>,
+    held: &BTreeMap<String, Arc<Current>>,
     new: &BTreeMap<String, PolicyAssignment>,
 ) -> Vec<(String, Option<PolicyAssignment>)> {
     let changed = new
         .iter()
-        .filter(|(name, a)| held.get(*name).is_none_or(|h| **h != **a))
+        .filter(|(name, a)| held.get(*name).is_none_or(|h| *h.assignment != **a))
         .map(|(name, a)| (name.clone(), Some(a.clone())));
     let removed = held.keys().filter(|name| !new.contains_key(*name)).map(|name| (name.clone(), None));
     changed.chain(removed).collect()
@@ -98,9 +149,9 @@ struct Subscriber {
 
 #[derive(Default)]
 struct State {
-    policies: BTreeMap<String, Arc<PolicyAssignment>>,
+    policies: BTreeMap<String, Arc<Current>>,
     revision: u64,
-    log: VecDeque<Delta>,
+    log: VecDeque<Logged>,
     subs: Vec<Subscriber>,
     next_id: u64,
 }
@@ -183,7 +234,7 @@ impl AssignmentHub {
         let mut deltas = Vec::with_capacity(changes.len());
         for (name, policy) in changes {
             st.revision += 1;
-            let policy = policy.map(Arc::new);
+            let policy = policy.map(|p| Arc::new(Current::new(Arc::new(p))));
             match &policy {
                 Some(p) => st.policies.insert(name.clone(), p.clone()),
                 None => st.policies.remove(&name),
@@ -242,7 +293,11 @@ impl AssignmentHub {
             }
             true
         });
-        st.log.extend(deltas);
+        st.log.extend(deltas.into_iter().map(|d| Logged {
+            revision: d.revision,
+            name: d.name,
+            policy: d.policy.map(|p| p.assignment.clone()),
+        }));
         let max = self.inner.cfg.delta_log;
         while st.log.len() > max {
             st.log.pop_front();
@@ -261,7 +316,22 @@ impl AssignmentHub {
         let start = match resume {
             Some((epoch, rev)) if epoch == self.inner.epoch && rev <= current && covers(&st.log, rev, current) => {
                 self.inner.metrics.resumes.inc();
-                Start::Replay(st.log.iter().filter(|d| d.revision > rev).cloned().collect())
+                // A logged version that is still current shares the current encodings; an older one (only a
+                // resuming client can still need it) gets its own.
+                let replay = st
+                    .log
+                    .iter()
+                    .filter(|d| d.revision > rev)
+                    .map(|d| Delta {
+                        revision: d.revision,
+                        name: d.name.clone(),
+                        policy: d.policy.as_ref().map(|a| match st.policies.get(&d.name) {
+                            Some(c) if Arc::ptr_eq(&c.assignment, a) => c.clone(),
+                            _ => Arc::new(Current::new(a.clone())),
+                        }),
+                    })
+                    .collect();
+                Start::Replay(replay)
             }
             _ => {
                 self.inner.metrics.snapshots_sent.inc();
@@ -273,7 +343,7 @@ impl AssignmentHub {
 }
 
 /// True when the log holds every delta after `rev`.
-fn covers(log: &VecDeque<Delta>, rev: u64, current: u64) -> bool {
+fn covers(log: &VecDeque<Logged>, rev: u64, current: u64) -> bool {
     rev == current || log.front().is_some_and(|d| d.revision <= rev + 1)
 }
 
@@ -296,9 +366,9 @@ mod tests {
 
     #[test]
     fn diff_lists_changed_and_removed_policies_only() {
-        let held: BTreeMap<String, Arc<PolicyAssignment>> = [policy("a", 1), policy("b", 1), policy("c", 1)]
+        let held: BTreeMap<String, Arc<Current>> = [policy("a", 1), policy("b", 1), policy("c", 1)]
             .into_iter()
-            .map(|p| (p.name.clone(), Arc::new(p)))
+            .map(|p| (p.name.clone(), Arc::new(Current::new(Arc::new(p)))))
             .collect();
         let new = map(&[policy("a", 1), policy("b", 2), policy("d", 1)]);
         let d: Vec<(String, Option<i64>)> =
@@ -342,9 +412,29 @@ mod tests {
         match h.subscribe(None).start {
             Start::Snapshot(s) => {
                 assert_eq!(s.revision, 6);
-                assert_eq!(s.policies.iter().map(|p| p.generation).collect::<Vec<_>>(), vec![6]);
+                assert_eq!(s.policies.iter().map(|p| p.assignment.generation).collect::<Vec<_>>(), vec![6]);
             }
             Start::Replay(_) => panic!("expected a snapshot"),
+        }
+    }
+
+    #[test]
+    fn every_queue_holds_the_same_version_and_the_snapshot_shares_it() {
+        let h = hub(100);
+        let mut a = h.subscribe(None);
+        let mut b = h.subscribe(None);
+        h.apply(&map(&[policy("a", 1)]));
+        let (da, db) = (a.rx.try_recv().expect("queued"), b.rx.try_recv().expect("queued"));
+        let (pa, pb) = (da.policy.expect("upsert"), db.policy.expect("upsert"));
+        assert!(Arc::ptr_eq(&pa, &pb), "one shared version, not a copy per client");
+        match h.subscribe(None).start {
+            Start::Snapshot(s) => assert!(Arc::ptr_eq(&s.policies[0], &pa), "a later snapshot reuses its encodings"),
+            Start::Replay(_) => panic!("expected a snapshot"),
+        }
+        // The log keeps the bare assignment; a replay of the still-current version shares the same encodings.
+        match h.subscribe(Some((h.epoch(), 0))).start {
+            Start::Snapshot(_) => panic!("expected a replay, the log holds revision 1"),
+            Start::Replay(d) => assert!(Arc::ptr_eq(d[0].policy.as_ref().expect("upsert"), &pa)),
         }
     }
 

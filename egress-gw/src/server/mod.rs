@@ -12,7 +12,9 @@
 //! next reads, starts over from a fresh snapshot, so a slow agent costs at most its queue.
 //!
 //! The view is per node: with zone affinity, the gateways sent for a group are the ones chosen for the node's
-//! zone ([`convert::policy_for_zone`]). A node whose zone label changes is sent a fresh snapshot.
+//! zone ([`convert::policy_for_zone`]). A node whose zone label changes is sent a fresh snapshot. Nodes of one zone
+//! see the same bytes, so each policy version is converted and encoded once per zone view and the encoding is
+//! shared by those clients' queues ([`convert::WireEvent`]): publishing a change costs per view, not per agent.
 //!
 //! ```ignore
 //! let hub = AssignmentHub::new(StreamConfig::default(), StreamMetrics::default(), controller.node_zones());
