@@ -14,6 +14,9 @@
 //! then node B's (the receiving side: it only receives, so it is up to the agent to start the handshake; before it
 //! did, the stream waited for node A's 15 s rekey timeout and then TCP's backoff).
 //!
+//! `--without-handshake-start` drops that handshake-starting packet with an nftables rule on both nodes: the control
+//! run, as the agent behaved before.
+//!
 //! Build the binaries in the same profile first: `cargo build --release -p causeway-bench -p causeway-datapath
 //! --bins`; run as root: `./target/release/wg-restart --trials 5`.
 
@@ -55,6 +58,10 @@ struct Args {
     /// Steady streaming before each trial, so TCP's retransmission timer is back to normal.
     #[arg(long, default_value_t = 2000)]
     settle_ms: u64,
+    /// Control run: drop the packet the agent sends into the tunnel to start a handshake with a peer it adds (an
+    /// ICMP echo reply; nftables, output hook, both nodes), which reproduces the behaviour before it did so.
+    #[arg(long)]
+    without_handshake_start: bool,
     /// Exit non-zero when the target is missed.
     #[arg(long)]
     enforce: bool,
@@ -348,6 +355,15 @@ fn run(args: Args) -> Result<ExitCode> {
     );
 
     let t = TwoNodes::new()?;
+    if args.without_handshake_start {
+        for ns in [&t.node_a, &t.node_b] {
+            // Removed with the netns.
+            ns.sh("nft add table inet cw_wgrestart_ctl && nft add chain inet cw_wgrestart_ctl out \
+                 '{ type filter hook output priority 0; }' && nft add rule inet cw_wgrestart_ctl out \
+                 oifname \"cwwg*\" icmp type echo-reply drop")?;
+        }
+        println!("   control run: the agents' handshake-starting echo replies are dropped");
+    }
     let a = BenchNode { ns: &t.node_a, ip: TwoNodes::NODE_A_IP, st: NodeState::new("a")?, wg: unique_ifname("cwwg") };
     let b = BenchNode { ns: &t.node_b, ip: TwoNodes::NODE_B_IP, st: NodeState::new("b")?, wg: unique_ifname("cwwg") };
 
