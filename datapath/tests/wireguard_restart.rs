@@ -16,25 +16,25 @@
 //!
 //! Root/netns required: skipped with a message unless CAUSEWAY_PRIVILEGED_TESTS=1, which makes them fail instead.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use causeway_datapath::bpf::loader;
 use causeway_datapath::wireguard::{
     delete_interface, uapi, uapi_socket, BackendPreference, NodeRecord, PrivateKey, PublicKey, Tunnel, TunnelConfig,
 };
 use causeway_store::validate::RemoteEntry;
-use causeway_store::{ClusterId, ClusterName, MaxConnectedClusters, Node, NodeAddress, RemoteContext};
+use causeway_store::{ClusterId, ClusterName, MaxConnectedClusters, RemoteContext};
 use causeway_testsupport::netns::{self, unique_ifname, Netns, NftCounters, TwoNodes};
 use identity_sync::core::{CoreConfig, MergedView};
 use identity_sync::stream::{MeshViewHub, StreamConfig, StreamMetrics};
+use mesh_agent_support::{wait_ready, AgentDirs, AgentProcess, SocketFile};
+
+mod mesh_agent_support;
 
 const WG_PORT: u16 = 51871;
 const WEST: &str = "west";
@@ -58,63 +58,25 @@ fn expected(offset: u64, len: usize) -> Vec<u8> {
 
 // ------------------------------------------------------------------ node state and the agent process
 
-/// A node's pin directory and `--state-dir`, removed on drop (programs detached, maps unpinned), even on panic.
-struct NodeState {
-    pin_dir: PathBuf,
-    state_dir: PathBuf,
+/// A node's agent directories, with its WireGuard key written where the agent reads it (so its public key can be
+/// published first).
+fn dirs_with_key(tag: &str) -> Result<(AgentDirs, PrivateKey)> {
+    let dirs = AgentDirs::new(&format!("cw-wgrestart-{tag}"))?;
+    let key = PrivateKey::generate();
+    std::fs::write(dirs.state_dir.join("wireguard.key"), key.to_base64())?;
+    Ok((dirs, key))
 }
-
-impl NodeState {
-    fn new(tag: &str) -> Result<NodeState> {
-        let name = netns::unique_name(&format!("cw-wgrestart-{tag}"));
-        let st = NodeState {
-            pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
-            state_dir: std::env::temp_dir().join(format!("{name}.state")),
-        };
-        std::fs::create_dir_all(&st.state_dir)?;
-        Ok(st)
-    }
-
-    /// Writes the node's WireGuard key where the agent reads it (so its public key can be published first).
-    fn with_key(self) -> Result<(NodeState, PrivateKey)> {
-        let key = PrivateKey::generate();
-        std::fs::write(self.state_dir.join("wireguard.key"), key.to_base64())?;
-        Ok((self, key))
-    }
-}
-
-impl Drop for NodeState {
-    fn drop(&mut self) {
-        if let Err(e) = loader::uninstall(&self.pin_dir) {
-            eprintln!("cleanup of {}: {e}", self.pin_dir.display());
-        }
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
-}
-
-/// A UAPI socket file a killed boringtun leaves behind, removed on drop (the interface goes with its netns).
-struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// One `causeway-node-agent` process inside a node's network namespace (nsenter --net execs it: same pid).
-/// SIGTERM and reaped on drop (unless already killed and reaped: its pid may belong to someone else by then).
-struct Agent(Option<Child>);
 
 struct TestNode<'a> {
     ns: &'a Netns,
     ip: &'static str,
-    st: NodeState,
+    st: AgentDirs,
     wg: String,
     key: PrivateKey,
 }
 
 impl TestNode<'_> {
-    fn start(&self, hub_addr: &str) -> Result<Agent> {
+    fn start(&self, hub_addr: &str) -> Result<AgentProcess> {
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.ns.path().display()))
             .arg(env!("CARGO_BIN_EXE_causeway-node-agent"))
@@ -129,28 +91,12 @@ impl TestNode<'_> {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        Ok(Agent(Some(child)))
+        Ok(AgentProcess::new(child))
     }
 
     /// `/readyz` answers 200 (streams synced, datapath reconciled).
     fn wait_ready(&self) -> Result<()> {
-        let addr: SocketAddr = format!("{}:9964", self.ip).parse()?;
-        let ready = || {
-            self.ns
-                .run_in(move || -> Option<()> {
-                    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-                    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-                    s.write_all(b"GET /readyz HTTP/1.0\r\nHost: agent\r\n\r\n").ok()?;
-                    let mut out = String::new();
-                    s.read_to_string(&mut out).ok()?;
-                    (out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200")).then_some(())
-                })
-                .ok()
-                .flatten()
-                .is_some()
-        };
-        ensure!(netns::wait_for(Duration::from_secs(120), ready), "the agent in {} never became ready", self.ns.name());
-        Ok(())
+        wait_ready(self.ns, format!("{}:9964", self.ip).parse()?)
     }
 
     /// `N: name: …` of the WireGuard interface: its ifindex, which only changes if the device was recreated.
@@ -166,44 +112,8 @@ impl TestNode<'_> {
     }
 }
 
-impl Agent {
-    fn sigkill(&mut self) -> Result<()> {
-        if let Some(mut child) = self.0.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let Some(mut child) = self.0.take() else { return };
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        if !netns::wait_for(Duration::from_secs(5), || matches!(child.try_wait(), Ok(Some(_)))) {
-            let _ = child.kill();
-        }
-        let _ = child.wait();
-    }
-}
-
 fn node_record(name: &str, ip: &str, cidr: &str, key: &PrivateKey) -> Result<RemoteEntry> {
-    Ok(RemoteEntry::Node(Node {
-        name: name.into(),
-        cluster: WEST.into(),
-        addresses: vec![NodeAddress { kind: "InternalIP".into(), ip: ip.parse()? }],
-        ipv4_alloc_cidr: Some(cidr.parse()?),
-        ipv6_alloc_cidr: None,
-        ipv4_health_ip: None,
-        ipv4_ingress_ip: None,
-        cluster_id: 2,
-        source: "custom-resource".into(),
-        encryption_key: 0,
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        wireguard_pub_key: key.public_key().to_base64(),
-        boot_id: String::new(),
-    }))
+    mesh_agent_support::node_record(WEST, name, ip, cidr, &key.public_key().to_base64())
 }
 
 /// identity-sync's hub holding both nodes' records (each agent skips the record carrying its own IP).
@@ -310,8 +220,8 @@ fn wireguard_flow_survives_agent_sigkill_and_restart_and_uninstall_deletes_the_d
         return Ok(());
     }
     let t = TwoNodes::new()?;
-    let (st_a, key_a) = NodeState::new("a")?.with_key()?;
-    let (st_b, key_b) = NodeState::new("b")?.with_key()?;
+    let (st_a, key_a) = dirs_with_key("a")?;
+    let (st_b, key_b) = dirs_with_key("b")?;
     let a = TestNode { ns: &t.node_a, ip: TwoNodes::NODE_A_IP, st: st_a, wg: unique_ifname("cwwg"), key: key_a };
     let b = TestNode { ns: &t.node_b, ip: TwoNodes::NODE_B_IP, st: st_b, wg: unique_ifname("cwwg"), key: key_b };
     let _sockets = [SocketFile(uapi_socket(&a.wg)), SocketFile(uapi_socket(&b.wg))];

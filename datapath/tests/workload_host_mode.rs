@@ -20,18 +20,19 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use causeway_datapath::bpf::loader;
 use causeway_datapath::wireguard::{keyfile, uapi_socket, PrivateKey};
 use causeway_store::validate::RemoteEntry;
-use causeway_store::{ClusterId, ClusterName, MaxConnectedClusters, Node, NodeAddress, RemoteContext};
+use causeway_store::{ClusterId, ClusterName, MaxConnectedClusters, RemoteContext};
 use causeway_testsupport::netns::{self, unique_ifname, Netns, WireguardGo};
 use identity_sync::core::{CoreConfig, MergedView};
 use identity_sync::stream::{MeshViewHub, StreamConfig, StreamMetrics};
+use mesh_agent_support::{wait_ready, AgentDirs, AgentProcess, SocketFile};
+
+mod mesh_agent_support;
 
 const HOME: &str = "east";
 const WG_PORT: u16 = 51871;
@@ -45,69 +46,9 @@ const POD_IP: &str = "10.244.1.2";
 const SERVICE_CIDR: &str = "10.96.0.0/16";
 const SERVICE_IP: &str = "10.96.0.10";
 
-/// The host's pin directory and state directory, removed on drop (programs detached, maps unpinned).
-struct HostState {
-    pin_dir: PathBuf,
-    state_dir: PathBuf,
-}
-
-impl HostState {
-    fn new() -> Result<HostState> {
-        let name = netns::unique_name("cw-hostmode");
-        let st = HostState {
-            pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
-            state_dir: std::env::temp_dir().join(format!("{name}.state")),
-        };
-        std::fs::create_dir_all(&st.state_dir)?;
-        Ok(st)
-    }
-}
-
-impl Drop for HostState {
-    fn drop(&mut self) {
-        if let Err(e) = loader::uninstall(&self.pin_dir) {
-            eprintln!("cleanup of {}: {e}", self.pin_dir.display());
-        }
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
-}
-
-/// A UAPI socket a killed boringtun leaves behind, removed on drop.
-struct SocketFile(PathBuf);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// The agent process (nsenter --net execs it: same pid); SIGTERMed and reaped on drop.
-struct Agent(Option<Child>);
-
-impl Agent {
-    fn sigkill(&mut self) -> Result<()> {
-        if let Some(mut c) = self.0.take() {
-            c.kill()?;
-            c.wait()?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let Some(mut child) = self.0.take() else { return };
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        if !netns::wait_for(Duration::from_secs(5), || matches!(child.try_wait(), Ok(Some(_)))) {
-            let _ = child.kill();
-        }
-        let _ = child.wait();
-    }
-}
-
 struct Host<'a> {
     ns: &'a Netns,
-    st: HostState,
+    st: AgentDirs,
     wg: String,
     hub_addr: String,
     metrics: SocketAddr,
@@ -115,7 +56,7 @@ struct Host<'a> {
 
 impl Host<'_> {
     /// The host-mode command line: no pod or external interface.
-    fn start(&self) -> Result<Agent> {
+    fn start(&self) -> Result<AgentProcess> {
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.ns.path().display()))
             .arg(env!("CARGO_BIN_EXE_causeway-node-agent"))
@@ -132,27 +73,11 @@ impl Host<'_> {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;
-        Ok(Agent(Some(child)))
+        Ok(AgentProcess::new(child))
     }
 
     fn wait_ready(&self) -> Result<()> {
-        let addr = self.metrics;
-        let ready = || {
-            self.ns
-                .run_in(move || -> Option<()> {
-                    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-                    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-                    s.write_all(b"GET /readyz HTTP/1.0\r\nHost: agent\r\n\r\n").ok()?;
-                    let mut out = String::new();
-                    s.read_to_string(&mut out).ok()?;
-                    (out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200")).then_some(())
-                })
-                .ok()
-                .flatten()
-                .is_some()
-        };
-        ensure!(netns::wait_for(Duration::from_secs(120), ready), "the host's agent never became ready");
-        Ok(())
+        wait_ready(self.ns, self.metrics)
     }
 
     fn sh(&self, cmd: &str) -> Result<String> {
@@ -182,22 +107,7 @@ impl Host<'_> {
 }
 
 fn node_record(name: &str, ip: &str, cidr: &str, key: &str) -> Result<RemoteEntry> {
-    Ok(RemoteEntry::Node(Node {
-        name: name.into(),
-        cluster: HOME.into(),
-        addresses: vec![NodeAddress { kind: "InternalIP".into(), ip: ip.parse()? }],
-        ipv4_alloc_cidr: Some(cidr.parse()?),
-        ipv6_alloc_cidr: None,
-        ipv4_health_ip: None,
-        ipv4_ingress_ip: None,
-        cluster_id: 2,
-        source: "custom-resource".into(),
-        encryption_key: 0,
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        wireguard_pub_key: key.into(),
-        boot_id: String::new(),
-    }))
+    mesh_agent_support::node_record(HOME, name, ip, cidr, key)
 }
 
 /// A TCP listener at `ip:0` inside `ns`; returns its address and a thread answering with the peer address it saw.
@@ -245,7 +155,7 @@ fn host_mode_puts_the_mesh_address_on_the_tunnel_and_routes_service_cidrs_to_one
 
     // The host's key exists before the agent runs (`register` created it); the node configures it as a peer the
     // way a cluster agent does from the host's exported node record.
-    let st = HostState::new()?;
+    let st = AgentDirs::new("cw-hostmode")?;
     let host_key = keyfile::load_or_create(&st.state_dir.join(keyfile::KEY_FILE))?.public_key().to_base64();
     let node_wg = WireguardGo::start(&node, &unique_ifname("hmwg"), WG_PORT)?;
     node_wg.set_peer(&host_key, &format!("{HOST_IP}:{WG_PORT}"), &[HOST_CIDR, &format!("{HOST_IP}/32")])?;
