@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the system packages Causeway's sandbox and tests use. Idempotent; needs root (or sudo) for apt-get.
-# Packages: etcd (server + etcdctl), protoc (etcd-client and causeway-api build scripts), clang + libbpf headers
+# Packages: etcd (server + etcdctl), protoc and the well-known .proto files it imports (etcd-client and
+# causeway-api build scripts; libprotobuf-dev is only a Recommends of protobuf-compiler), clang + libbpf headers
 # (eBPF programs), bpftool, iproute2/nftables/iptables (network namespaces), wireguard-go + wg (interop peer),
 # and traffic tools for the e2e tests.
 set -euo pipefail
 
-PKGS=(etcd-server etcd-client protobuf-compiler clang-19 libbpf-dev bpftool iproute2 nftables iptables
+PKGS=(etcd-server etcd-client protobuf-compiler libprotobuf-dev clang-19 libbpf-dev bpftool iproute2 nftables iptables
       wireguard-tools wireguard-go iperf3 iputils-ping curl socat dnsmasq-base)
 
 missing=()
@@ -52,3 +53,5 @@ fi
 for bin in etcd protoc helm; do
   command -v "$bin" >/dev/null || { echo "error: $bin not found after install" >&2; exit 1; }
 done
+[ -f /usr/include/google/protobuf/descriptor.proto ] \
+  || { echo "error: google/protobuf/descriptor.proto not found after install (libprotobuf-dev)" >&2; exit 1; }
