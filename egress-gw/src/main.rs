@@ -1,6 +1,11 @@
 //! `egress-gw`: the egress gateway controller. Watches EgressGatewayPolicies, Pods, Namespaces and Nodes, probes
 //! candidate gateways over UDP, selects gateways, serves the assignments to node agents over gRPC
 //! (`causeway.v1.EgressAssignments`), and writes each policy's status and Events.
+//!
+//! With `--leader-elect` several replicas run: the one holding the `causeway-egress-gw` Lease does all of the above;
+//! the others only serve /metrics and /healthz, answer /readyz with "standby" (so the Service sends agents to the
+//! leader), and start the controller when they win the Lease. A leader that loses the Lease exits to be restarted
+//! as a standby: two replicas must never both probe, select and stream.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,6 +18,7 @@ use causeway_egress_gw::kube::{spawn_watchers, Controller, Input};
 use causeway_egress_gw::metrics::Metrics;
 use causeway_egress_gw::probe::{self, ProbeConfig, ProbeMetrics};
 use causeway_egress_gw::server::{self, AssignmentHub, StreamConfig, StreamMetrics};
+use causeway_leader::{LeaderArgs, LeaderMetrics, Leadership, Role};
 use causeway_runtime::{Health, LogFormat};
 use clap::Parser;
 use ipnet::IpNet;
@@ -60,7 +66,12 @@ struct Args {
     /// A gateway without probe reports for this long is dropped.
     #[arg(long, env = "CAUSEWAY_EGRESS_STALE_AFTER", default_value = "600ms", value_parser = humantime::parse_duration)]
     stale_after: Duration,
+    #[command(flatten)]
+    leader: LeaderArgs,
 }
+
+/// The Lease egress-gw replicas elect their leader with, unless --leader-elect-lease-name says otherwise.
+const LEASE_NAME: &str = "causeway-egress-gw";
 
 fn parse_mesh_cidr(s: &str) -> Result<(String, IpNet), String> {
     let (cluster, cidr) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected cluster=cidr"))?;
@@ -81,19 +92,72 @@ async fn main() -> Result<()> {
         None => kube::Config::infer().await.context("no kubeconfig and not running in a cluster")?,
     };
     let client = kube::Client::try_from(config)?;
+    let lease = args.leader.config(LEASE_NAME)?;
 
     let health = Health::new();
     let metrics = Metrics::default();
     let stream_metrics = StreamMetrics::default();
     let probe_metrics = ProbeMetrics::default();
+    let leader_metrics = LeaderMetrics::default();
     health.with_registry(|r| {
         metrics.register(r);
         stream_metrics.register(r);
         probe_metrics.register(r);
+        if lease.is_some() {
+            leader_metrics.register(r);
+        }
     });
     let bound = causeway_runtime::serve(args.metrics_addr, health.router()).await?;
     info!(%bound, "serving /metrics, /healthz, /readyz");
 
+    let leadership = match lease {
+        Some(cfg) => {
+            health.set_not_ready(format!("standby: waiting for the leader Lease {}/{}", cfg.namespace, cfg.name));
+            info!(lease = %format!("{}/{}", cfg.namespace, cfg.name), identity = %cfg.identity, "leader election on");
+            let leadership = Leadership::spawn(client.clone(), cfg, leader_metrics)?;
+            let mut roles = leadership.subscribe();
+            let standby = async {
+                loop {
+                    if let Role::Follower { holder: Some(holder) } = &*roles.borrow_and_update() {
+                        health.set_not_ready(format!("standby: {holder} leads"));
+                    }
+                    if roles.changed().await.is_err() {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                () = leadership.leading() => {}
+                () = standby => anyhow::bail!("leader election ended"),
+                () = shutdown_signal() => {
+                    info!("shutting down as a standby");
+                    return Ok(());
+                }
+            }
+            info!("leading: starting the controller");
+            Some(leadership)
+        }
+        None => None,
+    };
+    let result = run(args, client, health, metrics, stream_metrics, probe_metrics, leadership.as_ref()).await;
+    // Give the Lease up on the way out (clean shutdown or failure) so that a standby takes over at once.
+    if let Some(l) = leadership {
+        l.release().await;
+    }
+    result
+}
+
+/// The controller proper: watchers, prober, gRPC server. Returns on SIGTERM (Ok), or with an error when a part
+/// ended or the leader Lease was lost.
+async fn run(
+    args: Args,
+    client: kube::Client,
+    health: Health,
+    metrics: Metrics,
+    stream_metrics: StreamMetrics,
+    probe_metrics: ProbeMetrics,
+    leadership: Option<&Leadership>,
+) -> Result<()> {
     let mut mesh: BTreeMap<String, Vec<IpNet>> = BTreeMap::new();
     for (cluster, cidr) in &args.mesh_pod_cidrs {
         mesh.entry(cluster.clone()).or_default().push(*cidr);
@@ -129,10 +193,38 @@ async fn main() -> Result<()> {
     let probe_cfg = ProbeConfig { port: args.probe_port, interval: args.probe_interval };
     let mut prober = tokio::spawn(probe::run(probe_cfg, controller.probe_targets(), tx.clone(), probe_metrics));
     let _watchers = spawn_watchers(client, tx);
+    let lost = async {
+        match leadership {
+            Some(l) => l.lost().await,
+            None => std::future::pending().await,
+        }
+    };
     // Any part ending means the process can no longer do its job; exit so that it gets restarted.
     tokio::select! {
         () = controller.run(rx) => anyhow::bail!("controller input closed"),
         r = &mut grpc => anyhow::bail!("gRPC server ended: {:?}", r.map(|r| r.map_err(|e| e.to_string()))),
         r = &mut prober => anyhow::bail!("prober ended: {:?}", r.map(|r| r.map_err(|e| e.to_string()))),
+        () = lost => anyhow::bail!("lost the leader Lease (could not renew it in time, or another replica took it); \
+                                    exiting to restart as a standby"),
+        () = shutdown_signal() => {
+            info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+/// SIGTERM (how Kubernetes stops a pod) or ctrl-c.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
     }
 }

@@ -75,7 +75,8 @@ fn run(args: Args) -> Result<ExitCode> {
         "cable cut of the active gateway -> pod's UDP stream seen from the other gateway's egress IP",
         &Common { enforce: args.enforce, runs: args.trials },
     );
-    let mut c = EgressCluster::start(Options { hold_down: Duration::from_millis(args.hold_down_ms) })?;
+    let mut c =
+        EgressCluster::start(Options { hold_down: Duration::from_millis(args.hold_down_ms), ..Options::default() })?;
     let sink = UdpSink::start(&c.topo.server, SocketAddr::from((LEGACY_SERVER, UDP_PORT)))?;
     let pod = c.add_pod(WORKER, "billing-1", BILLING)?;
     c.create_policy("billing", billing_policy(json!({}), None))?;

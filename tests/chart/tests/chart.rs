@@ -201,6 +201,8 @@ fn container_env(c: &Container, config: &BTreeMap<String, String>) -> Result<BTr
         let value = match (&e.value, field, key) {
             (Some(v), _, _) => v.clone(),
             (None, Some(f), _) if f.field_path == "spec.nodeName" => "node-a".to_string(),
+            (None, Some(f), _) if f.field_path == "metadata.name" => "causeway-pod-0".to_string(),
+            (None, Some(f), _) if f.field_path == "metadata.namespace" => NS.to_string(),
             (None, Some(f), _) if f.field_path == "status.hostIP" || f.field_path == "status.podIP" => {
                 "10.0.0.7".to_string()
             }
@@ -395,6 +397,51 @@ fn set(items: &[(&str, &str, &[&str])]) -> BTreeSet<(String, String, String)> {
 fn cluster_role(ms: &[Manifest], name: &str) -> Result<BTreeSet<(String, String, String)>> {
     let role: ClusterRole = typed(one(ms, "ClusterRole", name)?)?;
     Ok(grants(role.rules.as_deref().unwrap_or_default()))
+}
+
+/// Components that run replicas with leader election (`causeway-leader`): each gets create on leases and get/update
+/// on its own Lease only, in the release namespace; its Deployment passes `--leader-elect` and the pod's namespace.
+const LEADER_ELECTED: &[(&str, &str, &str)] = &[("egress-gw", "causeway-egress-gw", "causeway-egress-gw")];
+
+#[test]
+fn leader_elected_components_may_touch_only_their_own_lease() -> Result<()> {
+    let ms = render(MINIMAL)?;
+    for (deployment, sa, lease) in LEADER_ELECTED {
+        let role_name = format!("{sa}-leader");
+        let role: Role = typed(one(&ms, "Role", &role_name)?)?;
+        assert_eq!(role.metadata.namespace.as_deref(), Some(NS), "{role_name}");
+        let lg = "coordination.k8s.io".to_string();
+        let want: BTreeSet<(String, String, String, String)> = [
+            (lg.clone(), "leases".to_string(), "create".to_string(), "*".to_string()),
+            (lg.clone(), "leases".to_string(), "get".to_string(), lease.to_string()),
+            (lg, "leases".to_string(), "update".to_string(), lease.to_string()),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(named_grants(role.rules.as_deref().unwrap_or_default()), want, "{role_name}");
+        let b: RoleBinding = typed(one(&ms, "RoleBinding", &role_name)?)?;
+        let subjects = b.subjects.unwrap_or_default();
+        assert_eq!(
+            (b.role_ref.name.as_str(), subjects.len(), subjects.first().map(|s| s.name.as_str())),
+            (role_name.as_str(), 1, Some(*sa))
+        );
+        let spec = pod_spec(&ms, "Deployment", deployment)?;
+        let c = container(&spec, deployment)?;
+        assert!(c.args.iter().flatten().any(|a| a == "--leader-elect"), "{deployment} runs without --leader-elect");
+        let env = c.env.clone().unwrap_or_default();
+        for var in ["POD_NAMESPACE", "POD_NAME"] {
+            assert!(
+                env.iter().any(|e| e.name == var && e.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).is_some()),
+                "{deployment}: {var} from the downward API"
+            );
+        }
+        assert_eq!(
+            arg_value(c, "--leader-elect-lease-name"),
+            None,
+            "the binary's default Lease name is the one RBAC names"
+        );
+    }
+    Ok(())
 }
 
 #[test]
@@ -1007,7 +1054,9 @@ fn helm_lint_strict_passes_and_catches_a_broken_template() -> Result<()> {
     copy_dir(&chart, &broken)?;
     let template = broken.join("templates/egress-gw.yaml");
     let text = std::fs::read_to_string(&template)?;
-    std::fs::write(&template, text.replacen("  replicas: 1", "  replicas: [1", 1))?;
+    let broken_text = text.replacen("  replicas: {{", "  replicas: [{{", 1);
+    assert_ne!(broken_text, text, "the template to break has no `replicas:` line");
+    std::fs::write(&template, broken_text)?;
     let err = causeway_chart_tests::helm_lint(&broken, MINIMAL, NS).expect_err("lint accepted a broken template");
     assert!(format!("{err:#}").contains("egress-gw.yaml"), "{err:#}");
     Ok(())

@@ -46,13 +46,23 @@ pub const SOON: Duration = Duration::from_secs(60);
 pub struct Options {
     /// egress-gw `--hold-down`: how long a gateway that failed must pass probes before it is used again.
     pub hold_down: Duration,
+    /// egress-gw replicas. With more than one they run with `--leader-elect` (short Lease timings, see
+    /// [`LEASE_DURATION`]) and POD_NAME `egress-gw-<i>`, all on the same gRPC address: only the leader binds it, as
+    /// only the ready (leading) pod is behind the egress-gw Service in a cluster.
+    pub egress_gw_replicas: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { hold_down: Duration::from_secs(5) }
+        Options { hold_down: Duration::from_secs(5), egress_gw_replicas: 1 }
     }
 }
+
+/// The leader Lease's duration with several egress-gw replicas: a standby takes over this long after the leader
+/// stopped renewing.
+pub const LEASE_DURATION: Duration = Duration::from_secs(2);
+/// The leader Lease egress-gw replicas elect with (in the `default` namespace).
+pub const EGRESS_GW_LEASE: &str = "causeway-egress-gw";
 
 /// Tests in one binary share two cores: they run one at a time (each starts four processes and a dozen namespaces).
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -64,7 +74,7 @@ pub struct EgressCluster {
     // Field order is drop order: processes first (before the namespaces they run in and the pins they leave), then
     // the kube API forwarders, the network, the kube API, the runtime, the log directory.
     agents: Vec<Option<Proc>>,
-    egress_gw: Option<Proc>,
+    egress_gw: Vec<Option<Proc>>,
     pods: Vec<Pod>,
     forwarders: Vec<tokio::task::JoinHandle<()>>,
     pub topo: Topology,
@@ -93,7 +103,7 @@ impl EgressCluster {
         };
         let mut cluster = EgressCluster {
             agents: Vec::new(),
-            egress_gw: None,
+            egress_gw: Vec::new(),
             pods: Vec::new(),
             forwarders: Vec::new(),
             topo,
@@ -106,7 +116,10 @@ impl EgressCluster {
         };
         cluster.forward_kube_api()?;
         cluster.create_kube_objects()?;
-        cluster.start_egress_gw()?;
+        for i in 0..cluster.options.egress_gw_replicas.max(1) {
+            cluster.egress_gw.push(None);
+            cluster.start_egress_gw(i)?;
+        }
         for i in 0..cluster.topo.nodes.len() {
             cluster.agents.push(None);
             cluster.start_agent(i)?;
@@ -190,27 +203,107 @@ impl EgressCluster {
         self.dir.path().join(format!("{name}.log"))
     }
 
-    fn start_egress_gw(&mut self) -> Result<()> {
+    /// Starts (or restarts) egress-gw replica `i`; waits until it answers /healthz (a standby is healthy too).
+    pub fn start_egress_gw(&mut self, i: usize) -> Result<()> {
         let bin = binary("egress-gw")?;
-        let args = vec![
+        let replicas = self.options.egress_gw_replicas.max(1);
+        let mut args = vec![
             format!("--net={}", self.topo.ctl.path().display()),
+            "env".to_string(),
+            format!("POD_NAME=egress-gw-{i}"),
             bin.to_string_lossy().into_owned(),
             format!("--kubeconfig={}", self.kubeconfig.display()),
-            format!("--metrics-addr={CONTROL_IP}:{EGRESS_GW_METRICS_PORT}"),
+            format!("--metrics-addr={}", self.egress_gw_metrics(i)),
             format!("--grpc-addr={CONTROL_IP}:{GRPC_PORT}"),
             format!("--probe-port={PROBE_PORT}"),
             format!("--pod-cidrs={POD_SUPERNET}"),
             format!("--hold-down={}ms", self.options.hold_down.as_millis()),
         ];
-        let proc = Proc::spawn("egress-gw", Path::new("nsenter"), &args, &self.log("egress-gw"))?;
-        self.egress_gw = Some(proc);
-        let ok = netns::wait_for(SOON, || {
-            http_get(&self.topo.ctl, SocketAddr::from((CONTROL_IP, EGRESS_GW_METRICS_PORT)), "/healthz").is_some()
-        });
+        if replicas > 1 {
+            args.extend([
+                "--leader-elect".to_string(),
+                "--leader-elect-namespace=default".to_string(),
+                format!("--leader-elect-lease-duration={}ms", LEASE_DURATION.as_millis()),
+                format!("--leader-elect-renew-deadline={}ms", LEASE_DURATION.as_millis() * 3 / 4),
+                "--leader-elect-retry-period=200ms".to_string(),
+            ]);
+        }
+        let name = self.egress_gw_name(i);
+        let proc = Proc::spawn(&name, Path::new("nsenter"), &args, &self.log(&name))?;
+        match self.egress_gw.get_mut(i) {
+            Some(slot) => *slot = Some(proc),
+            None => bail!("no egress-gw replica {i}"),
+        }
+        let metrics = self.egress_gw_metrics(i);
+        let ok = netns::wait_for(SOON, || http_get(&self.topo.ctl, metrics, "/healthz").is_some());
         if !ok {
-            bail!("egress-gw never answered /healthz:\n{}", self.egress_gw_log(40));
+            bail!("{name} never answered /healthz:\n{}", tail(&self.log(&name), 40));
         }
         Ok(())
+    }
+
+    fn egress_gw_name(&self, i: usize) -> String {
+        if i == 0 {
+            "egress-gw".to_string()
+        } else {
+            format!("egress-gw-{i}")
+        }
+    }
+
+    fn egress_gw_metrics(&self, i: usize) -> SocketAddr {
+        let port = u16::try_from(i).ok().and_then(|i| EGRESS_GW_METRICS_PORT.checked_add(i * 100));
+        SocketAddr::from((CONTROL_IP, port.unwrap_or(EGRESS_GW_METRICS_PORT)))
+    }
+
+    /// Whether egress-gw replica `i` answers /readyz with 200 (with leader election: it leads and has synced), and
+    /// the body either way (a standby says why it is not ready).
+    pub fn egress_gw_readyz(&self, i: usize) -> (bool, String) {
+        let addr = self.egress_gw_metrics(i);
+        let out = self
+            .topo
+            .ctl
+            .run_in(move || -> Option<String> {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                s.write_all(b"GET /readyz HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).ok()?;
+                Some(out)
+            })
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        (out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"), out)
+    }
+
+    /// Replica `i`'s `/metrics` text (empty if it does not answer).
+    pub fn egress_gw_metrics_text(&self, i: usize) -> String {
+        http_get(&self.topo.ctl, self.egress_gw_metrics(i), "/metrics").unwrap_or_default()
+    }
+
+    /// Who holds the egress-gw leader Lease now (the POD_NAME part of the holder identity).
+    pub fn egress_gw_lease_holder(&self) -> Result<Option<String>> {
+        let api = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(self.kube.clone(), "default");
+        let lease = self.rt.block_on(api.get_opt(EGRESS_GW_LEASE))?;
+        let holder = lease.and_then(|l| l.spec).and_then(|s| s.holder_identity).filter(|h| !h.is_empty());
+        Ok(holder.map(|h| h.rsplit_once('_').map_or(h.clone(), |(pod, _)| pod.to_string())))
+    }
+
+    /// SIGKILLs egress-gw replica `i` (no chance to give the Lease up).
+    pub fn kill_egress_gw(&mut self, i: usize) {
+        if let Some(mut p) = self.egress_gw.get_mut(i).and_then(Option::take) {
+            p.kill();
+        }
+    }
+
+    /// SIGTERMs egress-gw replica `i` and returns its exit status (None: it did not exit within 10 s and was killed).
+    pub fn terminate_egress_gw(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.egress_gw.get_mut(i).and_then(Option::take).and_then(|mut p| p.terminate(Duration::from_secs(10)))
+    }
+
+    /// The last `lines` lines of egress-gw replica `i`'s log.
+    pub fn egress_gw_replica_log(&self, i: usize, lines: usize) -> String {
+        tail(&self.log(&self.egress_gw_name(i)), lines)
     }
 
     /// Starts (or restarts) node `i`'s agent.

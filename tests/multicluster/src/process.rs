@@ -75,6 +75,23 @@ impl Proc {
         }
     }
 
+    /// SIGTERM (how Kubernetes stops a pod), then waits up to `grace` for the exit; SIGKILLs if it did not exit by
+    /// then. Returns the exit status of a process that exited on its own.
+    pub fn terminate(&mut self, grace: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
+
     /// The last `lines` lines of the log.
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.log, lines)
