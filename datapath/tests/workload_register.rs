@@ -5,7 +5,9 @@
 //!   both, then writes the EnvironmentFile with the response's values, and the key it sent is the public half of
 //!   the state directory's `wireguard.key` (the file the agent uses; a second run reuses it);
 //! - NOT_FOUND ends it at once (one call) with the server's message and no file;
-//! - a server certificate that does not carry the expected name is never accepted.
+//! - a server certificate that does not carry the expected name is never accepted, and the command ends at once
+//!   (a 10-minute retry budget) saying which name it wanted and what to do; so does a server certificate from
+//!   another CA, and a client certificate the server does not trust.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -227,19 +229,49 @@ async fn register_fails_at_once_on_not_found_with_the_servers_message() -> Resul
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_certificate_without_the_apiserver_name_is_refused() -> Result<()> {
-    let f = Fixture::new()?;
+/// Runs `register` with a 10-minute retry budget against `server`; only ending at once (a final TLS error) finishes
+/// within the wait. Returns stderr; checks that it failed, no request got through and no env file was written.
+async fn refused_at_once(f: &Fixture, server: &IssuedCert) -> Result<String> {
     let addr = free_addr()?;
     let seen = Arc::new(Mutex::new(Vec::new()));
-    // Signed by the right CA, but for another name: the client must not talk to it.
-    let server = f.server_cert(&["etcd.example"])?;
-    serve(addr, &server, Scripted { unavailable: 0, last: Ok(response()), seen: seen.clone() }).await?;
-    let out = finish(f.register(addr, "3s").spawn()?, Duration::from_secs(60)).await?;
+    serve(addr, server, Scripted { unavailable: 0, last: Ok(response()), seen: seen.clone() }).await?;
+    let out = finish(f.register(addr, "10m").spawn()?, Duration::from_secs(60)).await?;
     let stderr = text(&out.stderr);
     ensure!(!out.status.success(), "must not register: {stderr}");
-    ensure!(stderr.to_lowercase().contains("certificate"), "the TLS failure is named: {stderr}");
-    assert!(seen.lock().unwrap_or_else(|e| e.into_inner()).is_empty(), "no request reached the server");
+    ensure!(stderr.contains("TLS with the apiserver"), "the TLS failure is named: {stderr}");
+    assert!(seen.lock().unwrap_or_else(|e| e.into_inner()).is_empty(), "no request reached the service");
     ensure!(!f.out().exists(), "no env file");
+    ensure!(!stderr.contains("retrying"), "a certificate problem is not retried: {stderr}");
+    Ok(stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_certificate_without_the_apiserver_name_is_refused_at_once() -> Result<()> {
+    let f = Fixture::new()?;
+    // Signed by the right CA, but for another name: the client must not talk to it.
+    let stderr = refused_at_once(&f, &f.server_cert(&["etcd.example"])?).await?;
+    ensure!(stderr.contains("\"clustermesh-apiserver\"") && stderr.contains("--server-name"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_certificate_from_another_ca_is_refused_at_once() -> Result<()> {
+    let f = Fixture::new()?;
+    let other = CertificateAuthority::generate("causeway-west-ca")?;
+    let names = ServerNames { dns: vec!["clustermesh-apiserver".into()], ips: Vec::new() };
+    let stderr = refused_at_once(&f, &other.issue_server("clustermesh-apiserver", &names)?).await?;
+    ensure!(stderr.contains("not signed by the CA in --ca"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_the_server_does_not_trust_is_refused_at_once() -> Result<()> {
+    let f = Fixture::new()?;
+    // The host's certificate is from the fixture's CA; this server trusts only another CA's clients.
+    let other = CertificateAuthority::generate("causeway-west-ca")?;
+    let mut server = f.server_cert(&["clustermesh-apiserver"])?;
+    server.ca_pem = other.issue_client(users::EXTERNAL_WORKLOAD)?.ca_pem;
+    let stderr = refused_at_once(&f, &server).await?;
+    ensure!(stderr.contains("refused this host's client certificate"), "{stderr}");
     Ok(())
 }

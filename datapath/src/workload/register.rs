@@ -11,7 +11,10 @@
 //! "retry": kube API or allocator trouble) are retried with capped exponential backoff until the timeout; any other
 //! answer (NOT_FOUND: no ExternalWorkload of that name, PERMISSION_DENIED, INVALID_ARGUMENT,
 //! FAILED_PRECONDITION, ALREADY_EXISTS) will not change by retrying and ends the command at once with the server's
-//! message. [`Retry`] makes those decisions without I/O.
+//! message. So does a TLS handshake that failed on a certificate no retry can fix (see [`TlsFailure`]): a server
+//! certificate from another CA or without the expected name, or the server refusing this host's client
+//! certificate. A certificate that is expired or not valid yet is retried (the host's clock may still be syncing).
+//! [`Retry`] makes those decisions without I/O.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
@@ -75,10 +78,105 @@ pub enum RegisterError {
     /// The server answered with a code retrying will not change.
     #[error("the apiserver refused the registration of {name:?} ({code:?}): {message}")]
     Refused { name: String, code: Code, message: String },
+    /// The TLS handshake failed in a way retrying cannot fix.
+    #[error("TLS with the apiserver at {apiserver} failed: {failure}")]
+    Tls { apiserver: String, failure: TlsFailure },
     #[error("no registration within {timeout:?} ({attempts} attempts); last error: {last}")]
     TimedOut { timeout: Duration, attempts: u32, last: String },
     #[error(transparent)]
     Invalid(#[from] InvalidResponse),
+}
+
+/// A TLS handshake failure that will not go away by retrying, with what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsFailure {
+    #[error(
+        "the server certificate is not signed by the CA in --ca ({0}): the CA file is from another cluster, or the \
+         cluster's CA was replaced; fetch the join bundle again (`causeway external-workload install`)"
+    )]
+    UnknownIssuer(String),
+    #[error(
+        "the server certificate does not carry the name {server_name:?} ({detail}): pass --server-name with a DNS \
+         name it carries, or re-issue it with `causeway clustermesh rotate-certs`"
+    )]
+    WrongName { server_name: String, detail: String },
+    #[error(
+        "the server refused this host's client certificate ({0}): it must be the externalworkload certificate \
+         issued by this cluster's CA (`causeway external-workload install` writes it)"
+    )]
+    ClientCertRefused(String),
+    #[error("the server certificate is unusable ({0})")]
+    BadCertificate(String),
+}
+
+impl TlsFailure {
+    /// Classifies a rustls error: `Some` when retrying cannot help.
+    pub fn classify(e: &rustls::Error, server_name: &str) -> Option<TlsFailure> {
+        use rustls::{AlertDescription as A, CertificateError as C};
+        let detail = e.to_string();
+        match e {
+            rustls::Error::InvalidCertificate(c) => match c {
+                C::UnknownIssuer => Some(TlsFailure::UnknownIssuer(detail)),
+                C::NotValidForName | C::NotValidForNameContext { .. } => {
+                    Some(TlsFailure::WrongName { server_name: server_name.to_string(), detail })
+                }
+                // Time: the host's clock may not be set yet at boot. Anything else about the certificate itself
+                // (encoding, signature, purpose, algorithm) will not change.
+                C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. } => None,
+                _ => Some(TlsFailure::BadCertificate(detail)),
+            },
+            rustls::Error::AlertReceived(
+                A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateUnknown
+                | A::CertificateRevoked
+                | A::UnsupportedCertificate
+                | A::AccessDenied
+                | A::CertificateRequired,
+            ) => Some(TlsFailure::ClientCertRefused(detail)),
+            _ => None,
+        }
+    }
+
+    /// A fatal alert known only by its name (rustls's `Debug` of [`rustls::AlertDescription`]).
+    fn from_alert_name(name: &str) -> Option<TlsFailure> {
+        const CLIENT_CERT: &[&str] = &[
+            "BadCertificate",
+            "UnknownCA",
+            "CertificateUnknown",
+            "CertificateRevoked",
+            "UnsupportedCertificate",
+            "AccessDenied",
+            "CertificateRequired",
+        ];
+        CLIENT_CERT
+            .contains(&name.trim())
+            .then(|| TlsFailure::ClientCertRefused(format!("received fatal alert: {}", name.trim())))
+    }
+
+    /// The first rustls error in an error's source chain (tokio-rustls hands it over inside an `io::Error`, whose
+    /// `source()` skips it, so those are opened too), classified.
+    pub fn find(e: &(dyn std::error::Error + 'static), server_name: &str) -> Option<TlsFailure> {
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if let Some(r) = err.downcast_ref::<rustls::Error>() {
+                return TlsFailure::classify(r, server_name);
+            }
+            let inner = err.downcast_ref::<std::io::Error>().and_then(std::io::Error::get_ref);
+            if let Some(r) = inner.and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return TlsFailure::classify(r, server_name);
+            }
+            // An alert read after the handshake (TLS 1.3: the server checks the client certificate after the client
+            // finished) reaches tonic as the rustls error's text only.
+            if let Some(alert) =
+                inner.and_then(|i| i.to_string().strip_prefix("received fatal alert: ").map(str::to_string))
+            {
+                return TlsFailure::from_alert_name(&alert);
+            }
+            cur = err.source();
+        }
+        None
+    }
 }
 
 /// Codes worth another attempt: the server is not there or said "try again". (An attempt that hangs is cut by the
@@ -118,6 +216,7 @@ enum Attempt {
     Done(RegisterResponse),
     Retry(String),
     Fatal(Code, String),
+    Tls(TlsFailure),
 }
 
 /// "outer: inner: innermost" for an error and its sources (tonic's connect errors hide the cause in the chain).
@@ -150,15 +249,25 @@ fn endpoint(cfg: &RegisterConfig) -> Result<Endpoint, RegisterError> {
         .map_err(|e| RegisterError::Config(format!("TLS configuration: {}", chain(&e))))
 }
 
-async fn attempt(ep: &Endpoint, req: &RegisterRequest) -> Attempt {
+async fn attempt(ep: &Endpoint, req: &RegisterRequest, server_name: &str) -> Attempt {
     let channel = match ep.connect().await {
         Ok(c) => c,
-        Err(e) => return Attempt::Retry(format!("connecting: {}", chain(&e))),
+        Err(e) => {
+            return match TlsFailure::find(&e, server_name) {
+                Some(f) => Attempt::Tls(f),
+                None => Attempt::Retry(format!("connecting: {}", chain(&e))),
+            }
+        }
     };
     match WorkloadsClient::new(channel).register(req.clone()).await {
         Ok(r) => Attempt::Done(r.into_inner()),
-        Err(s) if retryable(s.code()) => Attempt::Retry(format!("{:?}: {}", s.code(), s.message())),
-        Err(s) => Attempt::Fatal(s.code(), s.message().to_string()),
+        // A client certificate the server refuses shows up here with TLS 1.3: the handshake completes on the
+        // client's side before the server's alert arrives.
+        Err(s) => match std::error::Error::source(&s).and_then(|src| TlsFailure::find(src, server_name)) {
+            Some(f) => Attempt::Tls(f),
+            None if retryable(s.code()) => Attempt::Retry(format!("{:?}: {}", s.code(), s.message())),
+            None => Attempt::Fatal(s.code(), s.message().to_string()),
+        },
     }
 }
 
@@ -176,7 +285,7 @@ pub async fn register(cfg: &RegisterConfig) -> Result<(RegisterResponse, Registr
     let started = Instant::now();
     let mut retry = Retry::new(cfg.timeout, cfg.backoff_initial, cfg.backoff_max, Backoff::seed_from(&cfg.name));
     loop {
-        let outcome = tokio::time::timeout(cfg.attempt_timeout, attempt(&ep, &req))
+        let outcome = tokio::time::timeout(cfg.attempt_timeout, attempt(&ep, &req, &cfg.server_name))
             .await
             .unwrap_or_else(|_| Attempt::Retry(format!("no answer within {:?}", cfg.attempt_timeout)));
         match outcome {
@@ -188,6 +297,7 @@ pub async fn register(cfg: &RegisterConfig) -> Result<(RegisterResponse, Registr
             Attempt::Fatal(code, message) => {
                 return Err(RegisterError::Refused { name: cfg.name.clone(), code, message });
             }
+            Attempt::Tls(failure) => return Err(RegisterError::Tls { apiserver: cfg.apiserver.clone(), failure }),
             Attempt::Retry(why) => match retry.after_failure(started.elapsed()) {
                 Some(wait) => {
                     warn!(error = %why, retry_in = ?wait, "registration not accepted yet; retrying");
@@ -237,6 +347,33 @@ mod tests {
         assert!(elapsed >= Duration::from_secs(60), "kept trying until the timeout: {elapsed:?}");
         assert!(elapsed <= Duration::from_secs(61), "never slept past the timeout: {elapsed:?}");
         assert_eq!(r.attempts() as usize, waits.len() + 1);
+    }
+
+    #[test]
+    fn certificate_problems_no_retry_can_fix_are_final_and_time_problems_are_retried() {
+        use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+        let final_ = |e: E| TlsFailure::classify(&e, "clustermesh-apiserver");
+        assert!(matches!(final_(E::InvalidCertificate(C::UnknownIssuer)), Some(TlsFailure::UnknownIssuer(_))));
+        let wrong = final_(E::InvalidCertificate(C::NotValidForName));
+        assert!(
+            matches!(&wrong, Some(TlsFailure::WrongName { server_name, .. }) if server_name == "clustermesh-apiserver")
+        );
+        assert!(wrong.map(|w| w.to_string()).unwrap_or_default().contains("--server-name"));
+        assert!(matches!(final_(E::AlertReceived(A::UnknownCA)), Some(TlsFailure::ClientCertRefused(_))));
+        assert!(matches!(final_(E::InvalidCertificate(C::BadSignature)), Some(TlsFailure::BadCertificate(_))));
+        assert_eq!(final_(E::InvalidCertificate(C::Expired)), None, "the clock may be wrong at boot: retried");
+        assert_eq!(final_(E::InvalidCertificate(C::NotValidYet)), None);
+        assert_eq!(final_(E::AlertReceived(A::InternalError)), None);
+        // Found inside an io::Error, as tokio-rustls reports it.
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, E::InvalidCertificate(C::UnknownIssuer));
+        assert!(matches!(TlsFailure::find(&io, "x"), Some(TlsFailure::UnknownIssuer(_))));
+        let text = std::io::Error::new(std::io::ErrorKind::InvalidData, E::AlertReceived(A::UnknownCA).to_string());
+        assert!(matches!(TlsFailure::find(&text, "x"), Some(TlsFailure::ClientCertRefused(_))));
+        let other =
+            std::io::Error::new(std::io::ErrorKind::InvalidData, E::AlertReceived(A::InternalError).to_string());
+        assert_eq!(TlsFailure::find(&other, "x"), None);
+        let plain = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(TlsFailure::find(&plain, "x"), None);
     }
 
     #[test]
