@@ -9,6 +9,9 @@
 //! certificates), which is imported although it carries the local name and ID (see
 //! [`crate::remotes::task::TaskEnv::external_workload`]). The MeshView stream then gives the VM's node agent the home
 //! cluster's nodes, ipcache and identities exactly as a cluster's agents get their remotes'.
+//!
+//! With leader election ([`start_elected`]), every replica imports the remotes and serves the stream as above; only
+//! the EndpointSlice writer waits for this replica to lead (see [`crate::election`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -23,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::core::{CoreConfig, MergedView, ServiceKey};
+use crate::election::Election;
 use crate::kube::services::{self as local_services, LocalChange};
 use crate::kube::slices::{DesiredSlices, SliceKey, SliceWriter};
 use crate::kube::workloads::{self as local_workloads, LocalCluster, WorkloadChange, WorkloadMetrics};
@@ -80,7 +84,13 @@ pub struct Running {
 /// Starts everything in background tasks and returns once the HTTP server is listening. The tasks run until the
 /// runtime shuts down.
 pub async fn start(cfg: AppConfig, kube: kube::Client) -> Result<Running, AppError> {
-    start_inner(cfg, Some(kube)).await
+    start_inner(cfg, Some((kube, None))).await
+}
+
+/// Like [`start`], as one of several replicas: EndpointSlices are written only while `election` says this replica
+/// leads; everything else runs on every replica.
+pub async fn start_elected(cfg: AppConfig, kube: kube::Client, election: Election) -> Result<Running, AppError> {
+    start_inner(cfg, Some((kube, Some(election)))).await
 }
 
 /// External-workload mode (see the module docs): no kube client, no Services, EndpointSlices or ExternalWorkloads;
@@ -89,11 +99,14 @@ pub async fn start_external_workload(cfg: AppConfig) -> Result<Running, AppError
     start_inner(cfg, None).await
 }
 
-async fn start_inner(cfg: AppConfig, kube: Option<kube::Client>) -> Result<Running, AppError> {
+async fn start_inner(cfg: AppConfig, kube: Option<(kube::Client, Option<Election>)>) -> Result<Running, AppError> {
     let name = ClusterName::new_meshed(cfg.cluster_name.clone())?;
     let local_id = ClusterId::new(cfg.cluster_id, cfg.mode)?;
     let health = Health::new();
     let status = Status::new(name.as_str(), local_id.get(), health.clone(), cfg.remote_ready_timeout);
+    if let Some((_, Some(e))) = &kube {
+        status.leader_election(&e.lease, &e.identity);
+    }
     let router = health.router().merge(status.router());
     let metrics_addr = causeway_runtime::serve(cfg.metrics_addr, router).await?;
     let external_workload = kube.is_none();
@@ -114,7 +127,7 @@ async fn start_inner(cfg: AppConfig, kube: Option<kube::Client>) -> Result<Runni
     };
     tokio::spawn(crate::remotes::run(cfg.remotes_dir, cfg.rescan, env, status.clone()));
     let slices_tx = match kube {
-        Some(kube) => {
+        Some((kube, election)) => {
             let (slices_tx, slices_rx) = watch::channel::<DesiredSlices>(Arc::new(BTreeMap::new()));
             tokio::spawn(local_services::run(kube.clone(), local_tx));
             if cfg.watch_external_workloads {
@@ -127,10 +140,31 @@ async fn start_inner(cfg: AppConfig, kube: Option<kube::Client>) -> Result<Runni
                 metrics.register(&health);
                 tokio::spawn(local_workloads::run(kube.clone(), local, metrics, workloads_tx));
             }
-            let writer = SliceWriter::new(kube, status.clone())
-                .with_debounce(cfg.slice_debounce)
-                .with_concurrency(cfg.slice_concurrency);
-            tokio::spawn(writer.run(slices_rx));
+            let (debounce, concurrency) = (cfg.slice_debounce, cfg.slice_concurrency);
+            let writer = {
+                let status = status.clone();
+                move |slices_rx| {
+                    SliceWriter::new(kube.clone(), status.clone())
+                        .with_debounce(debounce)
+                        .with_concurrency(concurrency)
+                        .run(slices_rx)
+                }
+            };
+            match election {
+                None => {
+                    tokio::spawn(writer(slices_rx));
+                }
+                Some(e) => {
+                    info!(cluster = %name, lease = %e.lease, identity = %e.identity, "leader election on: EndpointSlices are written while this replica leads");
+                    // The supervisor keeps `slices_rx`, so the desired set stays current while no writer runs, and
+                    // each new writer starts from the latest one.
+                    let (status, cluster) = (status.clone(), name.to_string());
+                    tokio::spawn(async move {
+                        let start = || writer(slices_rx.clone());
+                        crate::election::supervise(e.roles, status, &cluster, &e.lease, start).await;
+                    });
+                }
+            }
             Some(slices_tx)
         }
         None => {

@@ -14,9 +14,11 @@
 //!
 //! - [`core`]: the sans-IO merged view; plain state machines fed with events and a clock value.
 //! - [`stream`]: the `causeway.v1.MeshView/Watch` tonic server, fed from the core's delta log.
+//! - [`election`]: several replicas; only the Lease holder writes EndpointSlices.
 
 pub mod app;
 pub mod core;
+pub mod election;
 pub mod kube;
 pub mod remotes;
 pub mod status;

@@ -4,16 +4,22 @@
 //! With `--external-workload` it runs on a VM that joined a cluster instead: no kube API, `--cluster-name` and
 //! `--cluster-id` are the home cluster's, and the remotes directory holds the home cluster's store under the home's
 //! name (see `identity_sync::app`).
+//!
+//! With `--leader-elect`, several replicas run: all import the remotes and serve the stream, and the one holding the
+//! `causeway-identity-sync` Lease writes the EndpointSlices. On SIGTERM the leader gives the Lease up, so a standby
+//! takes over at once rather than when the Lease expires.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use causeway_leader::{LeaderArgs, LeaderMetrics, Leadership};
 use causeway_runtime::LogFormat;
 use causeway_store::MaxConnectedClusters;
 use clap::Parser;
 use identity_sync::app::{self, AppConfig};
+use identity_sync::election::Election;
 use identity_sync::remotes::task::Timing;
 
 #[derive(Debug, Parser)]
@@ -69,7 +75,13 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "CAUSEWAY_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
+    #[command(flatten)]
+    leader: LeaderArgs,
 }
+
+/// The Lease identity-sync replicas elect their EndpointSlice writer with, unless --leader-elect-lease-name says
+/// otherwise.
+const LEASE_NAME: &str = "causeway-identity-sync";
 
 async fn kube_client(kubeconfig: Option<PathBuf>) -> anyhow::Result<kube::Client> {
     let config = match kubeconfig {
@@ -102,6 +114,14 @@ async fn main() -> anyhow::Result<()> {
              directory (--remotes-dir)"
         );
     }
+    if args.external_workload && args.leader.leader_elect {
+        bail!(
+            "--leader-elect (or CAUSEWAY_LEADER_ELECT) cannot be used with --external-workload: on an external \
+             workload identity-sync writes nothing to a kube API and runs once per VM, so there is nothing to elect a \
+             leader for; drop --leader-elect"
+        );
+    }
+    let lease = args.leader.config(LEASE_NAME).context("--leader-elect")?;
     let cfg = AppConfig {
         cluster_name: args.cluster_name,
         cluster_id: args.cluster_id,
@@ -117,15 +137,32 @@ async fn main() -> anyhow::Result<()> {
         slice_concurrency: usize::from(args.endpointslice_concurrency),
         watch_external_workloads: args.watch_external_workloads,
     };
+    let mut leadership: Option<Leadership> = None;
     let running = if args.external_workload {
         app::start_external_workload(cfg).await.context("starting identity-sync in external-workload mode")?
     } else {
         let kube = kube_client(args.kubeconfig).await?;
-        app::start(cfg, kube).await.context("starting identity-sync")?
+        match lease {
+            None => app::start(cfg, kube).await.context("starting identity-sync")?,
+            Some(lease) => {
+                let identity = lease.identity.clone();
+                let metrics = LeaderMetrics::default();
+                let l = Leadership::spawn(kube.clone(), lease, metrics.clone()).context("--leader-elect")?;
+                let election = Election::of(&l, &identity);
+                leadership = Some(l);
+                let running = app::start_elected(cfg, kube, election).await.context("starting identity-sync")?;
+                running.health.with_registry(|r| metrics.register(r));
+                running
+            }
+        }
     };
     tracing::info!(metrics = %running.metrics_addr, grpc = %running.grpc_addr, "identity-sync started");
     shutdown_signal().await;
     tracing::info!("shutting down");
+    if let Some(l) = leadership {
+        // Stops this replica's writer and frees the Lease, so a standby writes from now on.
+        l.release().await;
+    }
     Ok(())
 }
 

@@ -39,7 +39,36 @@ pub struct SyncStatus {
     pub cluster: String,
     pub cluster_id: u32,
     pub ready: bool,
+    /// Which replica writes the EndpointSlices (absent from an identity-sync without leader election support).
+    pub leader: Option<LeaderStatus>,
     pub remotes: Vec<RemoteStatus>,
+}
+
+/// The answering replica's part in identity-sync's leader election.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct LeaderStatus {
+    pub enabled: bool,
+    /// `leader`, `standby` or `unknown`.
+    pub role: Option<String>,
+    /// Who holds the Lease (writes the EndpointSlices).
+    pub holder: Option<String>,
+    pub identity: Option<String>,
+}
+
+impl LeaderStatus {
+    /// One line on who writes the EndpointSlices, or `None` without leader election.
+    fn describe(&self) -> Option<String> {
+        if !self.enabled {
+            return None;
+        }
+        let me = self.identity.as_deref().unwrap_or("?");
+        Some(match (self.role.as_deref(), self.holder.as_deref()) {
+            (Some("leader"), _) => format!("EndpointSlices written by this replica ({me}, leader)"),
+            (_, Some(holder)) => format!("EndpointSlices written by {holder}; this replica ({me}) stands by"),
+            (role, None) => format!("no replica holds the leader Lease yet (this one: {me}, {})", role.unwrap_or("?")),
+        })
+    }
 }
 
 /// Where to read identity-sync's `/status`.
@@ -104,6 +133,10 @@ pub fn render(status: &SyncStatus, rows: &[RemoteStatus]) -> String {
         status.cluster_id,
         if status.ready { "ready" } else { "not ready" }
     );
+    if let Some(line) = status.leader.as_ref().and_then(LeaderStatus::describe) {
+        out.push_str(&line);
+        out.push('\n');
+    }
     if rows.is_empty() {
         out.push_str("no remote clusters configured: connect one with `causeway clustermesh connect`\n");
         return out;
@@ -254,5 +287,19 @@ mod tests {
         assert!(table.contains("identities=3 ipcache=10 nodes=2 services=1"), "{table}");
         assert!(table.contains("4/4 kinds"), "{table}");
         assert!(table.contains("connection refused"), "{table}");
+        assert!(!table.contains("EndpointSlices written"), "no leader election, no line: {table}");
+        // With leader election: the replica that answered and the one that writes.
+        let json = json.replacen(
+            r#""kube_synced":true,"#,
+            r#""kube_synced":true,"leader":{"enabled":true,"role":"standby","holder":"identity-sync-a_1","lease":"causeway/causeway-identity-sync","identity":"identity-sync-b_2"},"#,
+            1,
+        );
+        let s: SyncStatus = serde_json::from_str(&json).unwrap_or_default();
+        assert_eq!(s.remotes.len(), 2, "parsed with the leader field");
+        let table = render(&s, &rows(&s, &configured));
+        assert!(
+            table.contains("EndpointSlices written by identity-sync-a_1; this replica (identity-sync-b_2) stands by"),
+            "{table}"
+        );
     }
 }

@@ -9,6 +9,10 @@
 //! unreachable remote). A broken peer therefore delays readiness by at most that timeout and never blocks it, since
 //! a remote's failure must stay remote. Readiness latches: once ready, later remote trouble shows in `/status` and
 //! metrics, not as a not-ready pod that kube would take out of service for no local reason.
+//!
+//! With leader election (several replicas), only the leader runs the kube writer; a standby is ready without it
+//! (it still serves the MeshView stream), and `/status` names the role and the Lease holder, so that users can see
+//! which replica writes the EndpointSlices.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,6 +21,7 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
+use causeway_leader::Role;
 use causeway_runtime::prometheus_client::encoding::EncodeLabelSet;
 use causeway_runtime::prometheus_client::metrics::counter::Counter;
 use causeway_runtime::prometheus_client::metrics::family::Family;
@@ -93,7 +98,34 @@ pub struct StatusReport {
     pub cluster_id: u32,
     pub ready: bool,
     pub kube_synced: bool,
+    /// Which replica writes the EndpointSlices.
+    pub leader: LeaderReport,
     pub remotes: Vec<RemoteStatus>,
+}
+
+/// This replica's part in the leader election (`enabled: false` with a single replica, which always writes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeaderReport {
+    pub enabled: bool,
+    /// `leader` (writes the EndpointSlices), `standby`, or `unknown` (the Lease was not read yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// Who holds the Lease, if anyone (this replica's identity when it leads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// `namespace/name` of the Lease.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// This replica's name in the Lease.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// The leader election as the board sees it.
+struct Election {
+    lease: String,
+    identity: String,
+    role: Role,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,6 +167,15 @@ struct Board {
     remotes_scanned: bool,
     local_synced: bool,
     ready: bool,
+    /// `None`: no leader election, this replica writes.
+    election: Option<Election>,
+}
+
+impl Board {
+    /// Whether readiness waits for the kube writer's first pass: only where the writer runs (or is about to).
+    fn writes(&self) -> bool {
+        self.election.as_ref().is_none_or(|e| e.role == Role::Leader)
+    }
 }
 
 /// Shared status board. Cheap to clone.
@@ -194,6 +235,7 @@ impl Status {
                 remotes_scanned: false,
                 local_synced: false,
                 ready: false,
+                election: None,
             })),
             metrics,
             health,
@@ -281,6 +323,21 @@ impl Status {
         self.evaluate();
     }
 
+    /// Leader election is on: this replica writes EndpointSlices only while it holds `lease` as `identity`.
+    pub fn leader_election(&self, lease: &str, identity: &str) {
+        self.board().election =
+            Some(Election { lease: lease.to_string(), identity: identity.to_string(), role: Role::Unknown });
+        self.evaluate();
+    }
+
+    /// The election's latest verdict for this replica.
+    pub fn leader_role(&self, role: &Role) {
+        if let Some(e) = self.board().election.as_mut() {
+            e.role = role.clone();
+        }
+        self.evaluate();
+    }
+
     pub fn endpointslice_write(&self, op: &str, ok: bool) {
         let labels = WriteLabels { op: op.to_string(), result: if ok { "ok" } else { "error" }.to_string() };
         self.metrics.slice_writes.get_or_create(&labels).inc();
@@ -307,7 +364,9 @@ impl Status {
             Some("waiting for the first scan of the remotes directory".to_string())
         } else if !b.local_synced {
             Some("waiting for the first list of local Services".to_string())
-        } else if !b.kube_synced {
+        } else if b.election.as_ref().is_some_and(|e| e.role == Role::Unknown) {
+            Some("waiting for the leader election (the Lease was not read yet)".to_string())
+        } else if b.writes() && !b.kube_synced {
             Some("waiting for the first EndpointSlice reconcile".to_string())
         } else if !pending.is_empty() {
             Some(format!("waiting for remotes to sync: {}", pending.join(", ")))
@@ -332,6 +391,7 @@ impl Status {
             cluster_id: self.cluster_id,
             ready: b.ready,
             kube_synced: b.kube_synced,
+            leader: leader_report(b.election.as_ref()),
             remotes: b.remotes.values().cloned().collect(),
         }
     }
@@ -343,6 +403,24 @@ impl Status {
     /// `/status` route, to merge into the runtime router.
     pub fn router(&self) -> Router {
         Router::new().route("/status", get(status_handler)).with_state(self.clone())
+    }
+}
+
+fn leader_report(e: Option<&Election>) -> LeaderReport {
+    let Some(e) = e else {
+        return LeaderReport { enabled: false, role: None, holder: None, lease: None, identity: None };
+    };
+    let (role, holder) = match &e.role {
+        Role::Leader => ("leader", Some(e.identity.clone())),
+        Role::Follower { holder } => ("standby", holder.clone()),
+        Role::Unknown => ("unknown", None),
+    };
+    LeaderReport {
+        enabled: true,
+        role: Some(role),
+        holder,
+        lease: Some(e.lease.clone()),
+        identity: Some(e.identity.clone()),
     }
 }
 
@@ -510,6 +588,35 @@ mod tests {
         s.local_synced();
         s.kube_synced();
         assert!(health.is_ready());
+    }
+
+    #[test]
+    fn a_standby_is_ready_without_the_writer_and_a_leader_waits_for_it() {
+        let standby = Status::new("west", 2, Health::new(), Duration::ZERO);
+        let leader = Status::new("west", 2, Health::new(), Duration::ZERO);
+        for s in [&standby, &leader] {
+            s.leader_election("causeway/causeway-identity-sync", "me");
+            s.remotes_scanned();
+            s.local_synced();
+            assert!(!s.health.is_ready(), "the role is not known yet");
+        }
+        standby.leader_role(&Role::Follower { holder: Some("other".into()) });
+        assert!(standby.health.is_ready(), "a standby serves the stream without writing");
+        leader.leader_role(&Role::Leader);
+        assert!(!leader.health.is_ready(), "the leader waits for its first EndpointSlice pass");
+        leader.kube_synced();
+        assert!(leader.health.is_ready());
+        let json = serde_json::to_value(standby.report()).unwrap_or_default();
+        assert_eq!(
+            json["leader"],
+            serde_json::json!({"enabled": true, "role": "standby", "holder": "other",
+                               "lease": "causeway/causeway-identity-sync", "identity": "me"})
+        );
+        let single = Status::new("west", 2, Health::new(), Duration::ZERO);
+        assert_eq!(
+            serde_json::to_value(single.report()).unwrap_or_default()["leader"],
+            serde_json::json!({"enabled": false})
+        );
     }
 
     #[test]

@@ -401,7 +401,10 @@ fn cluster_role(ms: &[Manifest], name: &str) -> Result<BTreeSet<(String, String,
 
 /// Components that run replicas with leader election (`causeway-leader`): each gets create on leases and get/update
 /// on its own Lease only, in the release namespace; its Deployment passes `--leader-elect` and the pod's namespace.
-const LEADER_ELECTED: &[(&str, &str, &str)] = &[("egress-gw", "causeway-egress-gw", "causeway-egress-gw")];
+const LEADER_ELECTED: &[(&str, &str, &str)] = &[
+    ("egress-gw", "causeway-egress-gw", "causeway-egress-gw"),
+    ("identity-sync", "causeway-identity-sync", "causeway-identity-sync"),
+];
 
 #[test]
 fn leader_elected_components_may_touch_only_their_own_lease() -> Result<()> {
@@ -424,6 +427,16 @@ fn leader_elected_components_may_touch_only_their_own_lease() -> Result<()> {
         assert_eq!(
             (b.role_ref.name.as_str(), subjects.len(), subjects.first().map(|s| s.name.as_str())),
             (role_name.as_str(), 1, Some(*sa))
+        );
+        // A standby by default, and a rollout that never leaves it without a running replica.
+        let d: Deployment = typed(one(&ms, "Deployment", deployment)?)?;
+        let ds = d.spec.context("Deployment spec")?;
+        assert_eq!(ds.replicas, Some(2), "{deployment} replicas");
+        let rolling = ds.strategy.and_then(|s| s.rolling_update);
+        assert_eq!(
+            rolling.and_then(|r| r.max_unavailable),
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(0)),
+            "{deployment} rollout strategy"
         );
         let spec = pod_spec(&ms, "Deployment", deployment)?;
         let c = container(&spec, deployment)?;
