@@ -11,10 +11,13 @@
 //!   the assignments.
 //! - [`server`]: the `causeway.v1.EgressAssignments` gRPC stream node agents watch.
 //! - [`probe`]: the UDP gateway prober whose verdicts drive gateway health.
+//! - [`mesh`]: follows identity-sync's MeshView stream for the meshed clusters' pod CIDRs (never sent to a
+//!   gateway).
 //! - [`metrics`]: Prometheus gauges and counters.
 
 pub mod core;
 pub mod kube;
+pub mod mesh;
 pub mod metrics;
 pub mod probe;
 pub mod server;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use causeway_egress_gw::core::{ClusterNetworks, HealthConfig};
 use causeway_egress_gw::kube::{spawn_watchers, Controller, Input};
+use causeway_egress_gw::mesh::{self, MeshFollowConfig};
 use causeway_egress_gw::metrics::Metrics;
 use causeway_egress_gw::probe::{self, ProbeConfig, ProbeMetrics};
 use causeway_egress_gw::server::{self, AssignmentHub, StreamConfig, StreamMetrics};
@@ -51,7 +52,12 @@ struct Args {
     /// This cluster's service CIDRs, comma-separated.
     #[arg(long, env = "CAUSEWAY_SERVICE_CIDRS", value_delimiter = ',')]
     service_cidrs: Vec<IpNet>,
-    /// Meshed clusters' pod CIDRs as `cluster=cidr`, comma-separated.
+    /// identity-sync's MeshView gRPC address (`host:port`): the meshed clusters' pod CIDRs are learned from its node
+    /// records, so traffic to another cluster's pods never goes to a gateway. Unset: only --mesh-pod-cidrs.
+    #[arg(long, env = "CAUSEWAY_IDENTITY_SYNC_ADDR")]
+    identity_sync_addr: Option<String>,
+    /// Meshed clusters' pod CIDRs as `cluster=cidr`, comma-separated (added to those learned with
+    /// --identity-sync-addr).
     #[arg(long, env = "CAUSEWAY_MESH_POD_CIDRS", value_delimiter = ',', value_parser = parse_mesh_cidr)]
     mesh_pod_cidrs: Vec<(String, IpNet)>,
     /// Consecutive good probe rounds before a gateway is used.
@@ -163,12 +169,21 @@ async fn run(
         mesh.entry(cluster.clone()).or_default().push(*cidr);
     }
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
-    tx.send(Input::Networks(ClusterNetworks {
+    let networks = ClusterNetworks {
         pod_cidrs: args.pod_cidrs.clone(),
         service_cidrs: args.service_cidrs.clone(),
         remote_pod_cidrs: mesh,
-    }))
-    .await?;
+    };
+    tx.send(Input::Networks(networks.clone())).await?;
+    if let Some(endpoint) = args.identity_sync_addr.clone() {
+        let cfg = MeshFollowConfig {
+            endpoint,
+            configured: networks,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+        };
+        tokio::spawn(mesh::follow(cfg, tx.clone(), metrics.clone()));
+    }
     // The prober reports every node every round; a staleness limit under a few rounds would take healthy
     // gateways down between two reports.
     let min_stale = args.probe_interval * 3;

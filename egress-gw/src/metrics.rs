@@ -52,6 +52,10 @@ pub struct Metrics {
     /// Status patches written, and those that failed.
     pub status_writes: Counter,
     pub status_write_errors: Counter,
+    /// Meshed clusters whose pod CIDRs came from identity-sync's MeshView stream.
+    pub mesh_clusters: Gauge,
+    /// Node pod CIDRs in the MeshView stream that did not parse (ignored).
+    pub mesh_rejected_cidrs: Counter,
 }
 
 impl Metrics {
@@ -84,6 +88,16 @@ impl Metrics {
             "egress_status_write_errors",
             "Policy status patches that failed",
             self.status_write_errors.clone(),
+        );
+        registry.register(
+            "egress_mesh_clusters",
+            "Meshed clusters whose pod CIDRs were learned from identity-sync's MeshView stream",
+            self.mesh_clusters.clone(),
+        );
+        registry.register(
+            "egress_mesh_rejected_cidrs",
+            "Node pod CIDRs in the MeshView stream that did not parse (ignored)",
+            self.mesh_rejected_cidrs.clone(),
         );
     }
 

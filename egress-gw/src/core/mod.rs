@@ -6,10 +6,12 @@
 
 mod health;
 mod index;
+mod mesh;
 mod model;
 #[cfg(test)]
 mod tests;
 
 pub use health::{HealthChange, HealthConfig, HealthTracker};
 pub use index::Index;
+pub use mesh::{merge_mesh_cidrs, MeshNodeEvent, MeshPodCidrs};
 pub use model::*;

@@ -960,7 +960,23 @@ fn components_can_be_turned_off() -> Result<()> {
     let agent = container(&spec, "node-agent")?;
     assert_eq!(arg_value(agent, "--identity-sync-addr"), None);
     assert!(arg_value(agent, "--egress-addr").is_some());
+    // ...and egress-gw has no MeshView to learn meshed pod CIDRs from.
+    let spec = pod_spec(&ms, "Deployment", "egress-gw")?;
+    assert_eq!(arg_value(container(&spec, "egress-gw")?, "--identity-sync-addr"), None);
     check_command_lines(&ms)?;
+    Ok(())
+}
+
+#[test]
+fn egress_gw_and_node_agents_follow_the_identity_sync_service() -> Result<()> {
+    let ms = render(MINIMAL)?;
+    let svc: Service = typed(one(&ms, "Service", "identity-sync")?)?;
+    let port = svc.spec.and_then(|s| s.ports).and_then(|p| p.first().map(|p| p.port)).context("identity-sync port")?;
+    let want = format!("http://identity-sync.{NS}.svc:{port}");
+    let gw = pod_spec(&ms, "Deployment", "egress-gw")?;
+    assert_eq!(arg_value(container(&gw, "egress-gw")?, "--identity-sync-addr"), Some(want.as_str()));
+    let agent = pod_spec(&ms, "DaemonSet", "causeway-node-agent")?;
+    assert_eq!(arg_value(container(&agent, "node-agent")?, "--identity-sync-addr"), Some(want.as_str()));
     Ok(())
 }
 
