@@ -10,169 +10,42 @@
 //! north synced (east with the malformed value counted), bad refused with a reason; /readyz is ready; removing
 //! north's file deletes north's slice and its status entry while east's slice stays.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
-use causeway_store::values::Capabilities;
-use causeway_store::{
-    ClusterConfig, ClusterService, IpCacheEntry, Kind, MaxConnectedClusters, Node, NodeAddress, PortConfig,
-};
+use anyhow::Context as _;
+use causeway_store::IpCacheEntry;
 use causeway_testsupport::Etcd;
-use fake_kube_apiserver::FakeApiServer;
-use identity_sync::app::{self, AppConfig};
-use identity_sync::remotes::task::Timing;
-use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort, ServiceSpec};
+use common::{
+    create_global_cart, fake_kube, http_get, ip, ipcache_entry, node, put_canaries, put_cluster_config, put_json,
+    put_remote, put_service, remote, remote_file, service, slice_backends, status, test_config, wait_for,
+};
+use fake_kube_apiserver::FakeApiServerHandle;
+use identity_sync::app::{self, Running};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams, ObjectMeta, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::api::Api;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Guards against hangs only; nothing asserts on timing.
-const PATIENCE: Duration = Duration::from_secs(60);
+/// identity-sync for the local cluster "west" (shop/cart on a fake kube API) with the one remote "east". Keep
+/// `_kube_server` and `_dir` bound: the kube API and the remotes directory go when they are dropped.
+struct West {
+    running: Running,
+    slices: Api<EndpointSlice>,
+    _kube_server: FakeApiServerHandle,
+    _dir: tempfile::TempDir,
+}
 
-async fn wait_for<F, Fut>(what: &str, mut cond: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    if causeway_testsupport::wait_until(PATIENCE, &mut cond).await {
-        Ok(())
-    } else {
-        bail!("timed out waiting for {what}")
+impl West {
+    async fn start_with_east(endpoint: &str) -> anyhow::Result<West> {
+        let (_kube_server, client) = fake_kube().await?;
+        create_global_cart(&client).await?;
+        let _dir = tempfile::tempdir()?;
+        remote_file(_dir.path(), "east", endpoint)?;
+        let running = app::start(test_config(_dir.path())?, client.clone()).await?;
+        let slices = Api::namespaced(client, "shop");
+        Ok(West { running, slices, _kube_server, _dir })
     }
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
-fn service(cluster: &str, id: u32, backend: &str) -> ClusterService {
-    let ports = BTreeMap::from([("http".to_string(), PortConfig { protocol: "TCP".into(), port: 8080 })]);
-    ClusterService {
-        cluster: cluster.into(),
-        namespace: "shop".into(),
-        name: "cart".into(),
-        frontends: BTreeMap::from([(ip("10.96.12.4"), BTreeMap::new())]),
-        backends: BTreeMap::from([(ip(backend), ports)]),
-        hostnames: BTreeMap::new(),
-        zones: BTreeMap::new(),
-        labels: BTreeMap::new(),
-        selector: BTreeMap::new(),
-        include_external: false,
-        shared: true,
-        cluster_id: id,
-    }
-}
-
-async fn put_json(etcd: &mut etcd_client::Client, key: &str, value: &impl serde::Serialize) -> anyhow::Result<()> {
-    etcd.put(key, serde_json::to_vec(value)?, None).await.with_context(|| format!("putting {key}"))?;
-    Ok(())
-}
-
-async fn put_cluster_config(etcd: &mut etcd_client::Client, cluster: &str, id: u32) -> anyhow::Result<()> {
-    etcd.put("cilium/.has-cluster-config", "true", None).await?;
-    let cfg = ClusterConfig {
-        id,
-        capabilities: Capabilities {
-            synced_canaries: true,
-            max_connected_clusters: 255,
-            service_exports_enabled: None,
-        },
-    };
-    put_json(etcd, &format!("cilium/cluster-config/{cluster}"), &cfg).await
-}
-
-async fn put_canaries(etcd: &mut etcd_client::Client, cluster: &str) -> anyhow::Result<()> {
-    for kind in [Kind::Nodes, Kind::Services, Kind::Ip, Kind::Identities] {
-        etcd.put(kind.canary_key(cluster), "2026-01-01T00:00:00Z", None).await?;
-    }
-    Ok(())
-}
-
-fn remote_file(dir: &Path, name: &str, endpoint: &str) -> anyhow::Result<()> {
-    // Written beside and renamed, as a Secret volume update is atomic.
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, format!("endpoints:\n- {endpoint}\n"))?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    Ok(())
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((code, body))
-}
-
-async fn status(addr: std::net::SocketAddr) -> Value {
-    match http_get(addr, "/status").await {
-        Ok((200, body)) => serde_json::from_str(&body).unwrap_or(Value::Null),
-        _ => Value::Null,
-    }
-}
-
-fn remote<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
-    status["remotes"].as_array()?.iter().find(|r| r["name"] == name)
-}
-
-/// Remote backend addresses in the slices of shop/cart, by source cluster.
-async fn slice_backends(api: &Api<EndpointSlice>) -> BTreeMap<String, Vec<String>> {
-    let lp = ListParams::default().labels("kubernetes.io/service-name=cart");
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let Ok(list) = api.list(&lp).await else { return out };
-    for s in list.items {
-        let labels = s.metadata.labels.unwrap_or_default();
-        if labels.get("endpointslice.kubernetes.io/managed-by").map(String::as_str) != Some("identity-sync.causeway.io")
-        {
-            continue;
-        }
-        let cluster = labels.get("multicluster.kubernetes.io/source-cluster").cloned().unwrap_or_default();
-        let entry = out.entry(cluster).or_default();
-        for e in s.endpoints {
-            entry.extend(e.addresses);
-        }
-    }
-    out
-}
-
-fn test_config(dir: &Path) -> anyhow::Result<AppConfig> {
-    Ok(AppConfig {
-        cluster_name: "west".into(),
-        cluster_id: 2,
-        mode: MaxConnectedClusters::C255,
-        remotes_dir: dir.to_path_buf(),
-        rescan: Duration::from_millis(500),
-        cache_ttl: None,
-        remote_ready_timeout: Duration::from_secs(600),
-        metrics_addr: "127.0.0.1:0".parse()?,
-        grpc_addr: "127.0.0.1:0".parse()?,
-        timing: Timing {
-            min_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-            invalid_retry: Duration::from_secs(1),
-            probe_interval: Duration::from_millis(500),
-            connect_timeout: Duration::from_secs(2),
-        },
-        slice_debounce: Duration::ZERO,
-        slice_concurrency: 8,
-        watch_external_workloads: true,
-    })
-}
-
-async fn fake_kube() -> anyhow::Result<(fake_kube_apiserver::FakeApiServerHandle, kube::Client)> {
-    let server = FakeApiServer::start("127.0.0.1:0".parse()?).await?;
-    let kubeconfig = Kubeconfig::from_yaml(&server.kubeconfig_yaml())?;
-    let client =
-        kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?)?;
-    Ok((server, client))
 }
 
 /// mTLS with a Cilium-format file (relative TLS paths), and an ID clash: a second remote claiming east's ID is
@@ -183,12 +56,8 @@ async fn mtls_remote_and_duplicate_id_refused_until_the_clash_is_gone() -> anyho
     let pki = causeway_pki::Pki::loopback()?;
     let etcd = Etcd::start_tls(&pki).await;
     let mut c = etcd.client().await;
-    put_cluster_config(&mut c, "east", 1).await?;
-    put_json(&mut c, "cilium/state/services/v1/east/shop/cart", &service("east", 1, "10.1.3.17")).await?;
-    put_canaries(&mut c, "east").await?;
-    put_cluster_config(&mut c, "twin", 1).await?;
-    put_json(&mut c, "cilium/state/services/v1/twin/shop/cart", &service("twin", 1, "10.1.9.9")).await?;
-    put_canaries(&mut c, "twin").await?;
+    put_remote(&mut c, "east", 1, "10.1.3.17").await?;
+    put_remote(&mut c, "twin", 1, "10.1.9.9").await?;
 
     let dir = tempfile::tempdir()?;
     let cert = etcd.client_tls_for("root");
@@ -239,24 +108,14 @@ async fn disconnect_keeps_entries_and_the_remote_resyncs_when_back() -> anyhow::
     causeway_runtime::init_logging(causeway_runtime::LogFormat::Text);
     let mut east = Etcd::start().await;
     let mut c = east.client().await;
-    put_cluster_config(&mut c, "east", 1).await?;
-    put_json(&mut c, "cilium/state/services/v1/east/shop/cart", &service("east", 1, "10.1.3.17")).await?;
-    put_canaries(&mut c, "east").await?;
+    put_remote(&mut c, "east", 1, "10.1.3.17").await?;
     let node_key = "cilium/state/nodes/v1/east/gone";
     let mut node_value: Value = serde_json::json!({"Name": "gone", "Cluster": "east", "ClusterID": 1});
     node_value["IPAddresses"] = serde_json::json!([{"Type": "InternalIP", "IP": "192.168.10.99"}]);
     put_json(&mut c, node_key, &node_value).await?;
 
-    let (_kube_server, client) = fake_kube().await?;
-    let ns =
-        Namespace { metadata: ObjectMeta { name: Some("shop".into()), ..Default::default() }, ..Default::default() };
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
-    Api::<Service>::namespaced(client.clone(), "shop").create(&PostParams::default(), &global_service()).await?;
-    let dir = tempfile::tempdir()?;
-    remote_file(dir.path(), "east", &east.endpoint())?;
-    let running = app::start(test_config(dir.path())?, client.clone()).await?;
+    let West { running, slices, _kube_server, _dir } = West::start_with_east(&east.endpoint()).await?;
     let addr = running.metrics_addr;
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
     wait_for("east synced with its node", || async {
         remote(&status(addr).await, "east").is_some_and(|r| r["state"] == "synced" && r["entries"]["nodes"] == 1)
     })
@@ -285,23 +144,6 @@ async fn disconnect_keeps_entries_and_the_remote_resyncs_when_back() -> anyhow::
     Ok(())
 }
 
-fn global_service() -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some("cart".into()),
-            namespace: Some("shop".into()),
-            annotations: Some(BTreeMap::from([("service.cilium.io/global".to_string(), "true".to_string())])),
-            ..Default::default()
-        },
-        spec: Some(ServiceSpec {
-            cluster_ip: Some("10.96.0.10".into()),
-            ports: Some(vec![ServicePort { name: Some("http".into()), port: 80, ..Default::default() }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remotes_become_endpointslices_bad_remotes_are_refused_and_removal_drains() -> anyhow::Result<()> {
     causeway_runtime::init_logging(causeway_runtime::LogFormat::Text);
@@ -312,38 +154,12 @@ async fn remotes_become_endpointslices_bad_remotes_are_refused_and_removal_drain
     let mut ec = east.client().await;
     let mut nc = north.client().await;
     put_cluster_config(&mut ec, "east", 1).await?;
-    put_json(&mut ec, "cilium/state/services/v1/east/shop/cart", &service("east", 1, "10.1.3.17")).await?;
+    put_service(&mut ec, &service("east", 1, &["10.1.3.17"])).await?;
     ec.put("cilium/state/services/v1/east/shop/broken", "{\"cluster\": \"east\", truncated", None).await?;
-    let node = Node {
-        name: "east-node-1".into(),
-        cluster: "east".into(),
-        addresses: vec![NodeAddress { kind: "InternalIP".into(), ip: ip("192.168.10.12") }],
-        ipv4_alloc_cidr: None,
-        ipv6_alloc_cidr: None,
-        ipv4_health_ip: None,
-        ipv4_ingress_ip: None,
-        cluster_id: 1,
-        source: "custom-resource".into(),
-        encryption_key: 0,
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        wireguard_pub_key: String::new(),
-        boot_id: String::new(),
-    };
+    let node = node("east", 1, "east-node-1", "192.168.10.12");
     put_json(&mut ec, "cilium/state/nodes/v1/east/east-node-1", &node).await?;
     let identity = (1 << 16) + 5;
-    let entry = IpCacheEntry {
-        ip: ip("10.1.3.17"),
-        host_ip: Some(ip("192.168.10.12")),
-        id: identity,
-        key: 0,
-        metadata: String::new(),
-        k8s_namespace: "shop".into(),
-        k8s_pod_name: "cart-1".into(),
-        k8s_pod_uid: None,
-        k8s_service_account: None,
-        named_ports: vec![],
-    };
+    let entry = ipcache_entry("10.1.3.17", "192.168.10.12", identity, "cart-1");
     put_json(&mut ec, "cilium/state/ip/v1/default/10.1.3.17", &entry).await?;
     ec.put(
         format!("cilium/state/identities/v1/id/{identity}"),
@@ -353,33 +169,14 @@ async fn remotes_become_endpointslices_bad_remotes_are_refused_and_removal_drain
     .await?;
     put_canaries(&mut ec, "east").await?;
 
-    put_cluster_config(&mut nc, "north", 3).await?;
-    put_json(&mut nc, "cilium/state/services/v1/north/shop/cart", &service("north", 3, "10.3.0.5")).await?;
-    put_canaries(&mut nc, "north").await?;
+    put_remote(&mut nc, "north", 3, "10.3.0.5").await?;
     // "bad" shares north's etcd and claims the local cluster's ID.
     put_cluster_config(&mut nc, "bad", 2).await?;
     put_canaries(&mut nc, "bad").await?;
 
     // Local cluster: the fake kube API with a global Service.
     let (_kube_server, client) = fake_kube().await?;
-    let ns =
-        Namespace { metadata: ObjectMeta { name: Some("shop".into()), ..Default::default() }, ..Default::default() };
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
-    let svc = Service {
-        metadata: ObjectMeta {
-            name: Some("cart".into()),
-            namespace: Some("shop".into()),
-            annotations: Some(BTreeMap::from([("service.cilium.io/global".to_string(), "true".to_string())])),
-            ..Default::default()
-        },
-        spec: Some(ServiceSpec {
-            cluster_ip: Some("10.96.0.10".into()),
-            ports: Some(vec![ServicePort { name: Some("http".into()), port: 80, ..Default::default() }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    Api::<Service>::namespaced(client.clone(), "shop").create(&PostParams::default(), &svc).await?;
+    create_global_cart(&client).await?;
 
     let dir = tempfile::tempdir()?;
     remote_file(dir.path(), "east", &east.endpoint())?;
@@ -431,9 +228,7 @@ async fn remotes_become_endpointslices_bad_remotes_are_refused_and_removal_drain
     assert!(running.hub.read(|v| v.identity(identity).is_some()), "identity {identity} missing from the view");
 
     // A new backend in east shows up in the slice.
-    let mut two = service("east", 1, "10.1.3.17");
-    two.backends.insert(ip("10.1.3.18"), two.backends.values().next().cloned().unwrap_or_default());
-    put_json(&mut ec, "cilium/state/services/v1/east/shop/cart", &two).await?;
+    put_service(&mut ec, &service("east", 1, &["10.1.3.17", "10.1.3.18"])).await?;
     wait_for("east's second backend", || async {
         slice_backends(&slices).await.get("east").is_some_and(|b| b.len() == 2)
     })
@@ -457,18 +252,7 @@ async fn remotes_become_endpointslices_bad_remotes_are_refused_and_removal_drain
 async fn etcd_restarted_empty_keeps_entries_until_the_canaries_are_back() -> anyhow::Result<()> {
     causeway_runtime::init_logging(causeway_runtime::LogFormat::Text);
     let identity = (1 << 16) + 7;
-    let entry = IpCacheEntry {
-        ip: ip("10.1.3.17"),
-        host_ip: Some(ip("192.168.10.12")),
-        id: identity,
-        key: 0,
-        metadata: String::new(),
-        k8s_namespace: "shop".into(),
-        k8s_pod_name: "cart-1".into(),
-        k8s_pod_uid: None,
-        k8s_service_account: None,
-        named_ports: vec![],
-    };
+    let entry = ipcache_entry("10.1.3.17", "192.168.10.12", identity, "cart-1");
     let node = |name: &str| {
         let mut v: Value = serde_json::json!({"Name": name, "Cluster": "east", "ClusterID": 1});
         v["IPAddresses"] = serde_json::json!([{"Type": "InternalIP", "IP": "192.168.10.12"}]);
@@ -476,7 +260,7 @@ async fn etcd_restarted_empty_keeps_entries_until_the_canaries_are_back() -> any
     };
     // What east's clustermesh-apiserver exports (again, after the restart).
     async fn export(c: &mut etcd_client::Client, entry: &IpCacheEntry, node: &Value, id: u32) -> anyhow::Result<()> {
-        put_json(c, "cilium/state/services/v1/east/shop/cart", &service("east", 1, "10.1.3.17")).await?;
+        put_service(c, &service("east", 1, &["10.1.3.17"])).await?;
         put_json(c, "cilium/state/nodes/v1/east/kept", node).await?;
         put_json(c, "cilium/state/ip/v1/default/10.1.3.17", entry).await?;
         c.put(
@@ -495,16 +279,8 @@ async fn etcd_restarted_empty_keeps_entries_until_the_canaries_are_back() -> any
     put_json(&mut c, "cilium/state/nodes/v1/east/dropped", &node("dropped")).await?;
     put_canaries(&mut c, "east").await?;
 
-    let (_kube_server, client) = fake_kube().await?;
-    let ns =
-        Namespace { metadata: ObjectMeta { name: Some("shop".into()), ..Default::default() }, ..Default::default() };
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
-    Api::<Service>::namespaced(client.clone(), "shop").create(&PostParams::default(), &global_service()).await?;
-    let dir = tempfile::tempdir()?;
-    remote_file(dir.path(), "east", &east.endpoint())?;
-    let running = app::start(test_config(dir.path())?, client.clone()).await?;
+    let West { running, slices, _kube_server, _dir } = West::start_with_east(&east.endpoint()).await?;
     let addr = running.metrics_addr;
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
     wait_for("east synced", || async {
         remote(&status(addr).await, "east").is_some_and(|r| r["state"] == "synced" && r["entries"]["nodes"] == 2)
     })

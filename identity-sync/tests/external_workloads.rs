@@ -7,34 +7,28 @@
 //!   (mTLS, auth on, read as the `externalworkload` user) named like the local cluster is imported, and its node
 //!   (with its WireGuard key), ipcache entry and global service reach the stream.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use causeway_api::v1::mesh_view_client::MeshViewClient;
 use causeway_api::v1::watch_event::{Kind as EvKind, Object};
-use causeway_api::v1::{WatchEvent, WatchRequest};
+use causeway_api::v1::WatchEvent;
 use causeway_crds::ExternalWorkload;
-use causeway_store::values::Capabilities;
-use causeway_store::{
-    ClusterConfig, ClusterService, IpCacheEntry, Kind, MaxConnectedClusters, Node, NodeAddress, PortConfig,
-};
+use causeway_store::{ClusterService, Node, PortConfig};
 use causeway_testsupport::Etcd;
-use fake_kube_apiserver::FakeApiServer;
-use identity_sync::app::{self, AppConfig};
-use identity_sync::remotes::task::Timing;
+use common::{
+    fake_kube, http_get, ip, ipcache_entry, node, put_canaries, put_cluster_config, put_json, put_service, remote,
+    service, test_config, watch, PATIENCE,
+};
+use identity_sync::app;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::CustomResourceExt;
 use serde_json::json;
 use tonic::Streaming;
-
-/// Guards against hangs only; nothing asserts on timing.
-const PATIENCE: Duration = Duration::from_secs(60);
 
 const VM_KEY: &str = "hIc2Bzv5nFyTmnTVcMrh0/qvNTsWqQ/xN7h0DjwAlnU=";
 const HOME_NODE_KEY: &str = "wAd0mrIMmyBaaYTB6o1O7ZHKWy2iK1mf4gfD/5jqTDM=";
@@ -76,13 +70,6 @@ impl AgentView {
     }
 }
 
-async fn watch(addr: SocketAddr) -> anyhow::Result<Streaming<WatchEvent>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
-    let mut c = MeshViewClient::new(ch);
-    let req = WatchRequest { resume_revision: 0, node_name: "test-agent".into(), resume_epoch: 0 };
-    Ok(c.watch(req).await?.into_inner())
-}
-
 /// Applies stream events to `view` until `cond` holds.
 async fn until(
     s: &mut Streaming<WatchEvent>,
@@ -100,30 +87,6 @@ async fn until(
         }
     }
     Ok(())
-}
-
-fn config(dir: &Path, cluster: &str, id: u32) -> anyhow::Result<AppConfig> {
-    Ok(AppConfig {
-        cluster_name: cluster.into(),
-        cluster_id: id,
-        mode: MaxConnectedClusters::C255,
-        remotes_dir: dir.to_path_buf(),
-        rescan: Duration::from_millis(500),
-        cache_ttl: None,
-        remote_ready_timeout: Duration::from_secs(600),
-        metrics_addr: "127.0.0.1:0".parse()?,
-        grpc_addr: "127.0.0.1:0".parse()?,
-        timing: Timing {
-            min_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-            invalid_retry: Duration::from_secs(1),
-            probe_interval: Duration::from_millis(500),
-            connect_timeout: Duration::from_secs(2),
-        },
-        slice_debounce: Duration::ZERO,
-        slice_concurrency: 8,
-        watch_external_workloads: true,
-    })
 }
 
 fn ready_status(ready: &str) -> serde_json::Value {
@@ -144,15 +107,12 @@ fn ready_status(ready: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ready_external_workload_is_a_node_and_an_ipcache_entry_on_the_stream_until_it_goes() -> anyhow::Result<()> {
     causeway_runtime::init_logging(causeway_runtime::LogFormat::Text);
-    let server = FakeApiServer::start("127.0.0.1:0".parse()?).await?;
-    let kubeconfig = Kubeconfig::from_yaml(&server.kubeconfig_yaml())?;
-    let client =
-        kube::Client::try_from(kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?)?;
+    let (_server, client) = fake_kube().await?;
     Api::<CustomResourceDefinition>::all(client.clone())
         .create(&PostParams::default(), &ExternalWorkload::crd())
         .await?;
     let dir = tempfile::tempdir()?;
-    let running = app::start(config(dir.path(), "west", 2)?, client.clone()).await?;
+    let running = app::start(test_config(dir.path())?, client.clone()).await?;
 
     let mut stream = watch(running.grpc_addr).await?;
     let mut view = AgentView::default();
@@ -268,58 +228,18 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(l.local_addr()?)
 }
 
-async fn put_json(etcd: &mut etcd_client::Client, key: &str, value: &impl serde::Serialize) -> anyhow::Result<()> {
-    etcd.put(key, serde_json::to_vec(value)?, None).await.with_context(|| format!("putting {key}"))?;
-    Ok(())
-}
-
 fn home_node(name: &str, ip: &str, cidr: &str, key: &str) -> anyhow::Result<Node> {
-    Ok(Node {
-        name: name.into(),
-        cluster: "home".into(),
-        addresses: vec![NodeAddress { kind: "InternalIP".into(), ip: ip.parse()? }],
-        ipv4_alloc_cidr: Some(cidr.parse()?),
-        ipv6_alloc_cidr: None,
-        ipv4_health_ip: None,
-        ipv4_ingress_ip: None,
-        cluster_id: 5,
-        source: "custom-resource".into(),
-        encryption_key: 0,
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        wireguard_pub_key: key.into(),
-        boot_id: String::new(),
-    })
+    Ok(Node { ipv4_alloc_cidr: Some(cidr.parse()?), wireguard_pub_key: key.into(), ..node("home", 5, name, ip) })
 }
 
 /// The home cluster "home" (ID 5) as its clustermesh-apiserver exports it: cluster config, one node with a
 /// WireGuard key, one pod's ipcache entry, its identity, the global service shop/cart it backs, and the synced
 /// canaries.
 async fn export_home(c: &mut etcd_client::Client) -> anyhow::Result<()> {
-    c.put("cilium/.has-cluster-config", "true", None).await?;
-    let cfg = ClusterConfig {
-        id: 5,
-        capabilities: Capabilities {
-            synced_canaries: true,
-            max_connected_clusters: 255,
-            service_exports_enabled: None,
-        },
-    };
-    put_json(c, "cilium/cluster-config/home", &cfg).await?;
+    put_cluster_config(c, "home", 5).await?;
     let node = home_node("home-node-1", "172.18.0.2", "10.5.1.0/24", HOME_NODE_KEY)?;
     put_json(c, "cilium/state/nodes/v1/home/home-node-1", &node).await?;
-    let entry = IpCacheEntry {
-        ip: "10.5.1.17".parse()?,
-        host_ip: Some("172.18.0.2".parse()?),
-        id: (5 << 16) + 3,
-        key: 0,
-        metadata: String::new(),
-        k8s_namespace: "shop".into(),
-        k8s_pod_name: "cart-0".into(),
-        k8s_pod_uid: None,
-        k8s_service_account: None,
-        named_ports: Vec::new(),
-    };
+    let entry = ipcache_entry("10.5.1.17", "172.18.0.2", (5 << 16) + 3, "cart-0");
     put_json(c, "cilium/state/ip/v1/default/10.5.1.17", &entry).await?;
     c.put(
         format!("cilium/state/identities/v1/id/{}", (5 << 16) + 3),
@@ -327,26 +247,14 @@ async fn export_home(c: &mut etcd_client::Client) -> anyhow::Result<()> {
         None,
     )
     .await?;
-    let port = |port| BTreeMap::from([("http".to_string(), PortConfig { protocol: "TCP".into(), port })]);
+    // The ClusterIP's port is exported with it (port http 80), the backend's is 8080.
+    let http80 = BTreeMap::from([("http".to_string(), PortConfig { protocol: "TCP".into(), port: 80 })]);
     let cart = ClusterService {
-        cluster: "home".into(),
-        namespace: "shop".into(),
-        name: "cart".into(),
-        frontends: BTreeMap::from([("10.96.12.4".parse()?, port(80))]),
-        backends: BTreeMap::from([("10.5.1.17".parse()?, port(8080))]),
-        hostnames: BTreeMap::new(),
-        zones: BTreeMap::new(),
-        labels: BTreeMap::new(),
-        selector: BTreeMap::new(),
-        include_external: false,
-        shared: true,
-        cluster_id: 5,
+        frontends: BTreeMap::from([(ip("10.96.12.4"), http80)]),
+        ..service("home", 5, &["10.5.1.17"])
     };
-    put_json(c, "cilium/state/services/v1/home/shop/cart", &cart).await?;
-    for kind in [Kind::Nodes, Kind::Services, Kind::Ip, Kind::Identities] {
-        c.put(kind.canary_key("home"), "2026-01-01T00:00:00Z", None).await?;
-    }
-    Ok(())
+    put_service(c, &cart).await?;
+    put_canaries(c, "home").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,7 +345,7 @@ async fn external_workload_mode_serves_the_home_clusters_store_without_any_kube_
     assert!(ready, "/readyz never turned ready");
     let (_, body) = http_get(metrics, "/status").await?;
     let status: serde_json::Value = serde_json::from_str(&body)?;
-    let home = status["remotes"].as_array().and_then(|r| r.iter().find(|r| r["name"] == "home")).cloned();
+    let home = remote(&status, "home").cloned();
     let home = home.context("home on /status")?;
     assert_eq!((home["state"].as_str(), home["cluster_id"].as_u64()), (Some("synced"), Some(5)), "{home}");
 
@@ -449,16 +357,4 @@ async fn external_workload_mode_serves_the_home_clusters_store_without_any_kube_
     })
     .await?;
     Ok(())
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((code, body))
 }

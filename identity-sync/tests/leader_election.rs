@@ -9,122 +9,32 @@
 //! changes made after that (a new backend in east, north removed) are written by it, including the delete of
 //! north's slice, which the dead leader had written.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+mod common;
+
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use causeway_api::v1::mesh_view_client::MeshViewClient;
 use causeway_api::v1::watch_event::{Kind as EvKind, Object};
-use causeway_api::v1::{WatchEvent, WatchRequest};
+use causeway_api::v1::WatchEvent;
 use causeway_leader::{LeaderMetrics, Leadership, LeaseConfig, Timing as LeaseTiming};
-use causeway_store::values::Capabilities;
-use causeway_store::{ClusterConfig, ClusterService, Kind, MaxConnectedClusters, PortConfig};
 use causeway_testsupport::Etcd;
-use fake_kube_apiserver::FakeApiServer;
+use common::{
+    create_global_cart, create_namespace, fake_kube, http_get, kube_client, put_remote, put_service, remote_file,
+    service, slice_backends, status, test_config, wait_for, watch, PATIENCE,
+};
 use identity_sync::app::{self, AppConfig, Running};
 use identity_sync::election::Election;
-use identity_sync::remotes::task::Timing;
-use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams, ObjectMeta, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use kube::api::Api;
 use tonic::Streaming;
-
-/// Guards against hangs only; nothing asserts on timing.
-const PATIENCE: Duration = Duration::from_secs(60);
 
 const LEASE_TIMING: LeaseTiming = LeaseTiming {
     lease_duration: Duration::from_secs(2),
     renew_deadline: Duration::from_millis(1500),
     retry_period: Duration::from_millis(200),
 };
-
-async fn wait_for<F, Fut>(what: &str, mut cond: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    if causeway_testsupport::wait_until(PATIENCE, &mut cond).await {
-        Ok(())
-    } else {
-        bail!("timed out waiting for {what}")
-    }
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
-}
-
-fn service(cluster: &str, id: u32, backends: &[&str]) -> ClusterService {
-    let ports = BTreeMap::from([("http".to_string(), PortConfig { protocol: "TCP".into(), port: 8080 })]);
-    ClusterService {
-        cluster: cluster.into(),
-        namespace: "shop".into(),
-        name: "cart".into(),
-        frontends: BTreeMap::from([(ip("10.96.12.4"), BTreeMap::new())]),
-        backends: backends.iter().map(|b| (ip(b), ports.clone())).collect(),
-        hostnames: BTreeMap::new(),
-        zones: BTreeMap::new(),
-        labels: BTreeMap::new(),
-        selector: BTreeMap::new(),
-        include_external: false,
-        shared: true,
-        cluster_id: id,
-    }
-}
-
-async fn put_service(etcd: &mut etcd_client::Client, s: &ClusterService) -> anyhow::Result<()> {
-    let key = format!("cilium/state/services/v1/{}/shop/cart", s.cluster);
-    etcd.put(key, serde_json::to_vec(s)?, None).await?;
-    Ok(())
-}
-
-async fn put_remote(etcd: &mut etcd_client::Client, cluster: &str, id: u32, backend: &str) -> anyhow::Result<()> {
-    etcd.put("cilium/.has-cluster-config", "true", None).await?;
-    let cfg = ClusterConfig {
-        id,
-        capabilities: Capabilities {
-            synced_canaries: true,
-            max_connected_clusters: 255,
-            service_exports_enabled: None,
-        },
-    };
-    etcd.put(format!("cilium/cluster-config/{cluster}"), serde_json::to_vec(&cfg)?, None).await?;
-    put_service(etcd, &service(cluster, id, &[backend])).await?;
-    for kind in [Kind::Nodes, Kind::Services, Kind::Ip, Kind::Identities] {
-        etcd.put(kind.canary_key(cluster), "2026-01-01T00:00:00Z", None).await?;
-    }
-    Ok(())
-}
-
-fn remote_file(dir: &Path, name: &str, endpoint: &str) -> anyhow::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, format!("endpoints:\n- {endpoint}\n"))?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    Ok(())
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((code, body))
-}
-
-async fn status(addr: SocketAddr) -> Value {
-    match http_get(addr, "/status").await {
-        Ok((200, body)) => serde_json::from_str(&body).unwrap_or(Value::Null),
-        _ => Value::Null,
-    }
-}
 
 /// EndpointSlice writes this replica made (every op and result), from its /metrics.
 async fn slice_writes(addr: SocketAddr) -> anyhow::Result<u64> {
@@ -136,56 +46,6 @@ async fn slice_writes(addr: SocketAddr) -> anyhow::Result<u64> {
         sum += v.parse::<u64>().with_context(|| format!("metric line {line:?}"))?;
     }
     Ok(sum)
-}
-
-/// Remote backend addresses in the managed slices of shop/cart, by source cluster.
-async fn slice_backends(api: &Api<EndpointSlice>) -> BTreeMap<String, Vec<String>> {
-    let lp = ListParams::default().labels("kubernetes.io/service-name=cart");
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let Ok(list) = api.list(&lp).await else { return out };
-    for s in list.items {
-        let labels = s.metadata.labels.unwrap_or_default();
-        if labels.get("endpointslice.kubernetes.io/managed-by").map(String::as_str) != Some("identity-sync.causeway.io")
-        {
-            continue;
-        }
-        let cluster = labels.get("multicluster.kubernetes.io/source-cluster").cloned().unwrap_or_default();
-        let entry = out.entry(cluster).or_default();
-        for e in s.endpoints {
-            entry.extend(e.addresses);
-        }
-        entry.sort();
-    }
-    out
-}
-
-fn test_config(dir: &Path) -> anyhow::Result<AppConfig> {
-    Ok(AppConfig {
-        cluster_name: "west".into(),
-        cluster_id: 2,
-        mode: MaxConnectedClusters::C255,
-        remotes_dir: dir.to_path_buf(),
-        rescan: Duration::from_millis(500),
-        cache_ttl: None,
-        remote_ready_timeout: Duration::from_secs(600),
-        metrics_addr: "127.0.0.1:0".parse()?,
-        grpc_addr: "127.0.0.1:0".parse()?,
-        timing: Timing {
-            min_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-            invalid_retry: Duration::from_secs(1),
-            probe_interval: Duration::from_millis(500),
-            connect_timeout: Duration::from_secs(2),
-        },
-        slice_debounce: Duration::ZERO,
-        slice_concurrency: 8,
-        watch_external_workloads: false,
-    })
-}
-
-async fn kube_client(kubeconfig: &str) -> anyhow::Result<kube::Client> {
-    let kc = Kubeconfig::from_yaml(kubeconfig)?;
-    Ok(kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)?)
 }
 
 /// One identity-sync replica as `main.rs` wires it with `--leader-elect`, on a runtime of its own.
@@ -201,7 +61,7 @@ struct Replica {
 impl Replica {
     async fn start(identity: &str, kubeconfig: String, dir: &Path) -> anyhow::Result<Replica> {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-        let cfg = test_config(dir)?;
+        let cfg = AppConfig { watch_external_workloads: false, ..test_config(dir)? };
         let lease = LeaseConfig {
             namespace: "causeway".into(),
             name: "causeway-identity-sync".into(),
@@ -250,12 +110,6 @@ impl Drop for Replica {
     }
 }
 
-async fn watch(addr: SocketAddr) -> anyhow::Result<Streaming<WatchEvent>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
-    let req = WatchRequest { resume_revision: 0, node_name: "test-agent".into(), resume_epoch: 0 };
-    Ok(MeshViewClient::new(ch).watch(req).await?.into_inner())
-}
-
 /// Reads the stream until shop/cart's backends (sorted `cluster/ip`) are `want`.
 async fn stream_until(s: &mut Streaming<WatchEvent>, who: &str, want: &[&str]) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -288,28 +142,9 @@ async fn only_the_leader_writes_endpointslices_and_the_standby_takes_over_when_i
     put_remote(&mut c, "east", 1, "10.1.0.1").await?;
     put_remote(&mut c, "north", 3, "10.3.0.1").await?;
 
-    let server = FakeApiServer::start("127.0.0.1:0".parse()?).await?;
-    let client = kube_client(&server.kubeconfig_yaml()).await?;
-    for ns in ["shop", "causeway"] {
-        let ns =
-            Namespace { metadata: ObjectMeta { name: Some(ns.into()), ..Default::default() }, ..Default::default() };
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
-    }
-    let svc = Service {
-        metadata: ObjectMeta {
-            name: Some("cart".into()),
-            namespace: Some("shop".into()),
-            annotations: Some(BTreeMap::from([("service.cilium.io/global".to_string(), "true".to_string())])),
-            ..Default::default()
-        },
-        spec: Some(ServiceSpec {
-            cluster_ip: Some("10.96.0.10".into()),
-            ports: Some(vec![ServicePort { name: Some("http".into()), port: 80, ..Default::default() }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    Api::<Service>::namespaced(client.clone(), "shop").create(&PostParams::default(), &svc).await?;
+    let (server, client) = fake_kube().await?;
+    create_global_cart(&client).await?;
+    create_namespace(&client, "causeway").await?;
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "shop");
     let dir = tempfile::tempdir()?;
     remote_file(dir.path(), "east", &etcd.endpoint())?;
