@@ -8,6 +8,8 @@
 //! - [`kube`]: the adapter. Watches the kube API, feeds the core, carries out its requests, marks kinds synced.
 //! - [`sink`]: the traits the adapter writes through (store writer, identity resolver), with in-memory versions.
 //! - [`metrics`]: Prometheus counters and gauges.
+//! - [`node_owners`]: node records have two writers (cluster Nodes, external workloads); a cluster Node wins its
+//!   name and evicts a host that held it.
 //! - [`peers`]: the `remote-<peer>` etcd users follow the peers ConfigMap `connect`/`disconnect` keep, while
 //!   running.
 //! - [`readiness`]: `/readyz`, combining the export's state and etcd's.
@@ -18,6 +20,7 @@ pub mod export;
 pub mod identity;
 pub mod kube;
 pub mod metrics;
+pub mod node_owners;
 pub mod peers;
 pub mod readiness;
 pub mod sink;

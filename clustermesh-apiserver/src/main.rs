@@ -14,6 +14,7 @@ use clustermesh_apiserver::export::Exporter;
 use clustermesh_apiserver::identity::KubeIdentityStore;
 use clustermesh_apiserver::kube::{spawn_watchers, ExportLoop, Input, EXPORTED_KINDS};
 use clustermesh_apiserver::metrics::Metrics;
+use clustermesh_apiserver::node_owners::{NodeOwners, Writer};
 use clustermesh_apiserver::readiness::Readiness;
 use clustermesh_apiserver::sink::EtcdSink;
 use tracing::{info, warn};
@@ -287,6 +288,8 @@ async fn main() -> Result<()> {
         causeway_kvstore::HEARTBEAT_INTERVAL,
     ));
     let sink = Arc::new(EtcdSink::start(etcd.clone(), leases.clone(), cluster.name.as_str(), &EXPORTED_KINDS));
+    // Node records have two writers (cluster Nodes, external workloads): one owner per name, a Node wins.
+    let (node_owners, evictions) = NodeOwners::new(sink, cluster.name.as_str());
 
     let client = kube_client(&args).await?;
     let identities = Arc::new(KubeIdentityStore::new(client.clone(), cluster.clone(), args.identity_gc_grace));
@@ -358,15 +361,21 @@ async fn main() -> Result<()> {
     let shared = clustermesh_apiserver::workloads::Shared {
         client: client.clone(),
         cluster: cluster.clone(),
-        sink: sink.clone(),
+        sink: node_owners.view(Writer::Host),
         identities: identities.clone(),
         export: tx.clone(),
         metrics: workload_metrics,
+        node_owners: Some((node_owners.cluster_node_names(), evictions)),
     };
     let workloads = clustermesh_apiserver::workloads::start(&args.workloads, shared).await?;
     let watchers = spawn_watchers(client, tx, metrics.clone(), args.enable_mcs_api);
-    let mut export =
-        ExportLoop::new(Exporter::new(cluster.clone(), metrics.clone()), sink, identities, readiness, metrics);
+    let mut export = ExportLoop::new(
+        Exporter::new(cluster.clone(), metrics.clone()),
+        node_owners.view(Writer::Cluster),
+        identities,
+        readiness,
+        metrics,
+    );
     if args.enable_mcs_api {
         info!("MCS API on: services with a ServiceExport are exported too");
         export = export.with_service_exports();

@@ -741,3 +741,56 @@ async fn keyed_host_is_re_exported_after_a_restart() -> Result<()> {
     }
     s.still_running()
 }
+
+/// A cluster Node that appears after a keyed host of its name joined wins the name: the store's node record
+/// becomes the Node's, the host leaves the mesh datapath (mesh address withdrawn, status without mesh address and
+/// key, Ready=False NodeNameTaken) but keeps its identity and address, and deleting the host's object afterwards
+/// leaves the Node's record alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_takes_a_meshed_hosts_name_evicts_the_host() -> Result<()> {
+    let mut s = Setup::start().await?;
+    s.create_workload_with("vm-late", json!({"app": "db"}), Some("10.192.6.0/30")).await?;
+    let resp = s.register_keyed("vm-late", "192.0.2.30", KEY).await?.context("keyed registration")?;
+    let c = s.etcd.client().await;
+    let host_ip: std::net::IpAddr = "192.0.2.30".parse()?;
+    let hosts = wait_node(&c, "vm-late", |n| n.internal_ips().any(|ip| ip == host_ip)).await;
+    hosts.context("no node record for the keyed host")?;
+    wait_ipcache(&c, "10.192.6.1", resp.identity).await?;
+
+    // A Node of the same name joins the cluster.
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "vm-late"},
+        "spec": {"podCIDR": "10.244.9.0/24", "podCIDRs": ["10.244.9.0/24"]},
+        "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.50"}]}
+    }))?;
+    Api::<k8s_openapi::api::core::v1::Node>::all(s.client.clone()).create(&PostParams::default(), &node).await?;
+    let node_ip: std::net::IpAddr = "172.18.0.50".parse()?;
+    let nodes = wait_node(&c, "vm-late", |n| n.internal_ips().any(|ip| ip == node_ip)).await;
+    let Some(record) = nodes else {
+        bail!("the Node never got its record; still {:?}", get(&mut c.clone(), &node_key("vm-late")).await);
+    };
+    assert!(record.wireguard_pub_key != KEY, "the record still carries the host's key: {record:?}");
+
+    // The host is out of the mesh datapath and says why; its identity and underlay address stay.
+    let evicted = wait_until(WAIT, || async {
+        s.status("vm-late").await.is_ok_and(|st| ready_condition(&st)["reason"] == json!("NodeNameTaken"))
+    })
+    .await;
+    let status = s.status("vm-late").await?;
+    assert!(evicted, "no NodeNameTaken in the status: {status}");
+    assert_eq!(ready_condition(&status)["status"], json!("False"), "{status}");
+    assert!(status["meshIPv4"].is_null() && status["wireguardPublicKey"].is_null(), "{status}");
+    assert!(wait_gone(&c, &ipcache_key("10.192.6.1")).await, "the mesh address outlived the eviction");
+    wait_ipcache(&c, "192.0.2.30", resp.identity).await?;
+    // Registering with a key again is refused: the name is the Node's.
+    let again = s.register_keyed("vm-late", "192.0.2.30", KEY).await?;
+    assert_eq!(again.err().map(|st| st.code()), Some(Code::AlreadyExists));
+
+    // Deleting the host's object withdraws what it still had, and leaves the Node's record alone.
+    s.delete_workload("vm-late").await?;
+    assert!(wait_gone(&c, &ipcache_key("192.0.2.30")).await, "the host's address outlived its object");
+    let still = wait_node(&c, "vm-late", |n| n.internal_ips().any(|ip| ip == node_ip)).await;
+    assert!(still.is_some(), "the Node's record went with the host's object");
+    s.still_running()
+}

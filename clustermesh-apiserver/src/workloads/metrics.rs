@@ -22,6 +22,8 @@ pub struct WorkloadMetrics {
     pub registered: Gauge,
     /// Of those, hosts in the mesh datapath (registered a WireGuard key: exported with a node record).
     pub meshed: Gauge,
+    /// Meshed hosts taken out of the mesh datapath because a cluster Node took their name.
+    pub evictions: Counter,
 }
 
 impl WorkloadMetrics {
@@ -40,6 +42,11 @@ impl WorkloadMetrics {
             "workloads_meshed",
             "External workloads in the mesh datapath (registered with a WireGuard key; exported with a node record)",
             self.meshed.clone(),
+        );
+        registry.register(
+            "workload_evictions",
+            "Meshed external workloads taken out of the mesh datapath because a cluster Node took their name",
+            self.evictions.clone(),
         );
     }
 

@@ -42,6 +42,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::kube::Input;
+use crate::node_owners::ClusterNodeNames;
 use crate::sink::{ExportSink, IdentityResolver};
 pub use metrics::WorkloadMetrics;
 pub use server::{ClusterNetwork, WorkloadService};
@@ -137,6 +138,9 @@ pub struct Shared<S, R> {
     pub identities: Arc<R>,
     pub export: mpsc::Sender<Input>,
     pub metrics: WorkloadMetrics,
+    /// Names cluster Nodes hold, and the hosts they evicted (from [`crate::node_owners::NodeOwners`]); `None`: no
+    /// arbitration (tests of registration alone).
+    pub node_owners: Option<(ClusterNodeNames, mpsc::UnboundedReceiver<String>)>,
 }
 
 /// Binds and serves the registration service when `--workloads-addr` is set; None when it is off. Hosts registered
@@ -155,7 +159,7 @@ where
         .await
         .with_context(|| format!("binding the workloads service on {addr}"))?;
     let bound = listener.local_addr().context("workloads listener address")?;
-    let service = std::sync::Arc::new(WorkloadService::new(
+    let mut service = WorkloadService::new(
         shared.client,
         shared.cluster,
         shared.sink,
@@ -163,13 +167,20 @@ where
         shared.export,
         shared.metrics,
         args.network(),
-    ));
+    );
+    let mut evictions = None;
+    if let Some((names, rx)) = shared.node_owners {
+        service = service.with_node_names(names);
+        evictions = Some(rx);
+    }
+    let service = std::sync::Arc::new(service);
     match service.restore_all().await {
         Ok(n) => info!(objects = n, "external workloads registered before the restart are exported again"),
         // Not fatal: the watcher restores them once the kube API answers, only later than the initial export.
         Err(e) => warn!(error = %e, "cannot list ExternalWorkloads at start; the watcher will restore them"),
     }
     let watch = AbortOnDrop(service.clone().spawn_watcher());
+    let evict = evictions.map(|rx| AbortOnDrop(service.clone().spawn_evictions(rx)));
     let server = tonic::transport::Server::builder()
         .tls_config(tls)
         .context("workloads service TLS configuration")?
@@ -183,6 +194,7 @@ where
     );
     Ok(Some(tokio::spawn(async move {
         let _watch = watch;
+        let _evict = evict;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         if let Err(e) = server.serve_with_incoming(incoming).await {
             warn!(error = %e, "the workloads service stopped");

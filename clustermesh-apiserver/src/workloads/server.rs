@@ -24,6 +24,7 @@ use tracing::{info, instrument, warn, Instrument};
 use super::core::{self, Plan, Refusal, Registry, WorkloadObject};
 use super::metrics::WorkloadMetrics;
 use crate::kube::Input;
+use crate::node_owners::ClusterNodeNames;
 use crate::sink::{ExportSink, IdentityResolver};
 
 /// What a registered host is told about the cluster besides its registration (the `--service-cidrs`,
@@ -47,6 +48,8 @@ pub struct WorkloadService<S, R> {
     registry: Mutex<Registry>,
     metrics: WorkloadMetrics,
     network: ClusterNetwork,
+    /// Names cluster Nodes hold in the store (a host may not take one; one taken later evicts the host).
+    node_names: ClusterNodeNames,
 }
 
 /// Free slots of the export loop's channel below which the start-up restore leaves the rest to the watcher (each
@@ -88,7 +91,14 @@ where
             registry: Mutex::new(Registry::new(network.service_cidrs.clone())),
             metrics,
             network,
+            node_names: ClusterNodeNames::default(),
         }
+    }
+
+    /// Refuse (and evict, see [`WorkloadService::evict`]) hosts named like the cluster Nodes in `names`.
+    pub fn with_node_names(mut self, names: ClusterNodeNames) -> Self {
+        self.node_names = names;
+        self
     }
 
     async fn read_object(&self, name: &str) -> Result<Option<(WorkloadObject, ExternalWorkload)>, Status> {
@@ -192,6 +202,8 @@ where
                 }
             }
         };
+        let mut object = object;
+        object.node_name_taken = req.wireguard_key.is_some() && self.node_names.contains(name);
         let plan = match registry.plan(self.cluster.name.as_str(), &req, Some(&object)) {
             Ok(plan) if relabel && plan.reuse_id.is_some() => return,
             Ok(plan) => plan,
@@ -240,6 +252,60 @@ where
             warn!(labels = %gone.labels, error = %e, "cannot release the identity of a deleted external workload");
         }
         info!(id = gone.id, ips = ?gone.ips, mesh = gone.mesh.is_some(), "external workload deleted: withdrawn");
+    }
+
+    /// A cluster Node took the name of meshed host `name` (its node record is the Node's now): the host leaves the
+    /// mesh datapath as if it had registered without a key (its mesh address's ipcache entry is withdrawn; its
+    /// identity and underlay address stay), and its object says why: `Ready=False`, reason `NodeNameTaken`, no
+    /// mesh address or key in the status (so nothing peers with it under the Node's name).
+    #[instrument(skip_all, fields(cluster = %self.cluster.name, workload = name))]
+    pub async fn evict(&self, name: &str) {
+        let mut registry = self.registry.lock().await;
+        let Some(known) = registry.get(name).filter(|k| k.mesh.is_some()).cloned() else { return };
+        let obj = match Api::<ExternalWorkload>::all(self.client.clone()).get_opt(name).await {
+            Ok(Some(o)) => o,
+            Ok(None) => return,
+            Err(e) => return warn!(error = %e, "cannot read the evicted host's object; its status is not updated"),
+        };
+        let mut req = known.request.clone();
+        req.wireguard_key = None;
+        let plan = match registry.plan(self.cluster.name.as_str(), &req, Some(&known.pinned(view(name, &obj)))) {
+            Ok(plan) => plan,
+            Err(r) => return warn!(reason = %r, "cannot take the evicted host out of the mesh"),
+        };
+        match self.carry_out(&plan, &view(name, &obj)).await {
+            Ok(id) => registry.commit(&plan, id),
+            Err(e) => return warn!(error = %e.message(), "cannot take the evicted host out of the mesh"),
+        }
+        self.set_gauges(&registry);
+        drop(registry);
+        self.metrics.evictions.inc();
+        let refusal = Refusal::NodeNameTaken(name.to_string());
+        let previous = obj.status.clone().unwrap_or_default();
+        let reason = refusal.condition_reason().unwrap_or("NodeNameTaken");
+        let message = format!(
+            "a Node named {name:?} joined the cluster after this host; the node record is the Node's now and the host \
+             left the mesh datapath (it keeps its identity and address): give the ExternalWorkload (and the host) \
+             another name and register again"
+        );
+        let conditions = refused_conditions(&previous, reason, &message, obj.metadata.generation, &now_rfc3339());
+        let patch = serde_json::json!({
+            "status": { "conditions": conditions, "meshIPv4": null, "wireguardPublicKey": null }
+        });
+        let api: Api<ExternalWorkload> = Api::all(self.client.clone());
+        if let Err(e) = api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            warn!(error = %e, "cannot write the eviction into the status");
+        }
+        warn!(withdrawn = ?plan.withdraw, "a cluster Node took this host's name: the host left the mesh datapath");
+    }
+
+    /// Evicts every host whose name the node-record arbiter reports taken, until the sender is gone.
+    pub fn spawn_evictions(self: Arc<Self>, mut names: mpsc::UnboundedReceiver<String>) -> JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Some(name) = names.recv().await {
+                self.evict(&name).await;
+            }
+        })
     }
 
     fn node_key(&self, name: &str) -> StoreKey {
@@ -369,7 +435,7 @@ where
         let mut registry = self.registry.lock().await;
         let mut object = self.read_object(&raw.name).await?;
         if let Some((view, _)) = object.as_mut().filter(|_| !raw.wireguard_pub_key.trim().is_empty()) {
-            view.node_name_taken = self.node_exists(&raw.name).await?;
+            view.node_name_taken = self.node_names.contains(&raw.name) || self.node_exists(&raw.name).await?;
         }
         let decided = core::parse_request(&raw.name, &raw.ipv4, &raw.ipv6, &raw.wireguard_pub_key)
             .and_then(|req| registry.plan(self.cluster.name.as_str(), &req, object.as_ref().map(|(v, _)| v)));
