@@ -56,6 +56,10 @@ struct Args {
     /// records, so traffic to another cluster's pods never goes to a gateway. Unset: only --mesh-pod-cidrs.
     #[arg(long, env = "CAUSEWAY_IDENTITY_SYNC_ADDR")]
     identity_sync_addr: Option<String>,
+    /// With --identity-sync-addr: how long the assignment stream waits for the first MeshView before serving with
+    /// the configured meshed CIDRs only.
+    #[arg(long, env = "CAUSEWAY_MESH_SYNC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    mesh_sync_timeout: Duration,
     /// Meshed clusters' pod CIDRs as `cluster=cidr`, comma-separated (added to those learned with
     /// --identity-sync-addr).
     #[arg(long, env = "CAUSEWAY_MESH_POD_CIDRS", value_delimiter = ',', value_parser = parse_mesh_cidr)]
@@ -175,6 +179,7 @@ async fn run(
         remote_pod_cidrs: mesh,
     };
     tx.send(Input::Networks(networks.clone())).await?;
+    let (mesh_ready_tx, mesh_ready) = tokio::sync::watch::channel(args.identity_sync_addr.is_none());
     if let Some(endpoint) = args.identity_sync_addr.clone() {
         let cfg = MeshFollowConfig {
             endpoint,
@@ -182,7 +187,7 @@ async fn run(
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
         };
-        tokio::spawn(mesh::follow(cfg, tx.clone(), metrics.clone()));
+        tokio::spawn(mesh::follow(cfg, tx.clone(), metrics.clone(), mesh_ready_tx));
     }
     // The prober reports every node every round; a staleness limit under a few rounds would take healthy
     // gateways down between two reports.
@@ -203,7 +208,9 @@ async fn run(
     info!(addr = %listener.local_addr()?, "serving causeway.v1.EgressAssignments");
     let controller = Controller::new(client.clone(), probe).with_metrics(metrics).with_health(health);
     let hub = AssignmentHub::new(StreamConfig::default(), stream_metrics, controller.node_zones());
-    let _feeder = hub.follow(controller.assignments(), controller.synced());
+    // Served once the controller synced and (with --identity-sync-addr) the meshed clusters' CIDRs are in.
+    let (serve_gate, _gate) = mesh::gate(controller.synced(), mesh_ready, args.mesh_sync_timeout);
+    let _feeder = hub.follow(controller.assignments(), serve_gate);
     let mut grpc = tokio::spawn(server::serve(listener, hub));
     let probe_cfg = ProbeConfig { port: args.probe_port, interval: args.probe_interval };
     let mut prober = tokio::spawn(probe::run(probe_cfg, controller.probe_targets(), tx.clone(), probe_metrics));

@@ -10,7 +10,7 @@ use causeway_api::v1::mesh_view_client::MeshViewClient;
 use causeway_api::v1::watch_event::{Kind as EventKind, Object};
 use causeway_api::v1::{WatchEvent, WatchRequest};
 use ipnet::IpNet;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
@@ -50,9 +50,10 @@ pub fn node_event(ev: &WatchEvent) -> Option<MeshNodeEvent> {
     }
 }
 
-/// Follows the stream until `tx` closes.
+/// Follows the stream until `tx` closes. `first_view` turns true once the first view (the end of the first
+/// snapshot) has been handed to the controller.
 #[tracing::instrument(name = "mesh_view", skip_all, fields(endpoint = %cfg.endpoint))]
-pub async fn follow(cfg: MeshFollowConfig, tx: mpsc::Sender<Input>, metrics: Metrics) {
+pub async fn follow(cfg: MeshFollowConfig, tx: mpsc::Sender<Input>, metrics: Metrics, first_view: watch::Sender<bool>) {
     let uri = if cfg.endpoint.contains("://") { cfg.endpoint.clone() } else { format!("http://{}", cfg.endpoint) };
     let endpoint = match Endpoint::from_shared(uri) {
         Ok(e) => e
@@ -89,6 +90,7 @@ pub async fn follow(cfg: MeshFollowConfig, tx: mpsc::Sender<Input>, metrics: Met
                             if tx.send(Input::Networks(networks)).await.is_err() {
                                 return Ok(true);
                             }
+                            first_view.send_replace(true);
                         }
                         if tracker.rejected > rejected {
                             metrics.mesh_rejected_cidrs.inc_by(tracker.rejected - rejected);
@@ -115,6 +117,35 @@ pub async fn follow(cfg: MeshFollowConfig, tx: mpsc::Sender<Input>, metrics: Met
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(cfg.backoff_max);
     }
+}
+
+/// The gate the assignment stream waits on: open once the controller is `synced` and the mesh view arrived
+/// (`mesh`), or once `patience` has passed since the controller synced without it (then with the configured
+/// CIDRs only, said in a warning), so that agents are not handed assignments that send mesh traffic to a gateway
+/// just because the stream was a moment late, nor held up forever when identity-sync is down.
+pub fn gate(
+    mut synced: watch::Receiver<bool>,
+    mut mesh: watch::Receiver<bool>,
+    patience: Duration,
+) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        if synced.wait_for(|s| *s).await.is_err() {
+            return;
+        }
+        match tokio::time::timeout(patience, mesh.wait_for(|m| *m)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) | Err(_) => warn!(
+                waited = ?patience,
+                "no MeshView from identity-sync yet: serving assignments with the configured meshed CIDRs only \
+                 (--mesh-pod-cidrs); learned ones follow when the stream answers"
+            ),
+        }
+        tx.send_replace(true);
+        // Synced stays true once it is; keep the sender alive for the stream's lifetime.
+        tx.closed().await;
+    });
+    (rx, task)
 }
 
 fn log_learned(learned: &BTreeMap<String, Vec<IpNet>>) {

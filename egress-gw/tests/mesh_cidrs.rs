@@ -99,7 +99,8 @@ async fn meshed_pod_cidrs_follow_the_mesh_view_stream() -> Result<()> {
         backoff_initial: Duration::from_millis(50),
         backoff_max: Duration::from_millis(200),
     };
-    let follower = tokio::spawn(follow(cfg, tx, metrics.clone()));
+    let (view_tx, mut first_view) = tokio::sync::watch::channel(false);
+    let follower = tokio::spawn(follow(cfg, tx, metrics.clone(), view_tx));
 
     // The first snapshot: west's two nodes, and garbage from a hostile remote.
     first_tx.send(ev(Kind::SnapshotBegin, None)).await?;
@@ -107,7 +108,9 @@ async fn meshed_pod_cidrs_follow_the_mesh_view_stream() -> Result<()> {
     first_tx.send(ev(Kind::Upsert, node("west", "w2", &["10.2.1.0/24"]))).await?;
     first_tx.send(ev(Kind::Upsert, node("evil", "x", &["garbage"]))).await?;
     first_tx.send(ev(Kind::SnapshotEnd, None)).await?;
+    assert!(!*first_view.borrow(), "no view before the snapshot ended");
     let n = next_networks(&mut rx).await?;
+    tokio::time::timeout(Duration::from_secs(20), first_view.wait_for(|v| *v)).await??;
     assert_eq!(n.pod_cidrs, configured.pod_cidrs, "this cluster's ranges are kept");
     assert_eq!(n.service_cidrs, configured.service_cidrs);
     assert_eq!(n.remote_pod_cidrs.get("west"), Some(&vec![net("10.2.0.0/23")]));
@@ -145,5 +148,32 @@ async fn meshed_pod_cidrs_follow_the_mesh_view_stream() -> Result<()> {
 
     follower.abort();
     server.abort();
+    Ok(())
+}
+
+/// The assignment stream's gate: shut until the controller synced and the mesh view arrived, or until the patience
+/// ran out after the controller synced (identity-sync down must not hold egress back forever).
+#[tokio::test]
+async fn assignments_wait_for_the_mesh_view_but_not_forever() -> Result<()> {
+    use causeway_egress_gw::mesh::gate;
+    let (synced_tx, synced) = tokio::sync::watch::channel(false);
+    let (mesh_tx, mesh) = tokio::sync::watch::channel(false);
+    let (mut open, _task) = gate(synced, mesh, Duration::from_secs(3600));
+    mesh_tx.send_replace(true);
+    tokio::task::yield_now().await;
+    assert!(!*open.borrow(), "open before the controller synced");
+    synced_tx.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(20), open.wait_for(|o| *o)).await??;
+
+    // identity-sync never answers: the gate opens after the patience, counted from the controller's sync.
+    let (synced_tx, synced) = tokio::sync::watch::channel(false);
+    let (_mesh_tx, mesh) = tokio::sync::watch::channel(false);
+    let (mut open, _task) = gate(synced, mesh, Duration::from_millis(300));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!*open.borrow(), "the patience counts from the controller's sync, not from the start");
+    synced_tx.send_replace(true);
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), open.wait_for(|o| *o)).await??;
+    assert!(started.elapsed() >= Duration::from_millis(300), "opened before the patience ran out");
     Ok(())
 }
