@@ -1,8 +1,8 @@
 //! Host mode: the real `causeway-node-agent` on a joined VM ("host" netns) with only `--wireguard-interface`,
-//! `--mesh-ipv4`, `--service-cidrs` and `--home-cluster`, fed node records by identity-sync's real MeshView hub in
-//! this process. The home cluster's node is wireguard-go in another netns ("node"), configured the way the
-//! cluster's agents configure a joined host (its alloc CIDR and underlay IP as allowed IPs), with a pod behind it
-//! and a Service address on it:
+//! `--mesh-ipv4` (and at the end without it: the old address goes), `--service-cidrs` and `--home-cluster`, fed
+//! node records by identity-sync's real MeshView hub in this process. The home cluster's node is wireguard-go in
+//! another netns ("node"), configured the way the cluster's agents configure a joined host (its alloc CIDR and
+//! underlay IP as allowed IPs), with a pod behind it and a Service address on it:
 //!
 //! ```text
 //! pod 10.244.1.2 ─ pod0 [node] eth0 192.168.60.1 ══ 192.168.60.10 eth0 [host] wg: 10.192.0.1/32 (mesh address)
@@ -57,6 +57,11 @@ struct Host<'a> {
 impl Host<'_> {
     /// The host-mode command line: no pod or external interface.
     fn start(&self) -> Result<AgentProcess> {
+        self.start_with(Some(MESH_IP))
+    }
+
+    /// The same, with `mesh` as `--mesh-ipv4` (None: without it, as after the host left the mesh datapath).
+    fn start_with(&self, mesh: Option<&str>) -> Result<AgentProcess> {
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.ns.path().display()))
             .arg(env!("CARGO_BIN_EXE_causeway-node-agent"))
@@ -65,7 +70,8 @@ impl Host<'_> {
             .args(["--bpffs-root", &self.st.pin_dir.to_string_lossy()])
             .args(["--state-dir", &self.st.state_dir.to_string_lossy()])
             .args(["--wireguard-interface", &self.wg, "--wireguard-port", &WG_PORT.to_string()])
-            .args(["--mesh-ipv4", MESH_IP, "--service-cidrs", SERVICE_CIDR, "--home-cluster", HOME])
+            .args(mesh.map(|m| ["--mesh-ipv4", m]).into_iter().flatten())
+            .args(["--service-cidrs", SERVICE_CIDR, "--home-cluster", HOME])
             .env_remove("CAUSEWAY_DRY_RUN")
             .env_remove("CAUSEWAY_POD_INTERFACES")
             .env_remove("CAUSEWAY_EXTERNAL_INTERFACE")
@@ -239,6 +245,13 @@ fn host_mode_puts_the_mesh_address_on_the_tunnel_and_routes_service_cidrs_to_one
     let pod_route = host_ns.exec_unchecked(&["ip", "-o", "route", "get", POD_IP])?;
     let shown = String::from_utf8_lossy(&pod_route.stdout);
     ensure!(!shown.contains(&host.wg), "node-a's pod CIDR left with its node: {shown}");
+
+    // The host left the mesh datapath (registered again without a key): started without --mesh-ipv4, the agent
+    // takes the old mesh address off the interface instead of keeping it.
+    drop(agent);
+    let agent = host.start_with(None)?;
+    host.wait_ready()?;
+    assert_eq!(host.wg_addresses()?, Vec::<String>::new(), "the old mesh address stayed on the interface");
     drop(agent);
     Ok(())
 }

@@ -128,7 +128,7 @@ struct Args {
     wireguard_interface: Option<String>,
     /// A joined host's address inside the mesh (`register` writes it as CAUSEWAY_MESH_IPV4): put on the WireGuard
     /// interface as a /32, so the host's mesh traffic leaves from it. Other IPv4 addresses on that interface are
-    /// removed.
+    /// removed. Started without it, the agent removes the mesh address an earlier run put there.
     #[arg(long, env = "CAUSEWAY_MESH_IPV4")]
     mesh_ipv4: Option<Ipv4Addr>,
     /// A joined host's home cluster's Service CIDRs (comma separated; CAUSEWAY_SERVICE_CIDRS): routed through the
@@ -540,7 +540,13 @@ async fn check_dns(args: &CheckDnsArgs) -> Result<()> {
 
 /// Makes `want` the only IPv4 address on the WireGuard interface (the agent owns that interface). Idempotent: an
 /// address already there is left alone, so a restart changes nothing.
-fn set_mesh_address(ifname: &str, want: Ipv4Addr) -> Result<()> {
+/// The mesh address this agent put on the WireGuard interface, in the state directory: an agent started without
+/// `--mesh-ipv4` (the host left the mesh datapath) removes that address, and only that one.
+const MESH_ADDRESS_FILE: &str = "mesh-ipv4";
+
+/// Puts `want` (a /32) on the WireGuard interface and removes its other IPv4 addresses; without `want`, removes the
+/// address a previous run put there (named in `record`), so a host that lost its mesh address does not keep using it.
+fn set_mesh_address(ifname: &str, want: Option<Ipv4Addr>, record: &std::path::Path) -> Result<()> {
     let ip = |args: &[&str]| -> Result<String> {
         let out = std::process::Command::new("ip").args(args).output().context("running ip")?;
         if !out.status.success() {
@@ -548,7 +554,6 @@ fn set_mesh_address(ifname: &str, want: Ipv4Addr) -> Result<()> {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    let want_net = format!("{want}/32");
     let shown = ip(&["-4", "-o", "addr", "show", "dev", ifname])?;
     let have: Vec<String> = shown
         .lines()
@@ -558,6 +563,20 @@ fn set_mesh_address(ifname: &str, want: Ipv4Addr) -> Result<()> {
             it.next().map(str::to_owned)
         })
         .collect();
+    let Some(want) = want else {
+        let Ok(previous) = std::fs::read_to_string(record) else { return Ok(()) };
+        let previous = format!("{}/32", previous.trim());
+        if have.contains(&previous) {
+            ip(&["addr", "del", &previous, "dev", ifname])?;
+            info!(ifname, address = %previous, "no --mesh-ipv4: removed the mesh address an earlier run set");
+        }
+        std::fs::remove_file(record).with_context(|| format!("removing {}", record.display()))?;
+        return Ok(());
+    };
+    let want_net = format!("{want}/32");
+    // Recorded first: a crash between the two leaves a record of an address that may not be there (harmless),
+    // never an address without a record.
+    std::fs::write(record, want.to_string()).with_context(|| format!("writing {}", record.display()))?;
     for other in have.iter().filter(|a| **a != want_net) {
         info!(ifname, address = %other, "removing a stale address from the WireGuard interface");
         ip(&["addr", "del", other, "dev", ifname])?;
@@ -583,9 +602,7 @@ fn kernel_datapath(args: &Args) -> Result<KernelDatapath> {
             let t = Tunnel::create(TunnelConfig::new(ifname.clone(), key, args.wireguard_port))
                 .with_context(|| format!("creating WireGuard interface {ifname}"))?;
             info!(ifname, public_key = %t.public_key().to_base64(), "WireGuard interface up");
-            if let Some(mesh) = args.mesh_ipv4 {
-                set_mesh_address(ifname, mesh)?;
-            }
+            set_mesh_address(ifname, args.mesh_ipv4, &args.state_dir.join(MESH_ADDRESS_FILE))?;
             Some(t)
         }
         None => None,
