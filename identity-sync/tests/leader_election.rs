@@ -232,3 +232,57 @@ fn the_binary_refuses_leader_election_without_a_kube_api_or_a_namespace() -> any
     assert!(!ok && err.contains("POD_NAMESPACE"), "{err}");
     Ok(())
 }
+
+/// The real binary with `--leader-elect` against the fake kube API: it takes the Lease (named by POD_NAME), and on
+/// SIGTERM gives it up (no holder left) and exits 0, so a standby takes over at once rather than after the lease
+/// duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_holds_the_lease_and_gives_it_up_on_sigterm() -> anyhow::Result<()> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let (server, client) = fake_kube().await?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig)?;
+    let remotes = dir.path().join("remotes");
+    std::fs::create_dir_all(&remotes)?;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_identity-sync"))
+        .args(["--cluster-name", "west", "--cluster-id", "2", "--metrics-addr", "127.0.0.1:0"])
+        .args(["--grpc-addr", "127.0.0.1:0", "--remotes-dir"])
+        .arg(&remotes)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--leader-elect", "--leader-elect-namespace", "default", "--leader-elect-retry-period", "200ms"])
+        .args(["--watch-external-workloads", "false"])
+        .env("POD_NAME", "identity-sync-0")
+        .env_remove("CAUSEWAY_LEADER_ELECT")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let leases: Api<Lease> = Api::namespaced(client, "default");
+    let holder = || async {
+        let lease = leases.get_opt("causeway-identity-sync").await.ok().flatten();
+        lease.and_then(|l| l.spec).and_then(|s| s.holder_identity).filter(|h| !h.is_empty())
+    };
+    let took = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if holder().await.is_some_and(|h| h.starts_with("identity-sync-0_")) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if took.is_err() {
+        let _ = child.kill();
+        let out = child.wait_with_output()?;
+        bail!("the binary never took the Lease:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    let waited = tokio::task::spawn_blocking(move || child.wait_with_output());
+    let out = tokio::time::timeout(PATIENCE, waited).await.context("no exit after SIGTERM")???;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit on SIGTERM: {}\n{stderr}", out.status);
+    assert_eq!(holder().await, None, "the Lease still names a holder after a clean shutdown\n{stderr}");
+    Ok(())
+}
