@@ -217,6 +217,8 @@ enum Attempt {
     Retry(String),
     Fatal(Code, String),
     Tls(TlsFailure),
+    /// The call failed below gRPC: retried, unless [`diagnose_tls`] finds a certificate problem.
+    Transport(String),
 }
 
 /// "outer: inner: innermost" for an error and its sources (tonic's connect errors hide the cause in the chain).
@@ -261,13 +263,55 @@ async fn attempt(ep: &Endpoint, req: &RegisterRequest, server_name: &str) -> Att
     };
     match WorkloadsClient::new(channel).register(req.clone()).await {
         Ok(r) => Attempt::Done(r.into_inner()),
-        // A client certificate the server refuses shows up here with TLS 1.3: the handshake completes on the
-        // client's side before the server's alert arrives.
-        Err(s) => match std::error::Error::source(&s).and_then(|src| TlsFailure::find(src, server_name)) {
-            Some(f) => Attempt::Tls(f),
+        Err(s) => match std::error::Error::source(&s) {
+            // Failed below gRPC (no answer from the service). With TLS 1.3 a refused client certificate ends up
+            // here: the server checks it after the client finished its handshake, and its alert is usually lost to
+            // the reset the client's request causes. A plain TLS connection that only reads gets the alert.
+            Some(src) => match TlsFailure::find(src, server_name) {
+                Some(f) => Attempt::Tls(f),
+                None => Attempt::Transport(format!("the call failed: {}", chain(&s))),
+            },
             None if retryable(s.code()) => Attempt::Retry(format!("{:?}: {}", s.code(), s.message())),
             None => Attempt::Fatal(s.code(), s.message().to_string()),
         },
+    }
+}
+
+/// A TLS connection to the apiserver with the same credentials that only reads: `Some` when the handshake or the
+/// first read fails with a certificate problem no retry can fix (above all the server's alert refusing this host's
+/// client certificate); `None` when TLS is fine or the failure says nothing about certificates.
+async fn diagnose_tls(ep: &Endpoint, cfg: &RegisterConfig) -> Option<TlsFailure> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::AsyncReadExt;
+
+    let uri = ep.uri();
+    let (host, port) = (uri.host()?.trim_matches(['[', ']']).to_string(), uri.port_u16().unwrap_or(443));
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(cfg.ca_pem.as_bytes()) {
+        roots.add(ca.ok()?).ok()?;
+    }
+    let certs = CertificateDer::pem_slice_iter(cfg.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().ok()?;
+    let key = PrivateKeyDer::from_pem_slice(cfg.key_pem.as_bytes()).ok()?;
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .ok()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .ok()?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = ServerName::try_from(cfg.server_name.clone()).ok()?;
+    let bound = cfg.attempt_timeout;
+    let tcp = tokio::time::timeout(bound, tokio::net::TcpStream::connect((host.as_str(), port))).await.ok()?.ok()?;
+    let mut tls = match tokio::time::timeout(bound, connector.connect(name, tcp)).await.ok()? {
+        Ok(s) => s,
+        Err(e) => return TlsFailure::find(&e, &cfg.server_name),
+    };
+    let mut buf = [0u8; 256];
+    match tokio::time::timeout(bound, tls.read(&mut buf)).await {
+        Ok(Err(e)) => TlsFailure::find(&e, &cfg.server_name),
+        _ => None,
     }
 }
 
@@ -288,7 +332,7 @@ pub async fn register(cfg: &RegisterConfig) -> Result<(RegisterResponse, Registr
         let outcome = tokio::time::timeout(cfg.attempt_timeout, attempt(&ep, &req, &cfg.server_name))
             .await
             .unwrap_or_else(|_| Attempt::Retry(format!("no answer within {:?}", cfg.attempt_timeout)));
-        match outcome {
+        let why = match outcome {
             Attempt::Done(resp) => {
                 let reg = Registration::from_response(&resp)?;
                 info!(identity = reg.identity, mesh_ipv4 = %reg.mesh_ipv4, cluster = %reg.cluster_name, "registered");
@@ -298,15 +342,20 @@ pub async fn register(cfg: &RegisterConfig) -> Result<(RegisterResponse, Registr
                 return Err(RegisterError::Refused { name: cfg.name.clone(), code, message });
             }
             Attempt::Tls(failure) => return Err(RegisterError::Tls { apiserver: cfg.apiserver.clone(), failure }),
-            Attempt::Retry(why) => match retry.after_failure(started.elapsed()) {
-                Some(wait) => {
-                    warn!(error = %why, retry_in = ?wait, "registration not accepted yet; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                None => {
-                    return Err(RegisterError::TimedOut { timeout: cfg.timeout, attempts: retry.attempts(), last: why })
-                }
+            Attempt::Transport(why) => match diagnose_tls(&ep, cfg).await {
+                Some(failure) => return Err(RegisterError::Tls { apiserver: cfg.apiserver.clone(), failure }),
+                None => why,
             },
+            Attempt::Retry(why) => why,
+        };
+        match retry.after_failure(started.elapsed()) {
+            Some(wait) => {
+                warn!(error = %why, retry_in = ?wait, "registration not accepted yet; retrying");
+                tokio::time::sleep(wait).await;
+            }
+            None => {
+                return Err(RegisterError::TimedOut { timeout: cfg.timeout, attempts: retry.attempts(), last: why })
+            }
         }
     }
 }
