@@ -7,7 +7,8 @@
 //! `--server-name`), the way the kvstore client verifies etcd's copy of that certificate (`TlsConfig::server_name`),
 //! whatever address the connection goes to.
 //!
-//! The apiserver may not be up yet when a host boots: connection failures and UNAVAILABLE (the apiserver's own
+//! The apiserver may not be up yet when a host boots: connection failures, calls that fail below gRPC (after a
+//! check that it was not the server refusing this host's certificate) and UNAVAILABLE (the apiserver's own
 //! "retry": kube API or allocator trouble) are retried with capped exponential backoff until the timeout; any other
 //! answer (NOT_FOUND: no ExternalWorkload of that name, PERMISSION_DENIED, INVALID_ARGUMENT,
 //! FAILED_PRECONDITION, ALREADY_EXISTS) will not change by retrying and ends the command at once with the server's
