@@ -103,6 +103,51 @@ pub struct AgentError {
 pub struct EgressReport {
     pub policies: Vec<PolicyReport>,
     pub unreachable_agents: Vec<AgentError>,
+    /// Which egress-gw replica acts, from its leader Lease; None when the Lease could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub controller: Option<ControllerReport>,
+}
+
+/// The egress-gw leader Lease (`<namespace>/causeway-egress-gw`), as an operator needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControllerReport {
+    /// The pod that holds the Lease (the holder identity without its random suffix); None: nobody.
+    pub leader: Option<String>,
+    /// Seconds since the last renewal, by this machine's clock; None when the Lease names no renewal.
+    pub renewed_seconds_ago: Option<i64>,
+    /// The last renewal is older than the Lease's duration: no replica is acting (assignments already in the
+    /// datapath stay; new pods and gateway failures wait for a leader).
+    pub expired: bool,
+}
+
+/// The leader Lease egress-gw replicas elect with.
+pub const CONTROLLER_LEASE: &str = "causeway-egress-gw";
+
+/// The controller line of the report, from the Lease object (JSON) and the current time (Unix seconds).
+pub fn controller_report(lease: &serde_json::Value, now_unix: i64) -> ControllerReport {
+    let holder = lease.pointer("/spec/holderIdentity").and_then(|v| v.as_str()).filter(|h| !h.is_empty());
+    let leader = holder.map(|h| h.rsplit_once('_').map_or(h, |(pod, _)| pod).to_string());
+    let renewed = lease
+        .pointer("/spec/renewTime")
+        .and_then(|v| v.as_str())
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .map(|t| now_unix - t.as_second());
+    let duration = lease.pointer("/spec/leaseDurationSeconds").and_then(|v| v.as_i64()).unwrap_or(0);
+    let expired = leader.is_none() || renewed.is_none_or(|ago| ago > duration);
+    ControllerReport { leader, renewed_seconds_ago: renewed, expired }
+}
+
+fn controller_line(c: &ControllerReport) -> String {
+    let ago = c.renewed_seconds_ago.map(|s| format!(", renewed {s}s ago")).unwrap_or_default();
+    match (&c.leader, c.expired) {
+        (Some(pod), false) => format!("egress-gw: {pod} leads{ago}\n"),
+        (Some(pod), true) => format!(
+            "egress-gw: NO REPLICA ACTING: {pod}'s leader Lease expired{ago}; assignments already in the datapath stay, \
+             new pods and gateway failures wait for a leader\n"
+        ),
+        (None, _) => "egress-gw: NO REPLICA ACTING: nobody holds the leader Lease\n".to_string(),
+    }
 }
 
 /// What scraping each agent gave: its samples, or why there are none.
@@ -242,7 +287,7 @@ pub fn build_report(policies: &[serde_json::Value], scrapes: &Scrapes) -> Egress
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     let unreachable_agents = scrapes.values().filter_map(|r| r.as_ref().err().cloned()).collect();
-    EgressReport { policies: out, unreachable_agents }
+    EgressReport { policies: out, unreachable_agents, controller: None }
 }
 
 fn list_or_dash(ips: &[String]) -> String {
@@ -286,8 +331,9 @@ fn status_cell(p: &PolicyReport) -> String {
 
 /// The table, footnotes for unreachable agents, and the InvalidSpec/NotReady messages.
 pub fn render_table(report: &EgressReport) -> String {
+    let controller = report.controller.as_ref().map(controller_line).unwrap_or_default();
     if report.policies.is_empty() {
-        return "No EgressGatewayPolicy found.\n".to_string();
+        return format!("{controller}No EgressGatewayPolicy found.\n");
     }
     // Footnote numbers, one per unreachable agent, in the order they first appear in the table.
     let mut footnotes: Vec<&AgentError> = Vec::new();
@@ -345,7 +391,7 @@ pub fn render_table(report: &EgressReport) -> String {
         }
     }
     let widths: Vec<usize> = (0..8).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
+    let mut out = controller;
     for r in &rows {
         let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(line.join("  ").trim_end());
@@ -425,8 +471,26 @@ fn describe_reqwest(e: &reqwest::Error) -> String {
 
 /// Lists the policies and scrapes every gateway's agent (concurrently, each bounded by `timeout`).
 #[tracing::instrument(skip_all, fields(context = ?target.context))]
-pub async fn collect(target: &KubeTarget, agent_port: u16, timeout: Duration) -> Result<EgressReport, Error> {
+pub async fn collect(
+    target: &KubeTarget,
+    namespace: &str,
+    agent_port: u16,
+    timeout: Duration,
+) -> Result<EgressReport, Error> {
     let client = target.client().await?;
+    // The controller's Lease: shown when readable, never a reason to fail (RBAC, an older egress-gw without it).
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), namespace);
+    let controller = match leases.get_opt(CONTROLLER_LEASE).await {
+        Ok(Some(l)) => serde_json::to_value(&l)
+            .ok()
+            .map(|v| controller_report(&v, k8s_openapi::jiff::Timestamp::now().as_second())),
+        // No Lease: egress-gw runs without --leader-elect (or not at all); nothing to say about leadership.
+        Ok(None) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the egress-gw leader Lease");
+            None
+        }
+    };
     let ar = ApiResource::erase::<EgressGatewayPolicy>(&());
     let api: Api<DynamicObject> = Api::all_with(client, &ar);
     let list = api.list(&ListParams::default()).await.map_err(|e| {
@@ -456,13 +520,32 @@ pub async fn collect(target: &KubeTarget, agent_port: u16, timeout: Duration) ->
             scrapes.insert(ip, r);
         }
     }
-    Ok(build_report(&policies, &scrapes))
+    let mut report = build_report(&policies, &scrapes);
+    report.controller = controller;
+    Ok(report)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_controller_line_names_the_leader_or_says_nobody_acts() {
+        let now = "2026-12-06T10:00:30Z".parse::<k8s_openapi::jiff::Timestamp>().map(|t| t.as_second()).unwrap_or(0);
+        let lease = |holder: &str, renewed: &str| json!({"spec": {"holderIdentity": holder, "renewTime": renewed, "leaseDurationSeconds": 15}});
+        let live = controller_report(&lease("egress-gw-7d9f-abc_0a1b2c3d", "2026-12-06T10:00:28.123456Z"), now);
+        assert_eq!(live.leader.as_deref(), Some("egress-gw-7d9f-abc"));
+        assert_eq!((live.renewed_seconds_ago, live.expired), (Some(2), false));
+        assert!(controller_line(&live).starts_with("egress-gw: egress-gw-7d9f-abc leads, renewed 2s ago"));
+        let dead = controller_report(&lease("egress-gw-7d9f-abc_0a1b2c3d", "2026-12-06T09:59:00Z"), now);
+        assert!(dead.expired);
+        assert!(controller_line(&dead).contains("NO REPLICA ACTING") && controller_line(&dead).contains("90s ago"));
+        let released = controller_report(&json!({"spec": {"holderIdentity": "", "leaseDurationSeconds": 1}}), now);
+        assert_eq!((released.leader, released.expired), (None, true));
+        let garbage = controller_report(&json!({"spec": {"holderIdentity": "x", "renewTime": "yesterday"}}), now);
+        assert!(garbage.expired, "an unreadable renewal is not a live leader");
+    }
 
     fn policy(name: &str, egress_ip: Option<&str>, status: serde_json::Value) -> serde_json::Value {
         let mut group = json!({"nodeSelector": {"matchLabels": {"egress": "true"}}});

@@ -176,6 +176,9 @@ enum EgressAction {
     Status {
         #[command(flatten)]
         kube: KubeArgs,
+        /// Namespace of Causeway's objects (egress-gw's leader Lease is read there).
+        #[arg(long, short = 'n', default_value = causeway::clustermesh::DEFAULT_NAMESPACE)]
+        namespace: String,
         /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
@@ -298,8 +301,11 @@ async fn main() -> anyhow::Result<()> {
             }
             print!("{}", rendered.script);
         }
-        Command::Egress { action: EgressAction::Status { kube, output, agent_metrics_port, agent_timeout } } => {
-            let report = causeway::egress::collect(&kube.target(), agent_metrics_port, agent_timeout).await?;
+        Command::Egress {
+            action: EgressAction::Status { kube, namespace, output, agent_metrics_port, agent_timeout },
+        } => {
+            let report =
+                causeway::egress::collect(&kube.target(), &namespace, agent_metrics_port, agent_timeout).await?;
             match output {
                 Output::Table => print!("{}", causeway::egress::render_table(&report)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),

@@ -33,7 +33,18 @@ async fn egress_status_table_and_json() -> anyhow::Result<()> {
     let clusters = common::Clusters::start(&["east"]).await?;
     let client = clusters.client("east").await?;
     common::install_crds(&client).await?;
-    let api: Api<EgressGatewayPolicy> = Api::all(client);
+    let api: Api<EgressGatewayPolicy> = Api::all(client.clone());
+    // egress-gw's leader Lease, renewed just now by replica egress-gw-0.
+    let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(json!({"metadata": {"name": "causeway"}}))?;
+    let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()).create(&Default::default(), &ns).await;
+    let renewed = k8s_openapi::jiff::Timestamp::now().to_string();
+    let lease: k8s_openapi::api::coordination::v1::Lease = serde_json::from_value(json!({
+        "metadata": {"name": "causeway-egress-gw", "namespace": "causeway"},
+        "spec": {"holderIdentity": "egress-gw-0_1a2b3c4d", "leaseDurationSeconds": 15, "renewTime": renewed}
+    }))?;
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client, "causeway")
+        .create(&Default::default(), &lease)
+        .await?;
 
     // Gateway 127.0.0.1 answers; 127.0.0.2 (same port, nothing listening) does not.
     let port = serve_metrics(
@@ -84,6 +95,7 @@ async fn egress_status_table_and_json() -> anyhow::Result<()> {
         .expect_ok("egress status");
     let table = run.stdout;
     println!("{table}");
+    assert!(table.lines().next().is_some_and(|l| l.starts_with("egress-gw: egress-gw-0 leads")), "{table}");
     let row = |name: &str| table.lines().find(|l| l.starts_with(name)).map(str::to_string).unwrap_or_default();
     let billing = row("billing-db");
     // 37 + 5 to 203.0.113.0/24 through 192.0.2.10 on the reachable gateway; 900 (other destination) and 11 (other
@@ -115,6 +127,10 @@ async fn egress_status_table_and_json() -> anyhow::Result<()> {
     assert_eq!(v["policies"][1]["matchedPods"], serde_json::Value::Null);
     assert_eq!(v["policies"][1]["problems"][1]["reason"], "ExcludedCIDROutsideDestinations");
     assert_eq!(v["unreachableAgents"][0]["nodeIp"], "127.0.0.2");
+    assert_eq!(
+        (v["controller"]["leader"].clone(), v["controller"]["expired"].clone()),
+        (json!("egress-gw-0"), json!(false))
+    );
     Ok(())
 }
 
