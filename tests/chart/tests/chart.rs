@@ -922,6 +922,10 @@ fn bad_values_are_refused_with_a_clear_message() -> Result<()> {
             "no stream to follow",
         ),
         ("cluster: {name: east, id: 1}\nnodeAgent: {podInterfacePrefix: \"\"}", "refuses to guess which interfaces"),
+        (
+            "cluster: {name: east, id: 1}\nclustermesh: {apiserver: {replicas: 2}}",
+            "clustermesh.apiserver.replicas must be 1, not 2",
+        ),
     ] {
         let err = helm_template(values, NS, &[]).map(|_| ()).expect_err(values);
         assert!(format!("{err:#}").contains(expect), "values {values:?}: expected {expect:?} in {err:#}");
