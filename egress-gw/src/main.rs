@@ -206,7 +206,10 @@ async fn run(
         .await
         .with_context(|| format!("bind the gRPC address {}", args.grpc_addr))?;
     info!(addr = %listener.local_addr()?, "serving causeway.v1.EgressAssignments");
-    let controller = Controller::new(client.clone(), probe).with_metrics(metrics).with_health(health);
+    // The first publish waits until every gateway rose or failed (rise/fall rounds), at most a few rounds more.
+    let warmup = (args.probe_interval * (args.probe_rise + args.probe_fall + 2)).max(Duration::from_secs(1));
+    let controller =
+        Controller::new(client.clone(), probe).with_metrics(metrics).with_health(health).with_warmup(warmup);
     let hub = AssignmentHub::new(StreamConfig::default(), stream_metrics, controller.node_zones());
     // Served once the controller synced and (with --identity-sync-addr) the meshed clusters' CIDRs are in.
     let (serve_gate, _gate) = mesh::gate(controller.synced(), mesh_ready, args.mesh_sync_timeout);

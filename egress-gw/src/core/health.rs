@@ -93,6 +93,13 @@ impl HealthTracker {
         None
     }
 
+    /// Whether `node`'s health is known: it rose, or failed `fall` rounds in a row (a node with no report, or
+    /// still rising, is not settled). A fresh controller waits for this before it publishes, so that it does not
+    /// hand out "no healthy gateway" for gateways that are only not probed yet.
+    pub fn settled(&self, node: &str) -> bool {
+        self.nodes.get(node).is_some_and(|n| n.healthy || n.fail_streak >= self.config.fall)
+    }
+
     /// Takes down nodes whose reports stopped. Call on every timer tick.
     pub fn tick(&mut self, now: Instant) -> Vec<HealthChange> {
         let stale_after = self.config.stale_after;
@@ -128,6 +135,22 @@ mod tests {
     }
 
     const ROUND: Duration = Duration::from_millis(100);
+
+    #[test]
+    fn health_is_settled_once_a_node_rose_or_failed_fall_rounds() {
+        let t0 = Instant::now();
+        let mut h = HealthTracker::new(cfg());
+        assert!(!h.settled("a"), "no report: not known");
+        h.observe("a", true, t0);
+        h.observe("a", true, t0 + ROUND);
+        assert!(!h.settled("a"), "still rising");
+        h.observe("a", true, t0 + 2 * ROUND);
+        assert!(h.settled("a"), "rose");
+        h.observe("b", false, t0);
+        assert!(!h.settled("b"), "one failure is not a verdict");
+        h.observe("b", false, t0 + ROUND);
+        assert!(h.settled("b"), "failed `fall` rounds: known to be down");
+    }
 
     #[test]
     fn fresh_node_is_healthy_after_rise_rounds_without_hold_down() {

@@ -121,6 +121,11 @@ impl Index {
         self.health.is_healthy(node)
     }
 
+    /// Every gateway candidate's health is known (see [`crate::core::HealthTracker::settled`]); true with none.
+    pub fn health_settled(&self) -> bool {
+        self.gateway_candidates().keys().all(|n| self.health.settled(n))
+    }
+
     /// Computes every policy's output. Also advances the stable slot memory, so call it once per batch of changes.
     pub fn compute(&mut self) -> BTreeMap<String, PolicyOutput> {
         let selected: BTreeMap<&str, BTreeSet<&PodKey>> =

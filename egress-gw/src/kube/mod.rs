@@ -162,8 +162,14 @@ pub struct Controller {
     zones: watch::Sender<BTreeMap<String, String>>,
     /// Candidate gateway nodes → the IP to probe.
     probe_targets: watch::Sender<BTreeMap<String, IpAddr>>,
-    /// Turns true after the first reconcile over a full list of every kind.
+    /// Turns true after the first reconcile over a full list of every kind and settled gateway health.
     synced: watch::Sender<bool>,
+    /// Longest wait, after every kind was listed, for the gateways' health to settle before the first publish.
+    warmup: Duration,
+    /// When the warm-up ends at the latest (set once every kind was listed); None before.
+    warm_deadline: Option<Instant>,
+    /// The warm-up is over: gateway health settled (or the deadline passed).
+    warm: bool,
     /// Something changed since the last reconcile.
     dirty: bool,
     metrics: Metrics,
@@ -191,6 +197,9 @@ impl Controller {
             zones: watch::channel(BTreeMap::new()).0,
             probe_targets: watch::channel(BTreeMap::new()).0,
             synced: watch::channel(false).0,
+            warmup: Duration::from_secs(2),
+            warm_deadline: None,
+            warm: false,
             dirty: false,
             metrics: Metrics::default(),
             health: None,
@@ -201,6 +210,14 @@ impl Controller {
     pub fn with_health(mut self, health: causeway_runtime::Health) -> Self {
         health.set_not_ready("waiting for the first list of policies, pods, namespaces and nodes");
         self.health = Some(health);
+        self
+    }
+
+    /// How long, at most, the first publish waits for every gateway candidate's health to settle once everything
+    /// was listed (default 2 s). Without it a fresh controller, a restart or a new leader, would publish "no healthy
+    /// gateway" for gateways merely not probed yet, and agents would drop egress traffic until they rose.
+    pub fn with_warmup(mut self, warmup: Duration) -> Self {
+        self.warmup = warmup;
         self
     }
 
@@ -234,9 +251,35 @@ impl Controller {
         self.synced.subscribe()
     }
 
-    /// Whether every kind has been listed once (before that, status would be computed from a partial view).
+    /// Whether every kind has been listed once (before that, status would be computed from a partial view) and the
+    /// gateways' health has settled (or the warm-up deadline passed).
     pub fn is_synced(&self) -> bool {
+        self.all_listed() && self.warm
+    }
+
+    fn all_listed(&self) -> bool {
         ALL_KINDS.iter().all(|k| self.listed.contains(k))
+    }
+
+    /// Ends the warm-up once every kind was listed and every gateway candidate's health is known, or at the
+    /// deadline; the first reconcile follows.
+    fn check_warm(&mut self, now: Instant) {
+        if self.warm || !self.all_listed() {
+            return;
+        }
+        // The prober needs the candidates to probe them before anything is published.
+        publish(&self.probe_targets, self.index.gateway_candidates());
+        let deadline = *self.warm_deadline.get_or_insert(now + self.warmup);
+        let settled = self.index.health_settled();
+        if settled || now >= deadline {
+            self.warm = true;
+            self.dirty = true;
+            if settled {
+                info!(candidates = self.index.gateway_candidates().len(), "gateway health settled; publishing");
+            } else {
+                warn!(waited = ?self.warmup, "gateway health not settled in time; publishing with what the probes said so far");
+            }
+        }
     }
 
     /// Runs until the input channel closes.
@@ -245,7 +288,12 @@ impl Controller {
             tokio::spawn(writer.run(self.status_jobs.subscribe()));
         }
         loop {
-            let deadline = self.index.next_deadline().map(tokio::time::Instant::from_std);
+            let warm_at = self.warm_deadline.filter(|_| !self.warm);
+            let deadline = match (self.index.next_deadline(), warm_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+            .map(tokio::time::Instant::from_std);
             tokio::select! {
                 input = rx.recv() => {
                     let Some(input) = input else { return };
@@ -264,6 +312,7 @@ impl Controller {
                     }
                 }
             }
+            self.check_warm(Instant::now());
             if self.is_synced() && self.dirty {
                 self.reconcile().await;
                 self.synced.send_if_modified(|s| !std::mem::replace(s, true));

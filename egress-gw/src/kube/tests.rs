@@ -269,3 +269,46 @@ async fn status_events_and_assignments_follow_the_cluster() -> Result<()> {
     server.shutdown().await?;
     Ok(())
 }
+
+/// A fresh controller (a restart, a newly elected leader) publishes nothing until the gateways' health is known:
+/// before, its first assignments had no healthy gateway (not probed yet), and agents dropped egress traffic until
+/// the gateways rose. The probe targets go out during the warm-up; once every candidate rose or failed `fall`
+/// rounds, the first publish has the right gateways, and the first status never said NoHealthyGateway.
+#[tokio::test]
+async fn the_first_publish_waits_until_gateway_health_is_known() -> Result<()> {
+    let (_server, client) = fake_kube().await?;
+    setup(&client).await?;
+    let policies = Api::<EgressGatewayPolicy>::all(client.clone());
+    policies.create(&PostParams::default(), &native_policy()?).await?;
+
+    let (tx, rx) = mpsc::channel(1024);
+    let health = HealthConfig { stale_after: Duration::from_secs(3600), ..HealthConfig::default() };
+    // A warm-up far longer than the test: only settled health may end it.
+    let controller = Controller::new(client.clone(), health).with_warmup(Duration::from_secs(3600));
+    let (assignments, mut synced, mut targets) =
+        (controller.assignments(), controller.synced(), controller.probe_targets());
+    let _watchers = spawn_watchers(client.clone(), tx.clone());
+    let _run = tokio::spawn(controller.run(rx));
+
+    // Everything is listed and the prober is told what to probe, but nothing is published yet.
+    tokio::time::timeout(Duration::from_secs(20), targets.wait_for(|t| t.len() == 2)).await??;
+    probe_rounds(&tx, &["gw-a"], &["gw-b"], 2).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!*synced.borrow(), "published before the gateways' health was known");
+    assert!(assignments.borrow().is_empty());
+    assert!(policies.get("partner-api").await?.status.is_none(), "status written during the warm-up");
+
+    // One more round: gw-a rose (3 good rounds), gw-b failed 3 in a row. Both are known: publish.
+    probe_rounds(&tx, &["gw-a"], &["gw-b"], 1).await?;
+    tokio::time::timeout(Duration::from_secs(20), synced.wait_for(|s| *s)).await??;
+    let first = assignments.borrow().get("partner-api").cloned().context("the first publish has the policy")?;
+    let gws: Vec<String> = first.groups[0].gateways.iter().map(|g| g.node.clone()).collect();
+    assert_eq!(gws, vec!["gw-a".to_string()], "the first publish carries the gateway that rose");
+    let p = wait_for("the first status", async || {
+        let p = policies.get("partner-api").await?;
+        Ok(p.status.is_some().then_some(p))
+    })
+    .await?;
+    assert_eq!(condition(&p, "Ready"), Some(("True".into(), "GatewaysActive".into())));
+    Ok(())
+}
