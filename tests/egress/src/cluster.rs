@@ -276,6 +276,13 @@ impl EgressCluster {
         (out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"), out)
     }
 
+    /// A sample of node `i`'s agent `/metrics` (`name` with its labels, as printed), if the agent answers and has it.
+    pub fn agent_metric(&self, i: usize, name: &str) -> Option<f64> {
+        let node = self.topo.nodes.get(i)?;
+        let text = http_get(&node.ns, SocketAddr::from((node.ip, AGENT_METRICS_PORT)), "/metrics")?;
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
     /// Replica `i`'s `/metrics` text (empty if it does not answer).
     pub fn egress_gw_metrics_text(&self, i: usize) -> String {
         http_get(&self.topo.ctl, self.egress_gw_metrics(i), "/metrics").unwrap_or_default()

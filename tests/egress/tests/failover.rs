@@ -13,7 +13,7 @@ use anyhow::{ensure, Context as _, Result};
 use causeway_egress_e2e::topology::LEGACY_SERVER;
 use causeway_egress_e2e::traffic::tcp_source_seen;
 use causeway_egress_e2e::{
-    billing_policy, EgressCluster, Options, TcpEcho, TcpFlow, BILLING, GW_A, GW_B, TCP_PORT, UDP_PORT, WORKER,
+    billing_policy, EgressCluster, Options, TcpEcho, TcpFlow, BILLING, GW_A, GW_B, TCP_PORT, WORKER,
 };
 use common::*;
 use serde_json::json;
@@ -27,15 +27,8 @@ fn fail_over(test: &str, how: Failure) -> Result<()> {
     let Some((_serial, mut c)) = start(test, Options::default())? else {
         return Ok(());
     };
-    let sink = legacy_sink(&c)?;
-    let pod = c.add_pod(WORKER, "billing-1", BILLING)?;
-    c.create_policy("billing", billing_policy(json!({}), None))?;
-    c.wait_active("billing", &[GW_A, GW_B])?;
-    c.wait_pod_programmed(pod)?;
-    let t0 = Instant::now();
-    let _stream = stream(&c, pod, SocketAddr::from((LEGACY_SERVER, UDP_PORT)))?;
     // Both gateways are active; the stream is pinned to one of them. That one fails.
-    let victim = wait_through_gateway(&c, &sink, pod, t0)?;
+    let BillingFlow { sink, pod, gateway: victim, stream: _stream, .. } = billing_flow(&mut c)?;
     let survivor = if victim == GW_A { GW_B } else { GW_A };
     let survivor_ip = IpAddr::V4(c.topo.nodes[survivor].egress_ip);
     let name = c.pod(pod).name.clone();

@@ -35,6 +35,32 @@ pub fn stream(c: &EgressCluster, h: usize, dst: SocketAddr) -> Result<UdpStream>
     UdpStream::start(c.pod(h), dst, Duration::from_millis(10))
 }
 
+/// The billing setup both gateway-failure tests start from: the legacy server's sink, pod billing-1 on the worker
+/// under the billing policy with both gateways active, and its UDP stream flowing through one of them.
+pub struct BillingFlow {
+    pub sink: UdpSink,
+    pub pod: usize,
+    /// The pod's name (the sink's key for its datagrams).
+    pub name: String,
+    /// The gateway node the stream is pinned to.
+    pub gateway: usize,
+    pub stream: UdpStream,
+}
+
+pub fn billing_flow(c: &mut EgressCluster) -> Result<BillingFlow> {
+    use causeway_egress_e2e::{billing_policy, BILLING, GW_A, GW_B, WORKER};
+    let sink = legacy_sink(c)?;
+    let pod = c.add_pod(WORKER, "billing-1", BILLING)?;
+    c.create_policy("billing", billing_policy(serde_json::json!({}), None))?;
+    c.wait_active("billing", &[GW_A, GW_B])?;
+    c.wait_pod_programmed(pod)?;
+    let t0 = Instant::now();
+    let stream = stream(c, pod, SocketAddr::from((causeway_egress_e2e::topology::LEGACY_SERVER, UDP_PORT)))?;
+    let gateway = wait_through_gateway(c, &sink, pod, t0)?;
+    let name = c.pod(pod).name.clone();
+    Ok(BillingFlow { sink, pod, name, gateway, stream })
+}
+
 /// Every node's egress IP.
 pub fn egress_ips(c: &EgressCluster) -> BTreeSet<IpAddr> {
     c.topo.nodes.iter().map(|n| IpAddr::V4(n.egress_ip)).collect()
