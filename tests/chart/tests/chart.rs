@@ -5,8 +5,9 @@
 //! CRDs are the generated ones.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use causeway::clustermesh as cli;
 use causeway_chart_tests::{binary, check_command_line, helm_template, parse_manifests, Manifest};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
@@ -23,6 +24,9 @@ const MINIMAL: &str = "cluster:\n  name: east\n  id: 1\n";
 
 /// Every option switched away from its default, so each template branch is rendered and checked.
 const EVERYTHING: &str = r#"
+monitoring:
+  podMonitors: {enabled: true, interval: 15s, labels: {release: prom}}
+  prometheusRules: {enabled: true, labels: {release: prom}}
 cluster:
   name: west-2
   id: 300
@@ -152,6 +156,9 @@ fn check_all_typed(ms: &[Manifest]) -> Result<()> {
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => round_trip::<ClusterRoleBinding>(m)?,
             ("rbac.authorization.k8s.io/v1", "Role") => round_trip::<Role>(m)?,
             ("rbac.authorization.k8s.io/v1", "RoleBinding") => round_trip::<RoleBinding>(m)?,
+            // Prometheus Operator kinds: no typed API here; their required shape is checked instead.
+            ("monitoring.coreos.com/v1", "PodMonitor") => check_pod_monitor(m)?,
+            ("monitoring.coreos.com/v1", "PrometheusRule") => check_prometheus_rule(m)?,
             _ => bail!("{} {} has an apiVersion/kind this test does not check: {api} {}", m.kind, m.name, m.kind),
         }
     }
@@ -1092,5 +1099,165 @@ fn helm_lint_strict_passes_and_catches_a_broken_template() -> Result<()> {
     std::fs::write(&template, broken_text)?;
     let err = causeway_chart_tests::helm_lint(&broken, MINIMAL, NS).expect_err("lint accepted a broken template");
     assert!(format!("{err:#}").contains("egress-gw.yaml"), "{err:#}");
+    Ok(())
+}
+
+fn check_pod_monitor(m: &Manifest) -> Result<()> {
+    let spec = &m.doc["spec"];
+    ensure!(spec["selector"]["matchLabels"].as_object().is_some_and(|l| !l.is_empty()), "{}: no selector", m.name);
+    let endpoints = spec["podMetricsEndpoints"].as_array().with_context(|| format!("{}: no endpoints", m.name))?;
+    for e in endpoints {
+        ensure!(e["port"].as_str().is_some() && e["path"].as_str().is_some(), "{}: endpoint {e}", m.name);
+    }
+    Ok(())
+}
+
+/// Every rule of a PrometheusRule: (alert, expr, severity, summary) as strings, or an error naming what is missing.
+fn alert_rules(m: &Manifest) -> Result<Vec<(String, String, String, String)>> {
+    let mut out = Vec::new();
+    for g in m.doc["spec"]["groups"].as_array().with_context(|| format!("{}: no groups", m.name))? {
+        ensure!(g["name"].as_str().is_some(), "{}: a group without a name", m.name);
+        for r in g["rules"].as_array().with_context(|| format!("{}: a group without rules", m.name))? {
+            let field =
+                |k: &str| r[k].as_str().map(str::to_string).with_context(|| format!("{}: rule {r} lacks {k}", m.name));
+            let sev =
+                r["labels"]["severity"].as_str().map(str::to_string).with_context(|| format!("no severity: {r}"))?;
+            let summary =
+                r["annotations"]["summary"].as_str().map(str::to_string).with_context(|| format!("no summary: {r}"))?;
+            ensure!(r["annotations"]["description"].as_str().is_some(), "no description: {r}");
+            out.push((field("alert")?, field("expr")?, sev, summary));
+        }
+    }
+    Ok(out)
+}
+
+fn check_prometheus_rule(m: &Manifest) -> Result<()> {
+    alert_rules(m).map(|_| ())
+}
+
+/// Every metric the components register, by name without the `causeway_` prefix: whether it is a counter
+/// (exposed as `<name>_total`), something else, or unknown. Read from the sources: `.register("name", "help",
+/// self.field.clone())` and the field's declared type in the same file.
+fn registered_metrics() -> Result<BTreeMap<String, Option<bool>>> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut files = Vec::new();
+    let mut dirs: Vec<PathBuf> =
+        ["clustermesh-apiserver", "identity-sync", "egress-gw", "datapath", "leader", "kvstore", "runtime"]
+            .iter()
+            .map(|c| root.join(c).join("src"))
+            .collect();
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("read {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                files.push(p);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f)?;
+        for (at, _) in text.match_indices(".register") {
+            let rest = &text[at + ".register".len()..];
+            let rest = rest.strip_prefix("_with_unit").unwrap_or(rest);
+            let Some(rest) = rest.strip_prefix('(') else { continue };
+            let Some(rest) = rest.trim_start().strip_prefix('"') else { continue };
+            let Some((name, rest)) = rest.split_once('"') else { continue };
+            // Skip the help string, then look at the value: `self.<field>.clone()`.
+            let after_help = rest.split_once('"').and_then(|(_, r)| r.split_once('"')).map(|(_, r)| r);
+            let field = after_help
+                .map(|r| r.trim_start_matches([',', ' ', '\n']))
+                .and_then(|r| r.strip_prefix("self."))
+                .and_then(|r| r.split_once('.'))
+                .map(|(f, _)| f.to_string());
+            let counter = field.and_then(|f| {
+                let decl = format!("{f}: ");
+                text.match_indices(&decl)
+                    .map(|(i, _)| text[i + decl.len()..].split('\n').next().unwrap_or(""))
+                    .find(|ty| ty.contains("Counter") || ty.contains("Gauge") || ty.contains("Histogram"))
+                    .map(|ty| ty.contains("Counter"))
+            });
+            out.insert(name.to_string(), counter);
+        }
+    }
+    ensure!(out.len() > 30, "found only {} registered metrics: the scan is broken", out.len());
+    Ok(out)
+}
+
+/// `causeway_…` names in a PromQL expression.
+fn metric_tokens(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, _) in expr.match_indices("causeway_") {
+        let name: String = expr[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        out.push(name);
+    }
+    out
+}
+
+#[test]
+fn monitoring_scrapes_every_component_and_alerts_name_only_metrics_that_exist() -> Result<()> {
+    // Off by default: no Prometheus Operator objects (their CRDs may not exist).
+    let plain = render(MINIMAL)?;
+    assert!(!plain.iter().any(|m| m.doc["apiVersion"] == "monitoring.coreos.com/v1"), "monitoring objects by default");
+
+    let ms = render(EVERYTHING)?;
+    // One PodMonitor per workload, selecting exactly its pods, on a port its container has.
+    let workloads = [
+        ("Deployment", "clustermesh-apiserver"),
+        ("Deployment", "identity-sync"),
+        ("Deployment", "egress-gw"),
+        ("DaemonSet", "causeway-node-agent"),
+    ];
+    let monitors: Vec<&Manifest> = ms.iter().filter(|m| m.kind == "PodMonitor").collect();
+    assert_eq!(monitors.len(), workloads.len(), "{:?}", monitors.iter().map(|m| &m.name).collect::<Vec<_>>());
+    for (kind, name) in workloads {
+        let w = one(&ms, kind, name)?;
+        let pod_labels = &w.doc["spec"]["template"]["metadata"]["labels"];
+        let monitor = monitors
+            .iter()
+            .find(|m| {
+                m.doc["spec"]["selector"]["matchLabels"]
+                    .as_object()
+                    .is_some_and(|sel| sel.iter().all(|(k, v)| pod_labels[k] == *v))
+            })
+            .with_context(|| format!("no PodMonitor selects {kind} {name}'s pods"))?;
+        let port = monitor.doc["spec"]["podMetricsEndpoints"][0]["port"].as_str().context("port")?;
+        let spec = pod_spec(&ms, kind, name)?;
+        assert!(
+            spec.containers.iter().flat_map(|c| c.ports.iter().flatten()).any(|p| p.name.as_deref() == Some(port)),
+            "{kind} {name} has no port named {port}"
+        );
+        assert_eq!(monitor.doc["metadata"]["labels"]["release"], "prom", "extra labels");
+    }
+
+    // Every alert names only metrics a component registers, with `_total` exactly on counters.
+    let registered = registered_metrics()?;
+    let rule = one(&ms, "PrometheusRule", "causeway")?;
+    let alerts = alert_rules(rule)?;
+    assert!(alerts.len() >= 8, "{alerts:?}");
+    for (alert, expr, severity, _) in &alerts {
+        assert!(["warning", "critical"].contains(&severity.as_str()), "{alert}: severity {severity}");
+        let tokens = metric_tokens(expr);
+        assert!(!tokens.is_empty(), "{alert}: no Causeway metric in {expr}");
+        for t in tokens {
+            let base = t.strip_prefix("causeway_").unwrap_or(&t);
+            match (base.strip_suffix("_total"), registered.get(base)) {
+                (Some(counter), _) if registered.contains_key(counter) => assert_ne!(
+                    registered[counter],
+                    Some(false),
+                    "{alert}: {t} adds _total to {counter}, which is not a counter"
+                ),
+                (_, Some(kind)) => {
+                    assert_ne!(*kind, Some(true), "{alert}: {t} is a counter, exposed as {t}_total")
+                }
+                _ => panic!("{alert}: {t} is not registered by any component"),
+            }
+        }
+    }
+    // The scan itself can tell counters from gauges (else the checks above would prove nothing).
+    assert_eq!(registered.get("export_errors"), Some(&Some(true)));
+    assert_eq!(registered.get("egress_healthy_gateways"), Some(&Some(false)));
     Ok(())
 }
