@@ -128,36 +128,11 @@ pub fn compute(policies: &BTreeMap<String, EgressPolicy>, ids: &mut EgressIds, c
 
     assign_class_ids(ids, &compiled, &members, current);
 
-    // Group ids for the policies some entry steers to.
+    // Group ids for the policies some entry steers to. They cross nodes (see [`group_ids`]), so they are not
+    // allocated here nor adopted from the pinned maps: they follow from the policy names alone.
     let used: BTreeSet<&str> = compiled.values().flat_map(|e| e.values().flatten().copied()).collect();
-    ids.groups.retain(|name, _| used.contains(&**name));
-    let mut votes: BTreeMap<&str, BTreeMap<GroupId, usize>> = BTreeMap::new();
-    for (key, entries) in &compiled {
-        let class = ids.classes[key];
-        for (net, v) in entries {
-            if let (Some(name), Some(EgressVerdict::Steer(g))) = (v, current.egress_lpm.get(&(class, *net))) {
-                *votes.entry(name).or_default().entry(*g).or_default() += 1;
-            }
-        }
-    }
-    for name in &used {
-        if ids.groups.contains_key(*name) {
-            continue;
-        }
-        let taken: BTreeSet<GroupId> = ids.groups.values().copied().collect();
-        let want = policies.get(*name).map(|p| EgressGroup { gateways: p.gateways.clone() }).unwrap_or_default();
-        let voted = votes.get(name).and_then(|v| best_vote(v, &taken));
-        // After a restart class ids may have moved; a programmed group with the same content is as good.
-        let same = || {
-            current.egress_groups.iter().find(|(g, content)| !taken.contains(g) && **content == want).map(|(g, _)| *g)
-        };
-        let id = voted.or_else(same).unwrap_or_else(|| {
-            lowest_free(|i| taken.contains(&GroupId(i)) || current.egress_groups.contains_key(&GroupId(i)))
-                .map(GroupId)
-                .unwrap_or(GroupId(u32::MAX))
-        });
-        ids.groups.insert(names[*name].clone(), id);
-    }
+    let global = group_ids(policies.keys().map(String::as_str));
+    ids.groups = used.iter().filter_map(|n| Some((names[*n].clone(), *global.get(*n)?))).collect();
 
     let mut out = EgressMaps::default();
     for (key, entries) in &compiled {
@@ -177,6 +152,33 @@ pub fn compute(policies: &BTreeMap<String, EgressPolicy>, ids: &mut EgressIds, c
         if let Some(p) = policies.get(&**name) {
             out.groups.insert(*id, EgressGroup { gateways: p.gateways.clone() });
         }
+    }
+    out
+}
+
+/// Every policy's group id, the same on every node whatever its history: the steering node puts its group id in
+/// the VXLAN VNI and the gateway reads that VNI as *its own* group id (`cw_from_overlay`), so ids allocated per node
+/// (lowest free, adopted from pins) disagreed as soon as two nodes had different histories (a node joining after a
+/// policy was deleted numbered the rest from 1), and the gateway then forwarded the traffic without SNAT or with
+/// another policy's egress IP. The id is the 24-bit FNV-1a hash of the name (never 0); names whose hashes collide
+/// are resolved in name order over all the policies, which every node receives alike from egress-gw.
+pub fn group_ids<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap<&'a str, GroupId> {
+    const SPACE: u32 = crate::bpf::types::GROUP_ID_MASK; // ids 1..=SPACE
+    let mut sorted: Vec<&str> = names.into_iter().collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut taken = BTreeSet::new();
+    let mut out = BTreeMap::new();
+    for name in sorted {
+        let mut h: u32 = 0x811c_9dc5;
+        for b in name.bytes() {
+            h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+        let mut id = h % SPACE + 1;
+        while !taken.insert(id) {
+            id = id % SPACE + 1;
+        }
+        out.insert(name, GroupId(id));
     }
     out
 }
@@ -374,6 +376,41 @@ mod tests {
         ps.insert("d".to_string(), policy(&["100.64.0.0/10"], &[], &["10.0.0.10"], "192.168.0.4"));
         let m4 = compute(&ps, &mut ids, &programmed3);
         assert_eq!(m4.src[&ip("10.0.0.10")], cb, "the lowest free id is reused");
+    }
+
+    #[test]
+    fn group_ids_are_the_same_on_every_node_whatever_its_history() {
+        let mut ps = BTreeMap::new();
+        ps.insert("aaa".to_string(), policy(&["198.51.100.0/24"], &[], &["10.0.0.1"], "192.168.0.1"));
+        ps.insert("billing".to_string(), policy(&["203.0.113.0/24"], &[], &["10.0.0.3"], "192.168.0.2"));
+        // An old node saw both policies, then "aaa" was deleted.
+        let mut old = EgressIds::default();
+        compute(&ps, &mut old, &MapContents::default());
+        ps.remove("aaa");
+        let old_maps = compute(&ps, &mut old, &MapContents::default());
+        // A node that joins now, with nothing pinned, must agree on billing's id (the VXLAN VNI between them).
+        let mut fresh = EgressIds::default();
+        let fresh_maps = compute(&ps, &mut fresh, &MapContents::default());
+        assert_eq!(old.group_of("billing"), fresh.group_of("billing"));
+        assert_eq!(old_maps.groups, fresh_maps.groups);
+        // And so does a node that restarted with another node's ids pinned.
+        let pinned =
+            MapContents { egress_groups: BTreeMap::from([(GroupId(1), EgressGroup::default())]), ..Default::default() };
+        let mut restarted = EgressIds::default();
+        compute(&ps, &mut restarted, &pinned);
+        assert_eq!(restarted.group_of("billing"), fresh.group_of("billing"));
+    }
+
+    #[test]
+    fn colliding_group_ids_are_resolved_in_name_order_and_stay_in_range() {
+        let names: Vec<String> = (0..20_000).map(|i| format!("policy-{i}")).collect();
+        let ids = group_ids(names.iter().map(String::as_str));
+        let distinct: BTreeSet<GroupId> = ids.values().copied().collect();
+        assert_eq!(distinct.len(), names.len(), "every policy its own id");
+        assert!(ids.values().all(|g| g.0 >= 1 && g.0 <= crate::bpf::types::GROUP_ID_MASK));
+        // The same set in another order gives the same ids.
+        let again = group_ids(names.iter().rev().map(String::as_str));
+        assert_eq!(ids, again);
     }
 
     #[test]
